@@ -1,0 +1,178 @@
+"""The `edge` command. Every error is one clear line on stderr and a non-zero exit:
+2 for a bad config or bad arguments, 1 for a runtime failure (device unreachable during probe, ...).
+
+    edge check CONFIG                         validate, print the request plan per device
+    edge poll CONFIG [--once|--follow] [--json]
+    edge probe tcp://HOST:PORT/UNIT [--table holding --address 0 --count 10]
+    edge probe rtu:///dev/ttyUSB0?baud=9600&parity=E&unit=1 [...]
+    edge --version
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from edge import __version__
+from edge.config import TABLES, Config, ConfigError, load
+from edge.reading import GOOD, Reading, quality_name
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop where available (lower per-request CPU), else asyncio."""
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:  # pragma: no cover
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from edge.poll.plan import plan_config, summarize  # noqa: PLC0415
+
+    config = load(args.config)
+    plans = plan_config(config)
+    tags = sum(len(d.tags) for d in config.devices)
+    print(f"{args.config}: ok: {len(config.devices)} devices, {len(config.buses)} buses, {tags} tags")
+    for d in config.devices:
+        where = f"tcp {d.host}:{d.port} unit {d.unit}" if d.host else f"bus {d.bus} unit {d.unit}"
+        print(f"  {d.name} ({where}): {summarize(plans[d.name])}")
+    return 0
+
+
+class Printer:
+    """Prints readings as text lines or JSON lines (one object per reading)."""
+
+    def __init__(self, config: Config, as_json: bool, out: TextIO) -> None:
+        self.names = {t.id: (d.name, t.name, t.unit) for d in config.devices for t in d.tags}
+        self.as_json = as_json
+        self.out = out
+        self.count = 0
+
+    def __call__(self, readings: list[Reading]) -> None:
+        for tag, ts, value, quality in readings:
+            device, name, unit = self.names[tag]
+            when = dt.datetime.fromtimestamp(ts / 1e9, dt.UTC).isoformat(timespec="milliseconds")
+            if self.as_json:
+                line = json.dumps({"device": device, "tag": name, "ts": ts, "time": when, "value": value,
+                                   "unit": unit, "quality": quality_name(quality)})
+            else:
+                shown = "-" if value is None else f"{value:.6g}" if isinstance(value, float) else value
+                q = "" if quality == GOOD else f" [{quality_name(quality)}]"
+                line = f"{when} {device}/{name} {shown}{' ' + unit if unit else ''}{q}"
+            print(line, file=self.out)
+        self.count += len(readings)
+        self.out.flush()
+
+
+async def _poll(config: Config, once: bool, as_json: bool) -> int:
+    from edge.poll.engine import Poller  # noqa: PLC0415
+
+    poller = Poller(config, Printer(config, as_json, sys.stdout))
+    if once:
+        await poller.run_once()
+        return 0
+    task = asyncio.create_task(poller.run(), name="poll")
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return 0
+
+
+def cmd_poll(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    return run_loop(_poll(config, not args.follow, args.json))
+
+
+async def _probe(url: str, table: str, address: int, count: int, timeout: float) -> int:
+    from edge.poll.transport import ReadError, url_link  # noqa: PLC0415
+
+    link, unit = url_link(url, timeout)
+    try:
+        if not await link.connect(timeout):
+            print(f"edge: probe: cannot connect to {url}", file=sys.stderr)
+            return EXIT_RUNTIME
+        function, bits = TABLES[table]
+        try:
+            values = await link.read(unit, function, address, count, timeout)
+        except ReadError as e:
+            print(f"edge: probe: {url} {table} {address}+{count}: {quality_name(e.quality)}", file=sys.stderr)
+            return EXIT_RUNTIME
+    finally:
+        link.close()
+    print(f"# {url} unit {unit} {table} {address}..{address + count - 1}")
+    for i, v in enumerate(list(values)[:count]):
+        if bits:
+            print(f"{address + i:5d}  {int(v)}")
+        else:
+            print(f"{address + i:5d}  0x{v:04X}  {v:6d}  {v - 65536 if v > 32767 else v:6d}")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    limit = 2000 if TABLES[args.table][1] else 125
+    if not 1 <= args.count <= limit or not 0 <= args.address <= 65535 or args.address + args.count > 65536:
+        raise ConfigError([f"probe: --address {args.address} --count {args.count} out of range "
+                           f"(count 1..{limit}, addresses 0..65535)"])
+    try:
+        return run_loop(_probe(args.url, args.table, args.address, args.count, args.timeout))
+    except ValueError as e:
+        raise ConfigError([f"probe: {e}"]) from e
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge", description="Modbus edge appliance: poll, store, forward.")
+    p.add_argument("--version", action="version", version=f"edge {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check", help="validate a config and print its request plan")
+    c.add_argument("config", type=Path)
+    c.set_defaults(fn=cmd_check)
+    po = sub.add_parser("poll", help="poll the devices of a config and print readings")
+    po.add_argument("config", type=Path)
+    mode = po.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="poll every group once and exit (default)")
+    mode.add_argument("--follow", action="store_true", help="poll on schedule until interrupted")
+    po.add_argument("--json", action="store_true", help="one JSON object per reading")
+    po.set_defaults(fn=cmd_poll)
+    pr = sub.add_parser("probe", help="read a register range from a device URL")
+    pr.add_argument("url", help="tcp://host:port/unit or rtu:///dev/ttyX?baud=9600&parity=E&unit=1")
+    pr.add_argument("--table", choices=list(TABLES), default="holding")
+    pr.add_argument("--address", type=int, default=0)
+    pr.add_argument("--count", type=int, default=10)
+    pr.add_argument("--timeout", type=float, default=1.0)
+    pr.set_defaults(fn=cmd_probe)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="edge: %(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.fn(args)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"edge: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,692 @@
+"""Read config.toml, validate it into frozen dataclasses, report every error by key path.
+
+Every problem is collected (not just the first) and reported as one line each, e.g.::
+
+    device[1].tag[4].type: unknown type "flaot32" (one of: bool, bit, int8, ...)
+
+Indices are 0-based, in file order. Nothing is silently dropped: unknown keys, overlapping tags,
+duplicate names and addresses beyond 65535 are all errors. Durations are seconds (number) or strings
+such as "250ms", "1.5s", "5m", "2h"; sizes are bytes (integer) or strings such as "64MiB", "1GB".
+
+The schema covers every stage; see docs/config.md for the reference with defaults.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import socket
+import tomllib
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# table name -> (modbus function code, is_bit_table)
+TABLES: dict[str, tuple[int, bool]] = {
+    "coil": (1, True),
+    "discrete": (2, True),
+    "holding": (3, False),
+    "input": (4, False),
+}
+
+# type -> registers occupied (None: strings, from length; 0: a single bit of a bit table)
+TYPE_REGISTERS: dict[str, int | None] = {
+    "bool": 1, "bit": 1,
+    "int8": 1, "uint8": 1, "int16": 1, "uint16": 1,
+    "int32": 2, "uint32": 2, "float32": 2,
+    "int64": 4, "uint64": 4, "float64": 4,
+    "float16": 1,
+    "string": None,
+}
+
+# Byte orders: canonical name -> (byte swap inside each word, reverse word order). The 64-bit spellings
+# and the 16-bit spellings are aliases of the same two switches.
+ORDERS: dict[str, tuple[bool, bool]] = {
+    "ABCD": (False, False), "BADC": (True, False), "CDAB": (False, True), "DCBA": (True, True),
+}
+ORDER_ALIASES: dict[str, str] = {
+    "AB": "ABCD", "BA": "BADC",
+    "ABCDEFGH": "ABCD", "BADCFEHG": "BADC", "GHEFCDAB": "CDAB", "HGFEDCBA": "DCBA",
+}
+
+MAX_ADDRESS = 65535
+MAX_REGISTERS_PER_READ = 125
+MAX_BITS_PER_READ = 2000
+DEFAULT_GROUP = "default"
+
+
+class ConfigError(Exception):
+    """One or more configuration problems, each a line naming its key path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Appliance:
+    id: str
+    state_dir: Path
+
+
+@dataclass(frozen=True)
+class Bus:
+    name: str
+    port: str
+    baud: int = 19200
+    parity: str = "E"
+    stop_bits: int = 1
+    byte_size: int = 8
+    timeout: float = 0.5
+    frame_gap: float = 0.0  # seconds of silence between frames; derived from 3.5 characters when not set
+
+    @property
+    def bits_per_char(self) -> int:
+        return 1 + self.byte_size + (self.parity != "N") + self.stop_bits
+
+    def wire_time(self, nbytes: int) -> float:
+        """Seconds on the line for nbytes; 8E1 at 9600 baud: 8 bytes -> 8 * 11 / 9600 = 9.17 ms."""
+        return nbytes * self.bits_per_char / self.baud
+
+
+def default_frame_gap(baud: int, bits_per_char: int) -> float:
+    """Modbus RTU t3.5: 3.5 character times, fixed at 1.75 ms above 19200 baud (spec 2.5.1.1)."""
+    return 0.00175 if baud > 19200 else 3.5 * bits_per_char / baud
+
+
+@dataclass(frozen=True)
+class PollGroup:
+    name: str
+    interval: float
+    priority: int = 0  # 0 is most important; the governor stretches/sheds higher numbers first
+
+
+@dataclass(frozen=True)
+class Tag:
+    id: int  # u32, crc32 of "device/tag": stable across reordering of the config
+    name: str
+    table: str
+    address: int
+    type: str
+    order: str = "ABCD"
+    bit: int | None = None
+    length: int | None = None
+    scale: float = 1.0
+    offset: float = 0.0
+    unit: str = ""
+    deadband: float = 0.0
+    deadband_percent: float = 0.0
+    group: str = DEFAULT_GROUP
+    barrier: bool = False
+
+    @property
+    def registers(self) -> int:
+        """Addresses this tag occupies in its table (bits for coil/discrete)."""
+        n = TYPE_REGISTERS[self.type]
+        return n if n is not None else -(-(self.length or 0) // 2)
+
+    @property
+    def end(self) -> int:
+        return self.address + self.registers
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    unit: int
+    tags: tuple[Tag, ...]
+    groups: tuple[PollGroup, ...]
+    host: str | None = None
+    port: int = 502
+    bus: str | None = None
+    timeout: float = 1.0
+    retries: int = 1
+    max_registers: int = MAX_REGISTERS_PER_READ
+    max_bits: int = MAX_BITS_PER_READ
+    single_register_reads: bool = False
+    pause: float = 0.0
+    max_gap: int | None = None  # registers read across to join two tags; None: derived from request overhead
+
+    @property
+    def transport(self) -> str:
+        return "tcp" if self.host is not None else "rtu"
+
+
+@dataclass(frozen=True)
+class Store:
+    path: Path
+    map_size: int = 1 << 30
+    commit_interval: float = 1.0
+    commit_bytes: int = 256 * 1024
+    low_power_commit_interval: float = 30.0
+    high_watermark: float = 0.8
+    low_watermark: float = 0.7
+
+
+@dataclass(frozen=True)
+class Tls:
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Uplink:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 1883
+    topic_prefix: str = "edge"
+    username: str | None = None
+    password_file: Path | None = None
+    tls: Tls | None = None
+    keepalive: float = 30.0
+    max_inflight: int = 16
+    batch_blocks: int = 64
+    backoff_min: float = 1.0
+    backoff_max: float = 300.0
+    publish_timeout: float = 10.0
+    payload: str = "json"
+
+
+@dataclass(frozen=True)
+class LowPower:
+    on_battery: bool = True
+    control_file: Path | None = None
+    schedule: tuple[tuple[str, str], ...] = ()  # ("22:00", "06:00") local-time windows
+    interval_factor: float = 10.0
+    commit_interval: float = 60.0
+    uplink_session_interval: float = 900.0
+
+
+@dataclass(frozen=True)
+class Governor:
+    enabled: bool = True
+    memory_soft: int | None = None  # bytes; None: from cgroup memory.high, else 60% of memory.max
+    memory_hard: int | None = None  # bytes; None: 85% of cgroup memory.max
+    cpu_budget: float = 0.5  # fraction of one core
+    window: float = 30.0  # seconds of the sliding window; no decision on a single sample
+    max_stretch: float = 8.0
+    low_power: LowPower = field(default_factory=LowPower)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    enabled: bool = True
+    listen: str = "127.0.0.1"
+    port: int = 9108
+
+
+@dataclass(frozen=True)
+class Config:
+    appliance: Appliance
+    buses: tuple[Bus, ...]
+    devices: tuple[Device, ...]
+    store: Store
+    uplink: Uplink
+    governor: Governor
+    metrics: Metrics
+
+    def bus(self, name: str) -> Bus:
+        return next(b for b in self.buses if b.name == name)
+
+    def tags_by_id(self) -> dict[int, tuple[Device, Tag]]:
+        return {t.id: (d, t) for d in self.devices for t in d.tags}
+
+
+# --------------------------------------------------------------------------------------------------
+# Field readers. Each takes the table, key, key path prefix and the problem list; returns a value or
+# the default, recording a problem (never raising) so that one pass reports everything.
+
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*([0-9]+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 1 << 10, "MiB": 1 << 20,
+               "GiB": 1 << 30}
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+class _Reader:
+    """Typed access to one TOML table with key-path error reporting and unknown-key detection."""
+
+    def __init__(self, table: Any, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        if not isinstance(table, dict):
+            self.fail("", f"expected a table, got {_kind(table)}")
+            table = {}
+        self.table: dict[str, Any] = table
+        self.used: set[str] = set()
+
+    def key_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path and key else self.path or key
+
+    def fail(self, key: str, message: str) -> None:
+        self.problems.append(f"{self.key_path(key)}: {message}")
+
+    def has(self, key: str) -> bool:
+        return key in self.table
+
+    def _get(self, key: str, kinds: tuple[type, ...], what: str, default: T, required: bool) -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            if required:
+                self.fail(key, "required")
+            return default
+        value = self.table[key]
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            self.fail(key, f"expected {what}, got {_kind(value)} {value!r}")
+            return default
+        return value
+
+    def text(self, key: str, default: Any = None, *, required: bool = False,
+            choices: tuple[str, ...] | None = None) -> Any:
+        value = self._get(key, (str,), "a string", default, required)
+        if choices is not None and key in self.table and value is not default and value not in choices:
+            self.fail(key, f"unknown value {value!r} (one of: {', '.join(choices)})")
+            return default
+        return value
+
+    def name(self, key: str, *, required: bool = True) -> str:
+        value: str = self.text(key, "", required=required)
+        if value and not _NAME.match(value):
+            self.fail(key, f"invalid name {value!r} (letters, digits, _ . -; not starting with . or -)")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        result: bool = self._get(key, (bool,), "true or false", default, False)
+        return result
+
+    def integer(self, key: str, default: Any = None, *, lo: int | None = None, hi: int | None = None,
+            required: bool = False) -> Any:
+        value = self._get(key, (int,), "an integer", default, required)
+        checked = key in self.table and isinstance(value, int) and value is not default
+        if checked and ((lo is not None and value < lo) or (hi is not None and value > hi)):
+            self.fail(key, f"{value} out of range {lo}..{hi}")
+            return default
+        return value
+
+    def number(self, key: str, default: Any = None, *, lo: float | None = None, hi: float | None = None,
+              required: bool = False) -> Any:
+        value = self._get(key, (int, float), "a number", default, required)
+        if key in self.table and isinstance(value, int | float) and value is not default:
+            if not math.isfinite(value):
+                self.fail(key, f"{value} is not finite")
+                return default
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                self.fail(key, f"{value} out of range {lo}..{hi}")
+                return default
+            return float(value)
+        return value
+
+    def duration(self, key: str, default: Any, *, lo: float = 0.0, hi: float = 7 * 86400.0) -> Any:
+        value = self._get(key, (int, float, str), 'a duration (seconds, or "250ms", "5s", "2m", "1h")',
+                          default, False)
+        if key not in self.table or value is default:
+            return value
+        if isinstance(value, str):
+            m = _DURATION.match(value)
+            if not m:
+                self.fail(key, f'invalid duration {value!r} (e.g. 0.5, "250ms", "5s", "2m", "1h")')
+                return default
+            value = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        if not math.isfinite(value) or not lo <= value <= hi:
+            self.fail(key, f"duration {value} s out of range {lo}..{hi} s")
+            return default
+        return float(value)
+
+    def size(self, key: str, default: int, *, lo: int = 0) -> int:
+        value = self._get(key, (int, str), 'a size (bytes, or "64MiB", "1GB")', default, False)
+        if key not in self.table or value is default:
+            return int(value)
+        if isinstance(value, str):
+            m = _SIZE.match(value)
+            if not m:
+                self.fail(key, f'invalid size {value!r} (e.g. 1048576, "64MiB", "1GB")')
+                return default
+            value = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+        if value < lo:
+            self.fail(key, f"size {value} below the minimum {lo}")
+            return default
+        return int(value)
+
+    def file(self, key: str, default: Path | None = None) -> Any:
+        value = self.text(key, None)
+        return Path(value) if value else default
+
+    def table_list(self, key: str) -> Iterator[_Reader]:
+        self.used.add(key)
+        items = self.table.get(key, [])
+        if not isinstance(items, list):
+            self.fail(key, f"expected an array of tables ([[{self.key_path(key)}]]), got {_kind(items)}")
+            return
+        for i, item in enumerate(items):
+            yield _Reader(item, f"{self.key_path(key)}[{i}]", self.problems)
+
+    def sub(self, key: str) -> _Reader:
+        self.used.add(key)
+        return _Reader(self.table.get(key, {}), self.key_path(key), self.problems)
+
+    def done(self) -> None:
+        """Every key not read by the schema is an error: a typo must not silently disable a setting."""
+        for key in self.table:
+            if key not in self.used:
+                self.fail(key, "unknown key")
+
+
+def _kind(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "table"}.get(type(value), type(value).__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+
+def _appliance(r: _Reader) -> Appliance:
+    app_id = r.name("id", required=False) or socket.gethostname()
+    state_dir = r.file("state_dir", Path("/var/lib/edge"))
+    r.done()
+    return Appliance(id=app_id, state_dir=state_dir)
+
+
+def _bus(r: _Reader) -> Bus:
+    name = r.name("name")
+    port = r.text("port", "", required=True)
+    baud = r.integer("baud", 19200, lo=300, hi=4_000_000)
+    parity = r.text("parity", "E", choices=("N", "E", "O"))
+    stop_bits = r.integer("stop_bits", 1, lo=1, hi=2)
+    byte_size = r.integer("byte_size", 8, lo=7, hi=8)
+    timeout = r.duration("timeout", 0.5, lo=0.01, hi=60.0)
+    bits = 1 + byte_size + (parity != "N") + stop_bits
+    frame_gap = r.duration("frame_gap", default_frame_gap(baud, bits), hi=1.0)
+    r.done()
+    return Bus(name, port, baud, parity, stop_bits, byte_size, timeout, frame_gap)
+
+
+def _groups(r: _Reader, device_interval: float) -> tuple[PollGroup, ...]:
+    groups = {DEFAULT_GROUP: PollGroup(DEFAULT_GROUP, device_interval)}
+    g = r.sub("group")
+    for gname in g.table:
+        g.used.add(gname)
+        gr = _Reader(g.table[gname], g.key_path(gname), r.problems)
+        if not _NAME.match(gname):
+            r.problems.append(f"{gr.path}: invalid group name {gname!r}")
+        groups[gname] = PollGroup(gname, gr.duration("interval", device_interval, lo=0.001, hi=86400.0),
+                                  gr.integer("priority", 0, lo=0, hi=9))
+        gr.done()
+    return tuple(groups.values())
+
+
+def _tag(r: _Reader, device: str, groups: set[str]) -> Tag:
+    name = r.name("name")
+    table = r.text("table", "holding", choices=tuple(TABLES))
+    address = r.integer("address", 0, required=True)
+    if r.has("address") and isinstance(r.table["address"], int) and not 0 <= address <= MAX_ADDRESS:
+        r.fail("address", f"{address} out of range 0..{MAX_ADDRESS}")
+        address = 0
+    is_bits = TABLES.get(table, (0, False))[1]
+    type_ = r.text("type", "bool" if is_bits else "uint16")
+    if type_ not in TYPE_REGISTERS:
+        r.fail("type", f'unknown type "{type_}" (one of: {", ".join(TYPE_REGISTERS)})')
+        type_ = "uint16"
+    if is_bits and type_ not in ("bool", "bit"):
+        r.fail("type", f'{type_} on the {table} table: coils and discrete inputs hold only bool')
+    order = r.text("order", "ABCD")
+    order = ORDER_ALIASES.get(order, order)
+    if order not in ORDERS:
+        r.fail("order", f"unknown byte order {r.table['order']!r} (one of: ABCD, BADC, CDAB, DCBA; 64-bit: "
+                        "ABCDEFGH, BADCFEHG, GHEFCDAB, HGFEDCBA; 16-bit: AB, BA)")
+        order = "ABCD"
+    bit = r.integer("bit", None, lo=0, hi=15)
+    if bit is not None and (is_bits or type_ not in ("bool", "bit")):
+        r.fail("bit", "only for bool/bit tags on the input or holding table")
+    if not is_bits and type_ in ("bool", "bit") and bit is None and "bit" not in r.table:
+        r.fail("bit", f"required for a {type_} tag on the {table} table (0..15)")
+    length = r.integer("length", None, lo=1, hi=2 * MAX_REGISTERS_PER_READ)
+    if type_ == "string" and length is None and "length" not in r.table:
+        r.fail("length", "required for a string tag (bytes)")
+    if type_ != "string" and length is not None:
+        r.fail("length", "only for string tags")
+    if type_ == "string" and is_bits:
+        length = None
+    scale = r.number("scale", 1.0)
+    if scale == 0.0:
+        r.fail("scale", "must not be 0")
+    offset = r.number("offset", 0.0)
+    unit = r.text("unit", "")
+    deadband = r.number("deadband", 0.0, lo=0.0)
+    deadband_percent = r.number("deadband_percent", 0.0, lo=0.0, hi=100.0)
+    if deadband and deadband_percent:
+        r.fail("deadband_percent", "set deadband or deadband_percent, not both")
+    group = r.text("group", DEFAULT_GROUP)
+    if group not in groups:
+        r.fail("group", f'unknown poll group "{group}" (defined: {", ".join(sorted(groups))})')
+        group = DEFAULT_GROUP
+    barrier = r.flag("barrier", False)
+    r.done()
+    tag_id = zlib.crc32(f"{device}/{name}".encode())
+    return Tag(tag_id, name, table, address, type_, order, bit, length, scale, offset, unit, deadband,
+               deadband_percent, group, barrier)
+
+
+def _device(r: _Reader, buses: dict[str, Bus]) -> Device:
+    name = r.name("name")
+    host = r.text("host", None)
+    port = r.integer("port", 502, lo=1, hi=65535)
+    bus = r.text("bus", None)
+    if host is None and bus is None:
+        r.fail("", 'needs "host" (Modbus TCP) or "bus" (Modbus RTU)')
+    if host is not None and bus is not None:
+        r.fail("bus", 'set "host" (Modbus TCP) or "bus" (Modbus RTU), not both')
+    if bus is not None and bus not in buses:
+        r.fail("bus", f'unknown bus "{bus}" (defined: {", ".join(sorted(buses)) or "none"})')
+    if bus is not None and r.has("port"):
+        r.fail("port", "only for Modbus TCP devices (the serial port belongs to the [[bus]])")
+    unit = r.integer("unit", 1 if bus is None else None, lo=0 if bus is None else 1,
+                 hi=255 if bus is None else 247, required=bus is not None)
+    timeout = r.duration("timeout", buses[bus].timeout if bus in buses else 1.0, lo=0.01, hi=60.0)
+    retries = r.integer("retries", 1, lo=0, hi=10)
+    max_registers = r.integer("max_registers", MAX_REGISTERS_PER_READ, lo=1, hi=MAX_REGISTERS_PER_READ)
+    max_bits = r.integer("max_bits", MAX_BITS_PER_READ, lo=1, hi=MAX_BITS_PER_READ)
+    single = r.flag("single_register_reads", False)
+    pause = r.duration("pause", 0.0, hi=10.0)
+    max_gap = r.integer("max_gap", None, lo=0, hi=MAX_REGISTERS_PER_READ)
+    interval = r.duration("interval", 1.0, lo=0.001, hi=86400.0)
+    groups = _groups(r, interval)
+    names = {g.name for g in groups}
+    tags = tuple(_tag(t, name, names) for t in r.table_list("tag"))
+    r.done()
+    _check_tags(r, tags)
+    return Device(name, unit if unit is not None else 1, tags, groups, host, port, bus, timeout, retries,
+                  max_registers, max_bits, single, pause, max_gap)
+
+
+def _check_tags(r: _Reader, tags: tuple[Tag, ...]) -> None:
+    """Duplicate names and overlapping addresses within one table (bits of one register may share it)."""
+    seen: dict[str, int] = {}
+    for i, t in enumerate(tags):
+        if t.name in seen:
+            r.problems.append(f"{r.path}.tag[{i}].name: duplicate tag name \"{t.name}\" "
+                              f"(also {r.path}.tag[{seen[t.name]}])")
+        seen.setdefault(t.name, i)
+        if t.end - 1 > MAX_ADDRESS:
+            r.problems.append(f"{r.path}.tag[{i}].address: {t.type} at {t.address} ends at {t.end - 1}, "
+                              f"beyond {MAX_ADDRESS}")
+    by_table: dict[str, list[tuple[int, int, int, Tag]]] = {}
+    for i, t in enumerate(tags):
+        by_table.setdefault(t.table, []).append((t.address, t.end, i, t))
+    for spans in by_table.values():
+        spans.sort(key=lambda s: (s[0], s[2]))
+        for (a0, e0, i0, t0), (a1, _e1, i1, t1) in itertools.pairwise(spans):
+            if a1 < e0 and not _bits_share(t0, t1):
+                r.problems.append(f"{r.path}.tag[{i1}].address: \"{t1.name}\" at {a1} overlaps "
+                                  f"\"{t0.name}\" ({r.path}.tag[{i0}], {a0}..{e0 - 1})")
+
+
+def _bits_share(a: Tag, b: Tag) -> bool:
+    """Two bit tags on distinct bits of the same register do not overlap."""
+    return a.bit is not None and b.bit is not None and a.address == b.address and a.bit != b.bit
+
+
+def _store(r: _Reader, state_dir: Path) -> Store:
+    path = r.file("path", state_dir / "store")
+    s = Store(
+        path=path,
+        map_size=r.size("map_size", 1 << 30, lo=1 << 20),
+        commit_interval=r.duration("commit_interval", 1.0, lo=0.01, hi=3600.0),
+        commit_bytes=r.size("commit_bytes", 256 * 1024, lo=1024),
+        low_power_commit_interval=r.duration("low_power_commit_interval", 30.0, lo=0.01, hi=86400.0),
+        high_watermark=r.number("high_watermark", 0.8, lo=0.1, hi=0.95),
+        low_watermark=r.number("low_watermark", 0.7, lo=0.05, hi=0.9),
+    )
+    if s.low_watermark >= s.high_watermark:
+        r.fail("low_watermark", f"{s.low_watermark} must be below high_watermark {s.high_watermark}")
+    r.done()
+    return s
+
+
+def _tls(r: _Reader) -> Tls | None:
+    if not r.table:
+        return None
+    t = Tls(r.file("ca"), r.file("cert"), r.file("key"), r.text("server_name", None))
+    if (t.cert is None) != (t.key is None):
+        r.fail("key" if t.key is None else "cert", "cert and key go together")
+    r.done()
+    return t
+
+
+def _uplink(r: _Reader) -> Uplink:
+    u = Uplink(
+        enabled=r.flag("enabled", True),
+        host=r.text("host", "127.0.0.1"),
+        port=r.integer("port", 1883, lo=1, hi=65535),
+        topic_prefix=r.text("topic_prefix", "edge"),
+        username=r.text("username", None),
+        password_file=r.file("password_file"),
+        tls=_tls(r.sub("tls")),
+        keepalive=r.duration("keepalive", 30.0, lo=5.0, hi=3600.0),
+        max_inflight=r.integer("max_inflight", 16, lo=1, hi=1000),
+        batch_blocks=r.integer("batch_blocks", 64, lo=1, hi=10000),
+        backoff_min=r.duration("backoff_min", 1.0, lo=0.01, hi=3600.0),
+        backoff_max=r.duration("backoff_max", 300.0, lo=0.01, hi=86400.0),
+        publish_timeout=r.duration("publish_timeout", 10.0, lo=0.1, hi=600.0),
+        payload=r.text("payload", "json", choices=("json",)),
+    )
+    if any(c in u.topic_prefix for c in "#+") or u.topic_prefix.startswith("/"):
+        r.fail("topic_prefix", f"invalid MQTT topic prefix {u.topic_prefix!r} (no #, +, leading /)")
+    if u.backoff_min > u.backoff_max:
+        r.fail("backoff_min", f"{u.backoff_min} s exceeds backoff_max {u.backoff_max} s")
+    r.done()
+    return u
+
+
+_CLOCK = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+
+
+def _low_power(r: _Reader) -> LowPower:
+    windows = []
+    raw = r._get("schedule", (list,), 'an array of ["HH:MM", "HH:MM"] windows', [], False)
+    for i, w in enumerate(raw):
+        ok = isinstance(w, list) and len(w) == 2 and all(isinstance(x, str) and _CLOCK.match(x) for x in w)
+        if not ok:
+            r.problems.append(f"{r.key_path('schedule')}[{i}]: expected [\"HH:MM\", \"HH:MM\"], got {w!r}")
+            continue
+        windows.append((w[0], w[1]))
+    lp = LowPower(
+        on_battery=r.flag("on_battery", True),
+        control_file=r.file("control_file"),
+        schedule=tuple(windows),
+        interval_factor=r.number("interval_factor", 10.0, lo=1.0, hi=1000.0),
+        commit_interval=r.duration("commit_interval", 60.0, lo=0.01, hi=86400.0),
+        uplink_session_interval=r.duration("uplink_session_interval", 900.0, lo=1.0, hi=86400.0),
+    )
+    r.done()
+    return lp
+
+
+def _governor(r: _Reader) -> Governor:
+    g = Governor(
+        enabled=r.flag("enabled", True),
+        memory_soft=r.size("memory_soft", 0, lo=1 << 20) if r.has("memory_soft") else None,
+        memory_hard=r.size("memory_hard", 0, lo=1 << 20) if r.has("memory_hard") else None,
+        cpu_budget=r.number("cpu_budget", 0.5, lo=0.01, hi=64.0),
+        window=r.duration("window", 30.0, lo=1.0, hi=3600.0),
+        max_stretch=r.number("max_stretch", 8.0, lo=1.0, hi=1000.0),
+        low_power=_low_power(r.sub("low_power")),
+    )
+    if g.memory_soft and g.memory_hard and g.memory_soft >= g.memory_hard:
+        r.fail("memory_soft", f"{g.memory_soft} must be below memory_hard {g.memory_hard}")
+    r.done()
+    return g
+
+
+def _metrics(r: _Reader) -> Metrics:
+    m = Metrics(r.flag("enabled", True), r.text("listen", "127.0.0.1"),
+                r.integer("port", 9108, lo=0, hi=65535))
+    r.done()
+    return m
+
+
+def _unique(problems: list[str], items: list[tuple[str, str]], what: str) -> None:
+    seen: dict[str, str] = {}
+    for path, name in items:
+        if name and name in seen:
+            problems.append(f"{path}: duplicate {what} name \"{name}\" (also {seen[name]})")
+        seen.setdefault(name, path)
+
+
+def parse(data: dict[str, Any]) -> Config:
+    """Validate a TOML document (already parsed) into a Config; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    root = _Reader(data, "", problems)
+    appliance = _appliance(root.sub("appliance"))
+    bus_readers = list(root.table_list("bus"))
+    buses = [_bus(b) for b in bus_readers]
+    _unique(problems, [(f"{b.path}.name", x.name) for b, x in zip(bus_readers, buses, strict=True)], "bus")
+    ports = [(f"{b.path}.port", x.port) for b, x in zip(bus_readers, buses, strict=True)]
+    _unique(problems, ports, "serial port")
+    bus_map = {b.name: b for b in buses}
+    dev_readers = list(root.table_list("device"))
+    devices = [_device(d, bus_map) for d in dev_readers]
+    _unique(problems, [(f"{d.path}.name", x.name) for d, x in zip(dev_readers, devices, strict=True)],
+            "device")
+    _unique(problems, [(f"{d.path}.unit", f"{x.bus}/{x.unit}") for d, x in
+                       zip(dev_readers, devices, strict=True) if x.bus], "bus/unit")
+    _check_ids(problems, devices)
+    cfg = Config(appliance, tuple(buses), tuple(devices), _store(root.sub("store"), appliance.state_dir),
+                 _uplink(root.sub("uplink")), _governor(root.sub("governor")), _metrics(root.sub("metrics")))
+    root.done()
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _check_ids(problems: list[str], devices: list[Device]) -> None:
+    """Tag ids are crc32("device/tag"); two names hashing alike must be renamed, never merged."""
+    ids: dict[int, str] = {}
+    for d in devices:
+        for t in d.tags:
+            full = f"{d.name}/{t.name}"
+            if t.id in ids and ids[t.id] != full:
+                problems.append(f"device \"{d.name}\" tag \"{t.name}\": id {t.id} collides with "
+                                f"\"{ids[t.id]}\"; rename one of them")
+            ids.setdefault(t.id, full)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file. Raises ConfigError (unreadable file, TOML syntax, schema)."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: invalid TOML: {e}"]) from e
+    return parse(data)
+
+

@@ -1,0 +1,351 @@
+"""The poller: one task per line (a TCP device's connection, or a serial bus shared by its units).
+
+Each line runs the deadline schedules of its devices' poll groups, earliest deadline first, one request
+at a time (pymodbus keeps one transaction in flight per client; an RS-485 bus is half duplex anyway).
+On a serial bus every request waits for the inter-frame gap (t3.5) after the previous frame, and for the
+device's own `pause` workaround. Readings go to the sink per request, as soon as they are decoded.
+
+Failure handling, per request (see health.py for the timeout and breaker):
+
+    timeout / bad frame  -> retry up to `retries`, then TIMEOUT/BAD_FRAME readings; breaker counts it
+    busy (6) / ack (5)   -> wait (jittered backoff from 50 ms) and ask again, at most 3 times
+    illegal address (2)  -> a multi-tag request is split into one request per tag, so the one bad tag is
+                            found and named once in the log while its neighbours keep flowing
+    other exception      -> EXCEPTION|code readings (the device is alive: the breaker does not count it)
+    disconnected         -> DISCONNECTED readings; the line reconnects with jittered capped backoff
+
+A failure is logged once (WARNING) per device and kind, then at DEBUG until the device recovers, which
+is logged once (INFO): flash and journal are precious.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import repeat
+
+from edge.config import Bus, Config, Device, Tag
+from edge.poll.health import Breaker, LatencyFilter, backoff
+from edge.poll.plan import Request, make_request, plan_device
+from edge.poll.schedule import Schedule
+from edge.poll.transport import Link, ReadError, serial_link, tcp_link
+from edge.reading import (
+    BAD_FRAME,
+    BREAKER_OPEN,
+    DISCONNECTED,
+    EXCEPTION,
+    GOOD,
+    TIMEOUT,
+    Reading,
+    Value,
+    quality_name,
+)
+
+log = logging.getLogger("edge.poll")
+
+Sink = Callable[[list[Reading]], None]
+
+BUSY = (EXCEPTION | 5, EXCEPTION | 6)
+ILLEGAL_ADDRESS = EXCEPTION | 2
+BUSY_RETRIES = 3
+
+
+@dataclass
+class Job:
+    """A planned request with what the hot path needs precomputed."""
+
+    req: Request
+    group: str
+    ids: list[int]
+    deadbands: list[tuple[int, int, float, float]]  # (index, tag id, absolute, percent)
+    wire_bytes: int  # request + reply bytes on an RTU line
+
+    @classmethod
+    def of(cls, req: Request, group: str) -> Job:
+        tags = req.decoder.tags
+        dbs = [(i, t.id, t.deadband, t.deadband_percent) for i, t in enumerate(tags)
+               if t.deadband or t.deadband_percent]
+        reply = 5 + (-(-req.count // 8) if req.bits else 2 * req.count)
+        return cls(req, group, [t.id for t in tags], dbs, 8 + reply)
+
+
+@dataclass
+class DeviceStats:
+    requests: int = 0
+    good: int = 0
+    retries: int = 0
+    skipped: int = 0  # requests not sent: breaker open or link down
+    readings: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    latency_sum: float = 0.0
+    latency_max: float = 0.0
+    up: bool = True
+
+
+class DeviceRunner:
+    """State of one device: its jobs, latency filter, breaker, deadband memory and stats."""
+
+    def __init__(self, device: Device, bus: Bus | None) -> None:
+        self.device = device
+        self.bus = bus
+        self.jobs = {g: [Job.of(r, g) for r in reqs] for g, reqs in plan_device(device).items()}
+        self.filter = LatencyFilter(cap=device.timeout)
+        self.breaker = Breaker()
+        self.stats = DeviceStats()
+        self.last_value: dict[int, float] = {}
+        self.last_end = 0.0
+        self.reported: set[str] = set()
+
+    def timeout(self, job: Job) -> float:
+        if self.bus is None:
+            return self.filter.timeout()
+        return self.bus.wire_time(job.wire_bytes) + self.bus.frame_gap + self.filter.timeout()
+
+    def wire_time(self, job: Job) -> float:
+        return 0.0 if self.bus is None else self.bus.wire_time(job.wire_bytes)
+
+    def report(self, kind: str, message: str, *args: object) -> None:
+        """Log a failure kind once at WARNING, then at DEBUG until recovery."""
+        level = logging.DEBUG if kind in self.reported else logging.WARNING
+        self.reported.add(kind)
+        log.log(level, message, *args)
+
+    def recovered(self) -> None:
+        if self.reported - {"illegal"}:
+            log.info("device %s: answering again", self.device.name)
+        self.reported &= {"illegal"}
+        self.stats.up = True
+
+    def deadband(self, job: Job, values: list[Value], readings: list[Reading]) -> list[Reading]:
+        """Drop good readings that moved less than their tag's deadband since the last one kept."""
+        drop = set()
+        for i, tid, absolute, pct in job.deadbands:
+            v = values[i]
+            if not isinstance(v, int | float):
+                continue
+            last = self.last_value.get(tid)
+            band = absolute or abs(last or 0.0) * pct / 100.0
+            if last is not None and abs(v - last) < band:
+                drop.add(i)
+            else:
+                self.last_value[tid] = v
+        return [r for i, r in enumerate(readings) if i not in drop] if drop else readings
+
+
+def bad(job: Job, quality: int) -> list[Reading]:
+    return list(zip(job.ids, repeat(time.time_ns()), repeat(None), repeat(quality), strict=False))
+
+
+class Line:
+    """One link and the devices behind it, polled in turn."""
+
+    def __init__(self, link: Link, runners: list[DeviceRunner], frame_gap: float, sink: Sink) -> None:
+        self.link = link
+        self.runners = runners
+        self.frame_gap = frame_gap
+        self.sink = sink
+        self.lock = asyncio.Lock()
+        self.last_end = 0.0
+        self.connect_failures = 0
+        self.next_connect = 0.0
+        self.timeout = max(r.device.timeout for r in runners)
+        self.cycles = 0  # progress, for the supervisor
+
+    @property
+    def name(self) -> str:
+        return self.link.name
+
+    def schedules(self, start: float) -> list[tuple[Schedule, DeviceRunner, str]]:
+        return [(Schedule(g.interval, start), r, g.name) for r in self.runners for g in r.device.groups
+                if g.name in r.jobs]
+
+    async def run(self) -> None:
+        """Poll forever on deadlines; cancelled to stop."""
+        plan = self.schedules(time.monotonic())
+        if not plan:
+            return
+        try:
+            while True:
+                sched, runner, group = min(plan, key=lambda p: p[0].deadline)
+                delay = sched.deadline - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                sched.begin(time.monotonic())
+                await self.cycle(runner, group)
+                sched.advance(time.monotonic())
+        finally:
+            self.link.close()
+
+    async def run_once(self) -> None:
+        """Every poll group of every device on this line, once (for `edge poll --once`)."""
+        for runner in self.runners:
+            for group in list(runner.jobs):
+                await self.cycle(runner, group)
+
+    async def cycle(self, runner: DeviceRunner, group: str) -> None:
+        async with self.lock:
+            connected = await self.ensure_connected()
+            for job in list(runner.jobs.get(group, ())):
+                if connected:
+                    readings = await self.execute(runner, job)
+                else:
+                    runner.stats.skipped += 1
+                    readings = bad(job, DISCONNECTED)
+                runner.stats.readings += len(readings)
+                self.sink(readings)
+            self.cycles += 1
+
+    async def ensure_connected(self) -> bool:
+        if self.link.connected:
+            return True
+        now = time.monotonic()
+        if now < self.next_connect:
+            return False
+        if await self.link.connect(self.timeout):
+            if self.connect_failures:
+                log.info("%s: connected", self.name)
+            self.connect_failures = 0
+            return True
+        level = logging.WARNING if self.connect_failures == 0 else logging.DEBUG
+        self.connect_failures += 1
+        self.next_connect = time.monotonic() + backoff(self.connect_failures - 1, 0.5, 30.0)
+        log.log(level, "%s: cannot connect; retrying with backoff", self.name)
+        for r in self.runners:
+            r.stats.up = False
+        return False
+
+    async def wait_gap(self, runner: DeviceRunner) -> None:
+        """Silence on the wire between frames (t3.5), and the device's own pause between requests."""
+        ready = max(self.last_end + self.frame_gap, runner.last_end + runner.device.pause)
+        delay = ready - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def execute(self, runner: DeviceRunner, job: Job) -> list[Reading]:
+        dev, stats, req = runner.device, runner.stats, job.req
+        if not runner.breaker.allow(time.monotonic()):
+            stats.skipped += 1
+            return bad(job, BREAKER_OPEN)
+        attempts = 1 if runner.breaker.is_open else 1 + dev.retries
+        busy_left = BUSY_RETRIES
+        quality = TIMEOUT
+        attempt = 0
+        while attempt < attempts:
+            await self.wait_gap(runner)
+            stats.requests += 1
+            t0 = time.monotonic()
+            try:
+                regs = await self.link.read(dev.unit, req.function, req.start, req.count, runner.timeout(job))
+            except ReadError as e:
+                self.last_end = runner.last_end = time.monotonic()
+                quality = e.quality
+                stats.errors[quality_name(quality)] += 1
+                if quality in (TIMEOUT, BAD_FRAME):
+                    runner.filter.on_timeout()
+                    attempt += 1
+                    stats.retries += attempt < attempts
+                elif quality in BUSY and busy_left:
+                    busy_left -= 1
+                    await asyncio.sleep(backoff(BUSY_RETRIES - busy_left, 0.05, 1.0))
+                elif quality == ILLEGAL_ADDRESS and len(req.tags) > 1:
+                    return await self.split(runner, job)
+                else:
+                    break
+                continue
+            end = self.last_end = runner.last_end = time.monotonic()
+            return self.decoded(runner, job, regs, end - t0)
+        return self.failed(runner, job, quality)
+
+    def decoded(self, runner: DeviceRunner, job: Job, regs: Sequence[int] | Sequence[bool],
+                latency: float) -> list[Reading]:
+        stats = runner.stats
+        stats.good += 1
+        stats.latency_sum += latency
+        stats.latency_max = max(stats.latency_max, latency)
+        runner.filter.update(max(0.0, latency - runner.wire_time(job)))
+        if runner.breaker.success() or not stats.up:
+            runner.recovered()
+        values = job.req.decoder.decode(regs)
+        readings: list[Reading] = list(zip(job.ids, repeat(time.time_ns()), values, repeat(GOOD),
+                                           strict=False))
+        return runner.deadband(job, values, readings) if job.deadbands else readings
+
+    def failed(self, runner: DeviceRunner, job: Job, quality: int) -> list[Reading]:
+        name = runner.device.name
+        if quality & EXCEPTION:
+            runner.breaker.success()  # it answered: alive, but refuses this request
+            if quality == ILLEGAL_ADDRESS:
+                t = job.req.tags[0]
+                runner.report(f"illegal:{t.name}", "device %s tag %s (%s %d): the device answers "
+                              "illegal address; check the tag's table and address", name, t.name, t.table,
+                              t.address)
+            else:
+                runner.report(quality_name(quality), "device %s: %s for %s", name, quality_name(quality),
+                              job.req)
+            return bad(job, quality)
+        runner.stats.up = False
+        runner.report(quality_name(quality), "device %s: %s (%s); its tags read bad quality", name,
+                      quality_name(quality), job.req)
+        if runner.breaker.failure(time.monotonic()):
+            log.log(logging.WARNING if "breaker" not in runner.reported else logging.DEBUG,
+                    "device %s: %d failures in a row, backing off", name, runner.breaker.failures)
+            runner.reported.add("breaker")
+            if runner.bus is None:
+                self.link.close()  # a TCP peer that stopped answering: reconnect on the next attempt
+        return bad(job, quality)
+
+    async def split(self, runner: DeviceRunner, job: Job) -> list[Reading]:
+        """Replace a request the device rejects as a whole by one request per tag, and read them now."""
+        runner.report(f"split:{job.req}", "device %s: %s rejected (illegal address); reading its %d "
+                      "tags one by one", runner.device.name, job.req, len(job.req.tags))
+        singles = [Job.of(make_request(job.req.table, [t]), job.group) for t in job.req.tags]
+        jobs = runner.jobs[job.group]
+        i = jobs.index(job)
+        jobs[i:i + 1] = singles
+        out: list[Reading] = []
+        for single in singles:
+            out.extend(await self.execute(runner, single))
+        return out
+
+
+class Poller:
+    """Every line of a config, each in its own named task."""
+
+    def __init__(self, config: Config, sink: Sink) -> None:
+        self.config = config
+        self.lines: list[Line] = []
+        for bus in config.buses:
+            runners = [DeviceRunner(d, bus) for d in config.devices if d.bus == bus.name]
+            if runners:
+                self.lines.append(Line(serial_link(bus), runners, bus.frame_gap, sink))
+        for d in config.devices:
+            if d.host is not None:
+                self.lines.append(Line(tcp_link(d), [DeviceRunner(d, None)], 0.0, sink))
+
+    @property
+    def runners(self) -> list[DeviceRunner]:
+        return [r for line in self.lines for r in line.runners]
+
+    def tags(self) -> dict[int, tuple[Device, Tag]]:
+        return self.config.tags_by_id()
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for line in self.lines:
+                tg.create_task(line.run(), name=f"poll:{line.name}")
+
+    async def run_once(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for line in self.lines:
+                    tg.create_task(line.run_once(), name=f"poll-once:{line.name}")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for line in self.lines:
+            line.link.close()

@@ -1,0 +1,148 @@
+"""Modbus links: one pymodbus async client per TCP device or per serial bus. The only module that
+imports pymodbus (pinned exactly: its API moves between minor versions).
+
+A link performs one read at a time and classifies every failure into a quality code (edge.reading):
+
+    device exception reply       -> ReadError(EXCEPTION | code)
+    no reply in time             -> ReadError(TIMEOUT), or BAD_FRAME when bytes did arrive but never
+                                    formed a valid frame (pymodbus drops frames failing the CRC)
+    not connected / link lost    -> ReadError(DISCONNECTED)
+
+pymodbus's own retries and auto-reconnect are switched off: retries, backoff and the circuit breaker
+belong to the poller, which knows the bus and the schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pymodbus import FramerType
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ConnectionException, ModbusException
+
+from edge.config import Bus, Device
+from edge.reading import BAD_FRAME, DISCONNECTED, EXCEPTION, TIMEOUT
+
+logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+
+class ReadError(Exception):
+    def __init__(self, quality: int, detail: str = "") -> None:
+        super().__init__(detail or f"quality {quality:#x}")
+        self.quality = quality
+
+
+class Link:
+    """A connection to a TCP device, or to a serial port shared by every unit on an RS-485 bus.
+
+    The pymodbus client is made on first connect: it binds to the running event loop.
+    """
+
+    def __init__(self, make_client: Callable[[], Any], name: str) -> None:
+        self.make_client = make_client
+        self.client: Any = None
+        self.name = name
+        self.rx_bytes = 0
+        self._readers: dict[int, Any] = {}
+
+    def _create(self) -> Any:
+        client = self.make_client()
+        client.ctx.trace_packet = self._trace
+        self._readers = {
+            1: client.read_coils, 2: client.read_discrete_inputs,
+            3: client.read_holding_registers, 4: client.read_input_registers,
+        }
+        return client
+
+    def _trace(self, sending: bool, data: bytes) -> bytes:
+        if not sending:
+            self.rx_bytes += len(data)
+        return data
+
+    @property
+    def connected(self) -> bool:
+        return self.client is not None and bool(self.client.connected)
+
+    async def connect(self, timeout: float) -> bool:
+        if self.client is None:
+            self.client = self._create()
+        self.client.ctx.comm_params.timeout_connect = timeout
+        try:
+            return bool(await asyncio.wait_for(self.client.connect(), timeout + 1.0))
+        except (TimeoutError, OSError):
+            return False
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+    async def read(self, unit: int, function: int, start: int, count: int,
+                   timeout: float) -> Sequence[int] | Sequence[bool]:
+        """One read; returns registers (or bits, padded to a multiple of 8) or raises ReadError."""
+        if not self.connected:
+            raise ReadError(DISCONNECTED, f"{self.name}: not connected")
+        self.client.ctx.comm_params.timeout_connect = timeout
+        self.rx_bytes = 0
+        try:
+            # The outer wait_for is a safety net only; pymodbus times the reply itself.
+            rr = await asyncio.wait_for(self._readers[function](start, count=count, device_id=unit),
+                                        timeout + 1.0)
+        except ConnectionException as e:
+            raise ReadError(DISCONNECTED, f"{self.name}: {e}") from e
+        except (ModbusException, TimeoutError) as e:
+            if not self.client.connected:
+                raise ReadError(DISCONNECTED, f"{self.name}: connection lost") from e
+            raise ReadError(BAD_FRAME if self.rx_bytes else TIMEOUT, f"{self.name}: {e}") from e
+        if rr.isError():
+            code = int(getattr(rr, "exception_code", 4)) & 0x3F
+            raise ReadError(EXCEPTION | code, f"{self.name}: exception {code}")
+        values: Sequence[int] | Sequence[bool] = rr.bits if function <= 2 else rr.registers
+        return values
+
+
+def tcp_link(device: Device) -> Link:
+    assert device.host is not None
+    host = device.host
+
+    def make() -> Any:
+        return AsyncModbusTcpClient(host, port=device.port, timeout=device.timeout, retries=0,
+                                    reconnect_delay=0, name=device.name)
+    return Link(make, f"{device.name}@{host}:{device.port}")
+
+
+def serial_link(bus: Bus) -> Link:
+    def make() -> Any:
+        return AsyncModbusSerialClient(bus.port, framer=FramerType.RTU, baudrate=bus.baud,
+                                       bytesize=bus.byte_size, parity=bus.parity, stopbits=bus.stop_bits,
+                                       timeout=bus.timeout, retries=0, reconnect_delay=0, name=bus.name)
+    return Link(make, f"{bus.name}@{bus.port}")
+
+
+def url_link(url: str, timeout: float) -> tuple[Link, int]:
+    """A link from `tcp://host:port/unit` or `rtu:///dev/ttyX?baud=9600&parity=E&unit=1` (for probe)."""
+    from urllib.parse import parse_qs, urlsplit  # noqa: PLC0415 (CLI only)
+
+    u = urlsplit(url)
+    q = {k: v[-1] for k, v in parse_qs(u.query).items()}
+    if u.scheme == "tcp":
+        if not u.hostname:
+            raise ValueError(f"{url}: no host (tcp://host:port/unit)")
+        unit = int(u.path.strip("/") or q.get("unit", "1"))
+        dev = Device(name="probe", unit=unit, tags=(), groups=(), host=u.hostname, port=u.port or 502,
+                     timeout=timeout)
+        return tcp_link(dev), unit
+    if u.scheme == "rtu":
+        if not u.path:
+            raise ValueError(f"{url}: no serial port (rtu:///dev/ttyUSB0?baud=9600&unit=1)")
+        baud = int(q.get("baud", "19200"))
+        parity = q.get("parity", "E").upper()
+        if parity not in ("N", "E", "O"):
+            raise ValueError(f"{url}: parity must be N, E or O")
+        bus = Bus("probe", u.path, baud, parity, int(q.get("stopbits", "1")), int(q.get("bytesize", "8")),
+                  timeout)
+        return serial_link(bus), int(q.get("unit", "1"))
+    raise ValueError(f"{url}: unknown scheme {u.scheme!r} (tcp://host:port/unit or rtu:///dev/ttyX?...)")
+

@@ -1,0 +1,48 @@
+"""A Reading: (tag id u32, timestamp ns u64, value, quality u8), the unit that flows poll -> store -> uplink.
+
+Quality codes (u8). 0 is good; a failed read yields readings with one of the others and value None,
+never silence:
+
+    0x00 GOOD          value decoded from a valid reply
+    0x01 TIMEOUT       no reply within the (adaptive) timeout, after the configured retries
+    0x02 DISCONNECTED  no connection / serial port not open
+    0x03 BAD_FRAME     bytes arrived but no valid frame (CRC error, garbled reply)
+    0x04 BREAKER_OPEN  not asked: the device's circuit breaker is open after repeated failures
+    0x40 | code        the device answered with Modbus exception `code`
+                       (0x41 illegal function, 0x42 illegal address, 0x43 illegal value,
+                        0x44 device failure, 0x46 busy, 0x4B gateway target failed to respond)
+"""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+GOOD = 0x00
+TIMEOUT = 0x01
+DISCONNECTED = 0x02
+BAD_FRAME = 0x03
+BREAKER_OPEN = 0x04
+EXCEPTION = 0x40
+
+_NAMES = {GOOD: "good", TIMEOUT: "timeout", DISCONNECTED: "disconnected", BAD_FRAME: "bad_frame",
+          BREAKER_OPEN: "breaker_open"}
+_EXCEPTIONS = {1: "illegal_function", 2: "illegal_address", 3: "illegal_value", 4: "device_failure",
+               5: "acknowledge", 6: "busy", 8: "memory_parity", 10: "gateway_path",
+               11: "gateway_no_response"}
+
+
+Value: TypeAlias = bool | int | float | str
+# (tag id, unix time ns, value or None, quality): a plain tuple, built at C speed in the poll hot path.
+Reading: TypeAlias = tuple[int, int, Value | None, int]
+
+
+def quality_name(q: int) -> str:
+    """Name of a quality code for logs, metrics and the CLI.
+
+    >>> quality_name(0x42)
+    'exception_2_illegal_address'
+    """
+    if q & EXCEPTION:
+        code = q & 0x3F
+        return f"exception_{code}_{_EXCEPTIONS.get(code, 'unknown')}"
+    return _NAMES.get(q, f"quality_{q}")

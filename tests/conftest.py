@@ -1,0 +1,23 @@
+"""Shared fixtures. Real peers (simulated devices, socat ptys) live in tests/peers.py."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_tasks() -> Iterator[None]:
+    """Fail a test that leaves asyncio tasks pending on a loop that is still open."""
+    yield
+    gc.collect()
+    leaked = []
+    for obj in gc.get_objects():
+        if isinstance(obj, asyncio.Task) and not obj.done():
+            loop = obj.get_loop()
+            if not loop.is_closed():
+                leaked.append(obj.get_name())
+    assert not leaked, f"leaked asyncio tasks: {leaked}"

@@ -1,0 +1,113 @@
+"""The poller on a shared RS-485 bus: socat pty pair, simulated units with wire-time emulation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge.poll.engine import Poller
+from edge.reading import BAD_FRAME, GOOD
+from tests.peers import pty_pair, set_faults, start_sim, write_map
+from tests.pollkit import Collector, config, tag_id
+
+UNITS = (1, 2, 3)
+# 8N2: 11 bits per character like 8E1 (Modbus requires 2 stop bits without parity); ptys refuse parity.
+LINE = {"parity": "N", "stop_bits": 2}
+
+
+@contextlib.contextmanager
+def bus(tmp_path: Path, baud: int, control: Path | None = None) -> Iterator[str]:
+    """Three units with a counter at 0 and a float at 10, on one line; yields the client's pty."""
+    units = [{"id": u, "points": [
+        {"table": "holding", "address": 0, "type": "uint16", "value": 100 + u},
+        {"table": "holding", "address": 10, "type": "float32", "value": u + 0.5}]} for u in UNITS]
+    write_map(tmp_path / "map.toml", units)
+    with pty_pair(tmp_path) as (client, server), \
+            start_sim(tmp_path / "map.toml", tcp=False, rtu_path=server, baud=baud, control=control,
+                      extra_args=["--parity", "N", "--stopbits", "2"]):
+        yield client
+
+
+def _config(port: str, baud: int, interval: str = "1s", timeout: str = "300ms") -> Any:
+    devices = [{"name": f"u{u}", "bus": "rs485", "unit": u, "interval": interval, "timeout": timeout,
+                "retries": 0, "tag": [{"name": "n", "address": 0, "type": "uint16"},
+                                      {"name": "f", "address": 10, "type": "float32"}]} for u in UNITS]
+    return config(devices, [{"name": "rs485", "port": port, "baud": baud, **LINE}])
+
+
+@pytest.mark.parametrize("baud", [9600, 115200])
+def test_three_units_polled_in_turn(tmp_path: Path, baud: int) -> None:
+    with bus(tmp_path, baud) as port:
+        cfg = _config(port, baud)
+        sink = Collector()
+        poller = Poller(cfg, sink)
+        asyncio.run(poller.run_once())
+    assert len(poller.lines) == 1  # one task, one link for the whole bus
+    values = {r[0]: r[2:] for r in sink.readings}
+    for u in UNITS:
+        assert values[tag_id(cfg, f"u{u}", "n")] == (100 + u, GOOD)
+        assert values[tag_id(cfg, f"u{u}", "f")] == (u + 0.5, GOOD)
+    # Wire time is real: 3 units x 1 request (0..11, 12 registers) at 9600 8E1 is >= 3 x 41 B x 11/9600.
+    line = poller.lines[0]
+    assert all(r.stats.latency_sum >= r.bus.wire_time(8 + 5 + 24) for r in line.runners if r.bus)
+
+
+def test_dead_unit_costs_only_its_bounded_timeouts(tmp_path: Path) -> None:
+    control = tmp_path / "faults.json"
+    set_faults(control, {"3": {"mode": "silent"}})
+    with bus(tmp_path, 115200, control) as port:
+        cfg = _config(port, 115200, interval="200ms", timeout="150ms")
+        live = [tag_id(cfg, f"u{u}", "n") for u in (1, 2)]
+
+        async def body() -> tuple[float, int]:
+            sink = Collector()
+            poller = Poller(cfg, sink)
+            task = asyncio.create_task(poller.run(), name="rtu-poller")
+            try:
+                await sink.until(lambda rs: all(any(r[0] == t for r in rs) for t in live))
+                loop = asyncio.get_running_loop()
+                t0, n0 = loop.time(), len(sink.of(live[0]))
+                await sink.until(lambda rs: len(sink.of(live[0])) >= n0 + 20, timeout=15)
+                elapsed = loop.time() - t0
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            assert all(r[3] == GOOD for t in live for r in sink.of(t))
+            dead = sink.of(tag_id(cfg, "u3", "n"))
+            assert dead and all(r[3] != GOOD for r in dead)
+            return elapsed, poller.runners[2].stats.requests
+
+        elapsed, dead_requests = asyncio.run(body())
+    # 20 cycles at 200 ms = 4 s; the dead unit may cost a few 150 ms timeouts before its breaker opens.
+    assert elapsed < 4.0 * 1.15, elapsed
+    assert dead_requests < 12  # breaker: probes only, not one timeout per cycle
+
+
+def test_crc_corruption_is_bad_frame_and_bus_recovers(tmp_path: Path) -> None:
+    control = tmp_path / "faults.json"
+    with bus(tmp_path, 115200, control) as port:
+        cfg = _config(port, 115200, timeout="200ms")
+        sink = Collector()
+
+        async def body() -> None:
+            poller = Poller(cfg, sink)
+            line = poller.lines[0]
+            set_faults(control, {"2": {"mode": "crc"}})
+            for r in line.runners:
+                await line.cycle(r, "default")
+            set_faults(control, {})
+            for r in line.runners:
+                await line.cycle(r, "default")
+            poller.close()
+
+        asyncio.run(body())
+    u2 = sink.of(tag_id(cfg, "u2", "n"))
+    assert [r[3] for r in u2] == [BAD_FRAME, GOOD]
+    for u in (1, 3):
+        assert [r[3] for r in sink.of(tag_id(cfg, f"u{u}", "n"))] == [GOOD, GOOD]
