@@ -13,7 +13,6 @@ The schema covers every stage; see docs/config.md for the reference with default
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 import socket
@@ -249,6 +248,7 @@ _SIZE = re.compile(r"^\s*([0-9]+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 1 << 10, "MiB": 1 << 20,
                "GiB": 1 << 30}
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_MISSING: Any = object()
 
 
 class _Reader:
@@ -272,22 +272,43 @@ class _Reader:
     def has(self, key: str) -> bool:
         return key in self.table
 
-    def _get(self, key: str, kinds: tuple[type, ...], what: str, default: T, required: bool) -> Any:
+    def _get(self, key: str, kinds: tuple[type, ...], what: str, required: bool = False) -> Any:
+        """The value if present and of the right kind, else _MISSING (a problem recorded if wrong)."""
         self.used.add(key)
         if key not in self.table:
             if required:
                 self.fail(key, "required")
-            return default
+            return _MISSING
         value = self.table[key]
         if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
             self.fail(key, f"expected {what}, got {_kind(value)} {value!r}")
-            return default
+            return _MISSING
+        if isinstance(value, str) and not value.strip() and str in kinds and kinds != (str,):
+            self.fail(key, "must not be empty")
+            return _MISSING
         return value
 
-    def text(self, key: str, default: Any = None, *, required: bool = False,
-            choices: tuple[str, ...] | None = None) -> Any:
-        value = self._get(key, (str,), "a string", default, required)
-        if choices is not None and key in self.table and value is not default and value not in choices:
+    def _range(self, key: str, value: Any, lo: float | None, hi: float | None, unit: str = "") -> bool:
+        if lo is not None and hi is not None and not lo <= value <= hi:
+            self.fail(key, f"{value}{unit} out of range {lo}..{hi}{unit}")
+            return False
+        if lo is not None and value < lo:
+            self.fail(key, f"{value}{unit} is below the minimum {lo}{unit}")
+            return False
+        if hi is not None and value > hi:
+            self.fail(key, f"{value}{unit} is above the maximum {hi}{unit}")
+            return False
+        return True
+
+    def text(self, key: str, default: Any = None, *, required: bool = False, allow_empty: bool = False,
+             choices: tuple[str, ...] | None = None) -> Any:
+        value = self._get(key, (str,), "a string", required)
+        if value is _MISSING:
+            return default
+        if not value.strip() and not allow_empty:
+            self.fail(key, "must not be empty")
+            return default
+        if choices is not None and value not in choices:
             self.fail(key, f"unknown value {value!r} (one of: {', '.join(choices)})")
             return default
         return value
@@ -296,64 +317,56 @@ class _Reader:
         value: str = self.text(key, "", required=required)
         if value and not _NAME.match(value):
             self.fail(key, f"invalid name {value!r} (letters, digits, _ . -; not starting with . or -)")
+            return ""
         return value
 
     def flag(self, key: str, default: bool) -> bool:
-        result: bool = self._get(key, (bool,), "true or false", default, False)
-        return result
+        value = self._get(key, (bool,), "true or false")
+        return default if value is _MISSING else bool(value)
 
     def integer(self, key: str, default: Any = None, *, lo: int | None = None, hi: int | None = None,
-            required: bool = False) -> Any:
-        value = self._get(key, (int,), "an integer", default, required)
-        checked = key in self.table and isinstance(value, int) and value is not default
-        if checked and ((lo is not None and value < lo) or (hi is not None and value > hi)):
-            self.fail(key, f"{value} out of range {lo}..{hi}")
+                required: bool = False) -> Any:
+        value = self._get(key, (int,), "an integer", required)
+        if value is _MISSING or not self._range(key, value, lo, hi):
             return default
         return value
 
-    def number(self, key: str, default: Any = None, *, lo: float | None = None, hi: float | None = None,
-              required: bool = False) -> Any:
-        value = self._get(key, (int, float), "a number", default, required)
-        if key in self.table and isinstance(value, int | float) and value is not default:
-            if not math.isfinite(value):
-                self.fail(key, f"{value} is not finite")
-                return default
-            if (lo is not None and value < lo) or (hi is not None and value > hi):
-                self.fail(key, f"{value} out of range {lo}..{hi}")
-                return default
-            return float(value)
-        return value
+    def number(self, key: str, default: Any = None, *, lo: float | None = None,
+               hi: float | None = None) -> Any:
+        value = self._get(key, (int, float), "a number")
+        if value is _MISSING:
+            return default
+        if not math.isfinite(value):
+            self.fail(key, f"{value} is not finite")
+            return default
+        return float(value) if self._range(key, value, lo, hi) else default
 
     def duration(self, key: str, default: Any, *, lo: float = 0.0, hi: float = 7 * 86400.0) -> Any:
-        value = self._get(key, (int, float, str), 'a duration (seconds, or "250ms", "5s", "2m", "1h")',
-                          default, False)
-        if key not in self.table or value is default:
-            return value
+        value = self._get(key, (int, float, str), 'a duration (seconds, or "250ms", "5s", "2m", "1h")')
+        if value is _MISSING:
+            return default
         if isinstance(value, str):
             m = _DURATION.match(value)
             if not m:
                 self.fail(key, f'invalid duration {value!r} (e.g. 0.5, "250ms", "5s", "2m", "1h")')
                 return default
             value = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        if not math.isfinite(value) or not lo <= value <= hi:
-            self.fail(key, f"duration {value} s out of range {lo}..{hi} s")
+        if not math.isfinite(value):
+            self.fail(key, f"{value} is not finite")
             return default
-        return float(value)
+        return float(value) if self._range(key, value, lo, hi, " s") else default
 
-    def size(self, key: str, default: int, *, lo: int = 0) -> int:
-        value = self._get(key, (int, str), 'a size (bytes, or "64MiB", "1GB")', default, False)
-        if key not in self.table or value is default:
-            return int(value)
+    def size(self, key: str, default: Any, *, lo: int = 0) -> Any:
+        value = self._get(key, (int, str), 'a size (bytes, or "64MiB", "1GB")')
+        if value is _MISSING:
+            return default
         if isinstance(value, str):
             m = _SIZE.match(value)
             if not m:
                 self.fail(key, f'invalid size {value!r} (e.g. 1048576, "64MiB", "1GB")')
                 return default
             value = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
-        if value < lo:
-            self.fail(key, f"size {value} below the minimum {lo}")
-            return default
-        return int(value)
+        return int(value) if self._range(key, value, lo, None, " bytes") else default
 
     def file(self, key: str, default: Path | None = None) -> Any:
         value = self.text(key, None)
@@ -422,43 +435,45 @@ def _groups(r: _Reader, device_interval: float) -> tuple[PollGroup, ...]:
     return tuple(groups.values())
 
 
-def _tag(r: _Reader, device: str, groups: set[str]) -> Tag:
+_NUMERIC_ONLY = ("scale", "offset", "deadband", "deadband_percent")
+
+
+def _tag(r: _Reader, device: str, groups: set[str]) -> Tag | None:
+    """A validated tag, or None when it has problems (recorded; kept out of the overlap checks)."""
+    before = len(r.problems)
     name = r.name("name")
     table = r.text("table", "holding", choices=tuple(TABLES))
-    address = r.integer("address", 0, required=True)
-    if r.has("address") and isinstance(r.table["address"], int) and not 0 <= address <= MAX_ADDRESS:
-        r.fail("address", f"{address} out of range 0..{MAX_ADDRESS}")
-        address = 0
+    address = r.integer("address", 0, lo=0, hi=MAX_ADDRESS, required=True)
     is_bits = TABLES.get(table, (0, False))[1]
     type_ = r.text("type", "bool" if is_bits else "uint16")
     if type_ not in TYPE_REGISTERS:
         r.fail("type", f'unknown type "{type_}" (one of: {", ".join(TYPE_REGISTERS)})')
-        type_ = "uint16"
-    if is_bits and type_ not in ("bool", "bit"):
-        r.fail("type", f'{type_} on the {table} table: coils and discrete inputs hold only bool')
+    elif is_bits and type_ not in ("bool", "bit"):
+        r.fail("type", f"{type_} on the {table} table: coils and discrete inputs hold only bool")
+    is_bool = type_ in ("bool", "bit")
     order = r.text("order", "ABCD")
     order = ORDER_ALIASES.get(order, order)
     if order not in ORDERS:
-        r.fail("order", f"unknown byte order {r.table['order']!r} (one of: ABCD, BADC, CDAB, DCBA; 64-bit: "
+        r.fail("order", f"unknown byte order {order!r} (one of: ABCD, BADC, CDAB, DCBA; 64-bit: "
                         "ABCDEFGH, BADCFEHG, GHEFCDAB, HGFEDCBA; 16-bit: AB, BA)")
-        order = "ABCD"
     bit = r.integer("bit", None, lo=0, hi=15)
-    if bit is not None and (is_bits or type_ not in ("bool", "bit")):
+    if bit is not None and (is_bits or not is_bool):
         r.fail("bit", "only for bool/bit tags on the input or holding table")
-    if not is_bits and type_ in ("bool", "bit") and bit is None and "bit" not in r.table:
+    if not is_bits and is_bool and "bit" not in r.table:
         r.fail("bit", f"required for a {type_} tag on the {table} table (0..15)")
     length = r.integer("length", None, lo=1, hi=2 * MAX_REGISTERS_PER_READ)
-    if type_ == "string" and length is None and "length" not in r.table:
+    if type_ == "string" and "length" not in r.table:
         r.fail("length", "required for a string tag (bytes)")
-    if type_ != "string" and length is not None:
+    if type_ != "string" and "length" in r.table:
         r.fail("length", "only for string tags")
-    if type_ == "string" and is_bits:
-        length = None
+    for key in (*_NUMERIC_ONLY, "order"):
+        if key in r.table and (is_bool or (type_ == "string" and key != "order")):
+            r.fail(key, f"not for {type_} tags")
     scale = r.number("scale", 1.0)
     if scale == 0.0:
         r.fail("scale", "must not be 0")
     offset = r.number("offset", 0.0)
-    unit = r.text("unit", "")
+    unit = r.text("unit", "", allow_empty=True)
     deadband = r.number("deadband", 0.0, lo=0.0)
     deadband_percent = r.number("deadband_percent", 0.0, lo=0.0, hi=100.0)
     if deadband and deadband_percent:
@@ -466,29 +481,31 @@ def _tag(r: _Reader, device: str, groups: set[str]) -> Tag:
     group = r.text("group", DEFAULT_GROUP)
     if group not in groups:
         r.fail("group", f'unknown poll group "{group}" (defined: {", ".join(sorted(groups))})')
-        group = DEFAULT_GROUP
     barrier = r.flag("barrier", False)
     r.done()
+    if len(r.problems) > before:
+        return None
     tag_id = zlib.crc32(f"{device}/{name}".encode())
     return Tag(tag_id, name, table, address, type_, order, bit, length, scale, offset, unit, deadband,
                deadband_percent, group, barrier)
 
 
-def _device(r: _Reader, buses: dict[str, Bus]) -> Device:
+def _device(r: _Reader, buses: dict[str, Bus]) -> tuple[Device, list[int]]:
+    """The device and, for key paths, the file index of each of its (valid) tags."""
     name = r.name("name")
     host = r.text("host", None)
     port = r.integer("port", 502, lo=1, hi=65535)
     bus = r.text("bus", None)
-    if host is None and bus is None:
+    if "host" not in r.table and "bus" not in r.table:
         r.fail("", 'needs "host" (Modbus TCP) or "bus" (Modbus RTU)')
-    if host is not None and bus is not None:
+    if "host" in r.table and "bus" in r.table:
         r.fail("bus", 'set "host" (Modbus TCP) or "bus" (Modbus RTU), not both')
     if bus is not None and bus not in buses:
         r.fail("bus", f'unknown bus "{bus}" (defined: {", ".join(sorted(buses)) or "none"})')
-    if bus is not None and r.has("port"):
+    if "bus" in r.table and "port" in r.table:
         r.fail("port", "only for Modbus TCP devices (the serial port belongs to the [[bus]])")
-    unit = r.integer("unit", 1 if bus is None else None, lo=0 if bus is None else 1,
-                 hi=255 if bus is None else 247, required=bus is not None)
+    rtu = "bus" in r.table
+    unit = r.integer("unit", None if rtu else 1, lo=1 if rtu else 0, hi=247 if rtu else 255, required=rtu)
     timeout = r.duration("timeout", buses[bus].timeout if bus in buses else 1.0, lo=0.01, hi=60.0)
     retries = r.integer("retries", 1, lo=0, hi=10)
     max_registers = r.integer("max_registers", MAX_REGISTERS_PER_READ, lo=1, hi=MAX_REGISTERS_PER_READ)
@@ -499,41 +516,63 @@ def _device(r: _Reader, buses: dict[str, Bus]) -> Device:
     interval = r.duration("interval", 1.0, lo=0.001, hi=86400.0)
     groups = _groups(r, interval)
     names = {g.name for g in groups}
-    tags = tuple(_tag(t, name, names) for t in r.table_list("tag"))
+    readers = list(r.table_list("tag"))
+    parsed = [(i, _tag(t, name, names)) for i, t in enumerate(readers)]
     r.done()
-    _check_tags(r, tags)
-    return Device(name, unit if unit is not None else 1, tags, groups, host, port, bus, timeout, retries,
-                  max_registers, max_bits, single, pause, max_gap)
+    _unique(r.problems, [(t.key_path("name"), t.table.get("name")) for t in readers
+                         if isinstance(t.table.get("name"), str)], "tag")
+    tags = tuple(t for _, t in parsed if t is not None)
+    index = [i for i, t in parsed if t is not None]
+    dev = Device(name, unit if unit is not None else 0, tags, groups, host, port, bus, timeout, retries,
+                 max_registers, max_bits, single, pause, max_gap)
+    _check_tags(r, dev, index)
+    return dev, index
 
 
-def _check_tags(r: _Reader, tags: tuple[Tag, ...]) -> None:
-    """Duplicate names and overlapping addresses within one table (bits of one register may share it)."""
-    seen: dict[str, int] = {}
-    for i, t in enumerate(tags):
-        if t.name in seen:
-            r.problems.append(f"{r.path}.tag[{i}].name: duplicate tag name \"{t.name}\" "
-                              f"(also {r.path}.tag[{seen[t.name]}])")
-        seen.setdefault(t.name, i)
+def _check_tags(r: _Reader, dev: Device, index: list[int]) -> None:
+    """Tags past 65535 or wider than one read, overlaps within one table.
+
+    Overlaps are found by a sweep over tags sorted by address against the furthest-reaching tag so far,
+    so a wide tag is checked against every tag it covers; bool tags may share a register on distinct bits.
+    """
+    path = [f"{r.path}.tag[{i}]" for i in index]
+    for j, t in enumerate(dev.tags):
         if t.end - 1 > MAX_ADDRESS:
-            r.problems.append(f"{r.path}.tag[{i}].address: {t.type} at {t.address} ends at {t.end - 1}, "
-                              f"beyond {MAX_ADDRESS}")
-    by_table: dict[str, list[tuple[int, int, int, Tag]]] = {}
-    for i, t in enumerate(tags):
-        by_table.setdefault(t.table, []).append((t.address, t.end, i, t))
-    for spans in by_table.values():
-        spans.sort(key=lambda s: (s[0], s[2]))
-        for (a0, e0, i0, t0), (a1, _e1, i1, t1) in itertools.pairwise(spans):
-            if a1 < e0 and not _bits_share(t0, t1):
-                r.problems.append(f"{r.path}.tag[{i1}].address: \"{t1.name}\" at {a1} overlaps "
-                                  f"\"{t0.name}\" ({r.path}.tag[{i0}], {a0}..{e0 - 1})")
+            r.problems.append(f"{path[j]}.address: {t.type} at {t.address} ends at {t.end - 1}, beyond "
+                              f"{MAX_ADDRESS}")
+        limit = dev.max_bits if TABLES[t.table][1] else dev.max_registers
+        if t.registers > limit:
+            r.problems.append(f"{path[j]}.{'length' if t.type == 'string' else 'type'}: {t.type} of "
+                              f"{t.registers} registers is wider than one read of this device "
+                              f"(max_registers = {limit})")
+    by_table: dict[str, list[int]] = {}
+    for j, t in enumerate(dev.tags):
+        by_table.setdefault(t.table, []).append(j)
+    for members in by_table.values():
+        members.sort(key=lambda j: (dev.tags[j].address, j))
+        reach: int | None = None  # the tag reaching furthest so far
+        bits: dict[tuple[int, int], int] = {}
+        for j in members:
+            t = dev.tags[j]
+            other = reach
+            if t.bit is not None:
+                other = bits.setdefault((t.address, t.bit), j)
+                other = other if other != j else reach
+            if other is not None and t.address < dev.tags[other].end and not _bits_share(dev.tags[other], t):
+                o = dev.tags[other]
+                r.problems.append(f'{path[j]}.address: "{t.name}" at {t.address} overlaps "{o.name}" '
+                                  f"({path[other]}, {o.address}..{o.end - 1})")
+            if reach is None or t.end > dev.tags[reach].end:
+                reach = j
 
 
 def _bits_share(a: Tag, b: Tag) -> bool:
-    """Two bit tags on distinct bits of the same register do not overlap."""
+    """Two bool tags on distinct bits of the same register do not overlap."""
     return a.bit is not None and b.bit is not None and a.address == b.address and a.bit != b.bit
 
 
 def _store(r: _Reader, state_dir: Path) -> Store:
+    before = len(r.problems)
     path = r.file("path", state_dir / "store")
     s = Store(
         path=path,
@@ -544,7 +583,7 @@ def _store(r: _Reader, state_dir: Path) -> Store:
         high_watermark=r.number("high_watermark", 0.8, lo=0.1, hi=0.95),
         low_watermark=r.number("low_watermark", 0.7, lo=0.05, hi=0.9),
     )
-    if s.low_watermark >= s.high_watermark:
+    if len(r.problems) == before and s.low_watermark >= s.high_watermark:
         r.fail("low_watermark", f"{s.low_watermark} must be below high_watermark {s.high_watermark}")
     r.done()
     return s
@@ -590,7 +629,8 @@ _CLOCK = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
 
 def _low_power(r: _Reader) -> LowPower:
     windows = []
-    raw = r._get("schedule", (list,), 'an array of ["HH:MM", "HH:MM"] windows', [], False)
+    raw = r._get("schedule", (list,), 'an array of ["HH:MM", "HH:MM"] windows')
+    raw = [] if raw is _MISSING else raw
     for i, w in enumerate(raw):
         ok = isinstance(w, list) and len(w) == 2 and all(isinstance(x, str) and _CLOCK.match(x) for x in w)
         if not ok:
@@ -612,8 +652,8 @@ def _low_power(r: _Reader) -> LowPower:
 def _governor(r: _Reader) -> Governor:
     g = Governor(
         enabled=r.flag("enabled", True),
-        memory_soft=r.size("memory_soft", 0, lo=1 << 20) if r.has("memory_soft") else None,
-        memory_hard=r.size("memory_hard", 0, lo=1 << 20) if r.has("memory_hard") else None,
+        memory_soft=r.size("memory_soft", None, lo=1 << 20),
+        memory_hard=r.size("memory_hard", None, lo=1 << 20),
         cpu_budget=r.number("cpu_budget", 0.5, lo=0.01, hi=64.0),
         window=r.duration("window", 30.0, lo=1.0, hi=3600.0),
         max_stretch=r.number("max_stretch", 8.0, lo=1.0, hi=1000.0),
@@ -652,12 +692,13 @@ def parse(data: dict[str, Any]) -> Config:
     _unique(problems, ports, "serial port")
     bus_map = {b.name: b for b in buses}
     dev_readers = list(root.table_list("device"))
-    devices = [_device(d, bus_map) for d in dev_readers]
+    parsed = [_device(d, bus_map) for d in dev_readers]
+    devices = [d for d, _ in parsed]
     _unique(problems, [(f"{d.path}.name", x.name) for d, x in zip(dev_readers, devices, strict=True)],
             "device")
     _unique(problems, [(f"{d.path}.unit", f"{x.bus}/{x.unit}") for d, x in
-                       zip(dev_readers, devices, strict=True) if x.bus], "bus/unit")
-    _check_ids(problems, devices)
+                       zip(dev_readers, devices, strict=True) if x.bus and x.unit], "bus/unit")
+    _check_ids(problems, [(d.path, x, index) for d, (x, index) in zip(dev_readers, parsed, strict=True)])
     cfg = Config(appliance, tuple(buses), tuple(devices), _store(root.sub("store"), appliance.state_dir),
                  _uplink(root.sub("uplink")), _governor(root.sub("governor")), _metrics(root.sub("metrics")))
     root.done()
@@ -666,16 +707,16 @@ def parse(data: dict[str, Any]) -> Config:
     return cfg
 
 
-def _check_ids(problems: list[str], devices: list[Device]) -> None:
+def _check_ids(problems: list[str], devices: list[tuple[str, Device, list[int]]]) -> None:
     """Tag ids are crc32("device/tag"); two names hashing alike must be renamed, never merged."""
-    ids: dict[int, str] = {}
-    for d in devices:
-        for t in d.tags:
-            full = f"{d.name}/{t.name}"
-            if t.id in ids and ids[t.id] != full:
-                problems.append(f"device \"{d.name}\" tag \"{t.name}\": id {t.id} collides with "
-                                f"\"{ids[t.id]}\"; rename one of them")
-            ids.setdefault(t.id, full)
+    ids: dict[int, tuple[str, str]] = {}
+    for path, d, index in devices:
+        for t, i in zip(d.tags, index, strict=True):
+            here = (f"{path}.tag[{i}].name", f"{d.name}/{t.name}")
+            first = ids.setdefault(t.id, here)
+            if first[1] != here[1]:
+                problems.append(f'{here[0]}: "{here[1]}" has the same tag id ({t.id}, crc32) as "{first[1]}" '
+                                f"({first[0]}); rename one of them")
 
 
 def load(path: str | Path) -> Config:

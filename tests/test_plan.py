@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -91,10 +90,3 @@ def test_max_registers_limit_and_bit_gap_scale() -> None:
     dev = _device([])
     assert default_gap(dev, True) == 16 * default_gap(dev, False)
     assert default_gap(replace(dev, host=None, bus="b"), False) == 10
-
-
-def test_tag_wider_than_limit_is_a_config_error() -> None:
-    from edge.config import ConfigError
-
-    with pytest.raises(ConfigError, match='tag "s": 10 registers'):
-        plan_device(_device([Tag(1, "s", "holding", 0, "string", length=20)], max_registers=8))

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from edge.config import TABLES, Config, ConfigError, Device, Tag
+from edge.config import TABLES, Config, Device, Tag
 from edge.poll.decode import BlockDecoder, compile_block
 
 GAP_RTU = 10
@@ -88,17 +88,13 @@ def coalesce(tags: Sequence[Tag], limit: int, max_gap: int) -> list[list[Tag]]:
 
 
 def plan_device(device: Device) -> dict[str, tuple[Request, ...]]:
-    """Requests per poll group name. Raises ConfigError for a tag wider than the device's limit."""
-    problems: list[str] = []
+    """Requests per poll group name (config validation guarantees every tag fits in one request)."""
     plan: dict[str, tuple[Request, ...]] = {}
     for group in device.groups:
         requests: list[Request] = []
         for table, (_fc, bits) in TABLES.items():
             tags = [t for t in device.tags if t.group == group.name and t.table == table]
             limit = device.max_bits if bits else device.max_registers
-            problems.extend(f'device "{device.name}" tag "{t.name}": {t.registers} registers, more than '
-                            f"the device reads at once (max_registers = {limit})"
-                            for t in tags if t.registers > limit)
             if device.single_register_reads:
                 runs = [[t] for t in sorted(tags, key=lambda t: t.address)]
             else:
@@ -106,8 +102,6 @@ def plan_device(device: Device) -> dict[str, tuple[Request, ...]]:
             requests.extend(make_request(table, run) for run in runs)
         if requests:
             plan[group.name] = tuple(requests)
-    if problems:
-        raise ConfigError(problems)
     return plan
 
 
@@ -130,14 +124,5 @@ def summarize(plan: dict[str, tuple[Request, ...]]) -> Summary:
 
 
 def plan_config(config: Config) -> dict[str, dict[str, tuple[Request, ...]]]:
-    """Plans of every device by name; every device's problems are collected before raising."""
-    problems: list[str] = []
-    plans = {}
-    for d in config.devices:
-        try:
-            plans[d.name] = plan_device(d)
-        except ConfigError as e:
-            problems.extend(e.problems)
-    if problems:
-        raise ConfigError(problems)
-    return plans
+    """Plans of every device by name."""
+    return {d.name: plan_device(d) for d in config.devices}
