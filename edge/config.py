@@ -672,7 +672,7 @@ def _metrics(r: _Reader) -> Metrics:
     return m
 
 
-def _unique(problems: list[str], items: list[tuple[str, str]], what: str) -> None:
+def _unique(problems: list[str], items: list[tuple[str, Any]], what: str) -> None:
     seen: dict[str, str] = {}
     for path, name in items:
         if name and name in seen:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 from hypothesis import given, settings
@@ -36,7 +37,7 @@ def test_every_tag_once_and_limits(tags: list[Tag], limit: int, gap: int) -> Non
     for run in runs:
         start, end = run[0].address, max(t.end for t in run)
         assert end - start <= limit
-        for a, b in zip(run, run[1:], strict=False):
+        for a, b in itertools.pairwise(run):
             assert b.address - a.end <= gap
         if len(run) > 1:
             assert not any(t.barrier for t in run)
@@ -53,7 +54,7 @@ def test_contiguous_run_is_minimal(types: list[str], limit: int) -> None:
     runs = coalesce(tags, limit, 0)
     # Lower bound: total registers / limit; and greedy never leaves room for the next tag.
     assert len(runs) >= -(-addr // limit)
-    for run, nxt in zip(runs, runs[1:], strict=False):
+    for run, nxt in itertools.pairwise(runs):
         span = max(t.end for t in run) - run[0].address
         assert span + nxt[0].registers > limit
     if addr <= limit:

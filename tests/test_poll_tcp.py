@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ def _layout() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         points.append({"table": "holding", "address": addr, "type": ty, "order": order, "value": value,
                        **extra})
         tags.append({"name": f"t{i}_{ty}_{order}", "table": "holding", "address": addr, "type": ty,
-                     "order": order, **extra})
+                     **({} if ty == "bool" else {"order": order}), **extra})
         addr += {"int64": 4, "uint64": 4, "float64": 4, "int32": 2, "uint32": 2, "float32": 2}.get(ty, 1)
         if ty == "string":
             addr += extra["length"] // 2
@@ -182,8 +183,6 @@ def test_busy_device_is_asked_again(tmp_path: Path) -> None:
 
 
 def test_connection_refused_gives_disconnected_readings(tmp_path: Path) -> None:
-    import socket
-
     with socket.socket() as s:  # a port with nobody listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

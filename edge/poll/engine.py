@@ -213,7 +213,8 @@ class Line:
         level = logging.WARNING if self.connect_failures == 0 else logging.DEBUG
         self.connect_failures += 1
         self.next_connect = time.monotonic() + backoff(self.connect_failures - 1, 0.5, 30.0)
-        log.log(level, "%s: cannot connect; retrying with backoff", self.name)
+        log.log(level, "%s: cannot connect%s; retrying with backoff", self.name,
+                f" ({self.link.last_error})" if self.link.last_error else "")
         for r in self.runners:
             r.stats.up = False
         return False

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import termios
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,6 +47,7 @@ class Link:
         self.client: Any = None
         self.name = name
         self.rx_bytes = 0
+        self.last_error = ""
         self._readers: dict[int, Any] = {}
 
     def _create(self) -> Any:
@@ -72,7 +74,8 @@ class Link:
         self.client.ctx.comm_params.timeout_connect = timeout
         try:
             return bool(await asyncio.wait_for(self.client.connect(), timeout + 1.0))
-        except (TimeoutError, OSError):
+        except (TimeoutError, OSError, termios.error) as e:  # termios: a port refusing its settings
+            self.last_error = str(e)
             return False
 
     def close(self) -> None:

@@ -1,0 +1,151 @@
+"""Real peers for tests: the simulated device (python -m hil.sim) in a subprocess, socat pty pairs, map and
+fault-control files.
+
+    point = {"table": "holding", "address": 0, "type": "float32", "value": 1.0}
+    write_map(tmp / "map.toml", [{"id": 1, "invalid": [[100, 109]], "points": [point]}])
+    with start_sim(tmp / "map.toml", control=tmp / "faults.json") as sim:   # sim.host, sim.port
+        set_faults(tmp / "faults.json", {"1": {"mode": "silent"}})
+    with pty_pair(tmp) as (client, server), start_sim(map, tcp=False, rtu_path=server, baud=9600) as sim:
+        ...                                                                  # sim.path == server
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from hil.mapgen import write_map
+
+__all__ = ["pty_pair", "set_faults", "start_sim", "write_map"]
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT = 15.0
+SOCAT_TIMEOUT = 10.0
+
+
+@dataclass
+class SimHandle:
+    proc: subprocess.Popen[bytes]
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+
+def _read_until(proc: subprocess.Popen[bytes], stream: IO[bytes], marker: bytes, timeout: float) -> bytes:
+    """Bytes of `stream` up to the end of the line holding `marker`; raises on exit or timeout."""
+    deadline = time.monotonic() + timeout
+    buf = b""
+    fd = stream.fileno()
+    while marker not in buf or not buf[buf.index(marker):].count(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no {marker!r} within {timeout} s; got {buf!r}")
+        readable, _, _ = select.select([fd], [], [], left)
+        chunk = os.read(fd, 4096) if readable else b""
+        if readable and not chunk:
+            raise RuntimeError(f"process exited ({proc.wait()}) before {marker!r}; got {buf!r}")
+        buf += chunk
+    return buf
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def sim_command(map_path: Path | str, *, tcp: bool = True, rtu_path: str | None = None, baud: int = 9600,
+                control: Path | str | None = None, extra_args: Sequence[str] = ()) -> list[str]:
+    cmd = [sys.executable, "-m", "hil.sim", "--map", str(map_path)]
+    if rtu_path is not None:
+        cmd += ["--rtu", str(rtu_path), "--baud", str(baud)]
+    elif tcp:
+        cmd += ["--tcp", "127.0.0.1:0"]
+    else:
+        raise ValueError("start_sim needs tcp=True or an rtu_path")
+    if control is not None:
+        cmd += ["--control", str(control)]
+    return cmd + list(extra_args)
+
+
+@contextlib.contextmanager
+def start_sim(map_path: Path | str, *, tcp: bool = True, rtu_path: str | None = None, baud: int = 9600,
+              control: Path | str | None = None, extra_args: Sequence[str] = ()) -> Iterator[SimHandle]:
+    """Run the simulator until the block ends; yields once it printed READY."""
+    cmd = sim_command(map_path, tcp=tcp, rtu_path=rtu_path, baud=baud, control=control, extra_args=extra_args)
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err)
+        try:
+            assert proc.stdout is not None
+            try:
+                line = _read_until(proc, proc.stdout, b"READY", READY_TIMEOUT)
+            except (TimeoutError, RuntimeError) as exc:
+                err.seek(0)
+                stderr = err.read().decode(errors="replace")
+                raise RuntimeError(f"hil.sim did not start: {exc}\n{stderr}") from exc
+            yield _handle(proc, line)
+        finally:
+            _stop(proc)
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def _handle(proc: subprocess.Popen[bytes], line: bytes) -> SimHandle:
+    """`READY tcp 127.0.0.1:5020` or `READY rtu /dev/pts/7` -> handle."""
+    kind, where = line[line.index(b"READY"):].split(b"\n", 1)[0].decode().split()[1:3]
+    if kind == "tcp":
+        host, port = where.rsplit(":", 1)
+        return SimHandle(proc, host=host, port=int(port))
+    return SimHandle(proc, path=where)
+
+
+@contextlib.contextmanager
+def pty_pair(tmp_path: Path | str) -> Iterator[tuple[str, str]]:
+    """Two linked ptys (tmp_path/ptyA, tmp_path/ptyB): bytes written to one are read from the other."""
+    a, b = str(Path(tmp_path) / "ptyA"), str(Path(tmp_path) / "ptyB")
+    proc = subprocess.Popen(["socat", "-d", "-d", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        _read_until(proc, proc.stderr, b"starting data transfer loop", SOCAT_TIMEOUT)
+        yield a, b
+    finally:
+        _stop(proc)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def set_faults(control_path: Path | str, faults: dict[str, Any]) -> None:
+    """Replace the fault-control file atomically, with an mtime no earlier write of it shares.
+
+    The simulator notices a change by (st_ino, st_mtime_ns, st_size); a fresh file can reuse a freed inode
+    and land in the same coarse mtime tick with the same size, so the mtime is set to time.time_ns().
+    """
+    path = Path(control_path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({str(k): v for k, v in faults.items()}, f)
+        stamp = time.time_ns()
+        with contextlib.suppress(FileNotFoundError):
+            stamp = max(stamp, path.stat().st_mtime_ns + 1)
+        os.utime(tmp, ns=(stamp, stamp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
