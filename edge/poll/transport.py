@@ -16,18 +16,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import termios
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
-from pymodbus.exceptions import ConnectionException, ModbusException
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.pdu.register_message import ReadHoldingRegistersResponse, ReadInputRegistersResponse
 
 from edge.config import Bus, Device
 from edge.reading import BAD_FRAME, DISCONNECTED, EXCEPTION, TIMEOUT
 
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+
+class _HoldingResponse(ReadHoldingRegistersResponse):
+    """Register replies parsed with one struct call instead of one per register (~100 us saved per
+    125-register reply, the largest client cost measured in scripts/bench-poll).
+
+    PDU: function code, byte count N, then N/2 big-endian registers; `data` starts at the byte count.
+    """
+
+    def decode(self, data: bytes) -> None:
+        n = data[0]
+        if n >= len(data) or n % 2:
+            raise ModbusIOException(f"byte_count {n} vs packet of {len(data)}",
+                                    function_code=self.function_code)
+        self.registers = list(struct.unpack_from(f">{n // 2}H", data, 1))
+
+    def __str__(self) -> str:  # pymodbus formats every reply eagerly for a debug log line: keep it cheap
+        return f"{type(self).__name__}(dev_id={self.dev_id}, registers={len(self.registers)})"
+
+
+class _InputResponse(_HoldingResponse):
+    function_code = ReadInputRegistersResponse.function_code
 
 
 class ReadError(Exception):
@@ -52,6 +76,8 @@ class Link:
 
     def _create(self) -> Any:
         client = self.make_client()
+        client.register(_HoldingResponse)
+        client.register(_InputResponse)
         client.ctx.trace_packet = self._trace
         self._readers = {
             1: client.read_coils, 2: client.read_discrete_inputs,
@@ -89,10 +115,8 @@ class Link:
             raise ReadError(DISCONNECTED, f"{self.name}: not connected")
         self.client.ctx.comm_params.timeout_connect = timeout
         self.rx_bytes = 0
-        try:
-            # The outer wait_for is a safety net only; pymodbus times the reply itself.
-            rr = await asyncio.wait_for(self._readers[function](start, count=count, device_id=unit),
-                                        timeout + 1.0)
+        try:  # pymodbus times the reply itself (timeout_connect, set above)
+            rr = await self._readers[function](start, count=count, device_id=unit)
         except ConnectionException as e:
             raise ReadError(DISCONNECTED, f"{self.name}: {e}") from e
         except (ModbusException, TimeoutError) as e:
