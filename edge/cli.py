@@ -90,6 +90,8 @@ async def _poll(config: Config, once: bool, as_json: bool) -> int:
         loop.add_signal_handler(sig, task.cancel)
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    for line in poller.summary():
+        print(f"edge: {line}", file=sys.stderr)
     return 0
 
 

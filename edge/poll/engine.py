@@ -154,18 +154,17 @@ class Line:
         self.next_connect = 0.0
         self.timeout = max(r.device.timeout for r in runners)
         self.cycles = 0  # progress, for the supervisor
+        self.plan: list[tuple[Schedule, DeviceRunner, str]] = []  # set when run() starts
 
     @property
     def name(self) -> str:
         return self.link.name
 
-    def schedules(self, start: float) -> list[tuple[Schedule, DeviceRunner, str]]:
-        return [(Schedule(g.interval, start), r, g.name) for r in self.runners for g in r.device.groups
-                if g.name in r.jobs]
-
     async def run(self) -> None:
         """Poll forever on deadlines; cancelled to stop."""
-        plan = self.schedules(time.monotonic())
+        start = time.monotonic()
+        self.plan = plan = [(Schedule(g.interval, start), r, g.name) for r in self.runners
+                            for g in r.device.groups if g.name in r.jobs]
         if not plan:
             return
         try:
@@ -350,3 +349,16 @@ class Poller:
     def close(self) -> None:
         for line in self.lines:
             line.link.close()
+
+    def summary(self) -> list[str]:
+        """One line per device and poll group: requests, errors, cycles, overruns, jitter."""
+        out = []
+        for line in self.lines:
+            for sched, r, group in line.plan:
+                st = r.stats
+                errors = ", ".join(f"{k} {v}" for k, v in sorted(st.errors.items())) or "no errors"
+                jitter = sched.jitter_sum / sched.cycles if sched.cycles else 0.0
+                out.append(f"{r.device.name}/{group}: {sched.cycles} cycles, {sched.overruns} overruns, "
+                           f"jitter mean {jitter * 1e3:.1f} ms max {sched.jitter_max * 1e3:.1f} ms; "
+                           f"device {st.requests} requests, {st.good} good, {errors}")
+        return out
