@@ -39,13 +39,23 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(main)
 
 
+def plural(n: int, word: str) -> str:
+    """Count and noun for messages.
+
+    >>> plural(1, "bus"), plural(2, "bus"), plural(0, "tag")
+    ('1 bus', '2 buses', '0 tags')
+    """
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from edge.poll.plan import plan_config, summarize  # noqa: PLC0415
 
     config = load(args.config)
     plans = plan_config(config)
     tags = sum(len(d.tags) for d in config.devices)
-    print(f"{args.config}: ok: {len(config.devices)} devices, {len(config.buses)} buses, {tags} tags")
+    print(f"{args.config}: ok: {plural(len(config.devices), 'device')}, {plural(len(config.buses), 'bus')}, "
+          f"{plural(tags, 'tag')}")
     for d in config.devices:
         where = f"tcp {d.host}:{d.port} unit {d.unit}" if d.host else f"bus {d.bus} unit {d.unit}"
         print(f"  {d.name} ({where}): {summarize(plans[d.name])}")

@@ -199,7 +199,6 @@ class LowPower:
     control_file: Path | None = None
     schedule: tuple[tuple[str, str], ...] = ()  # ("22:00", "06:00") local-time windows
     interval_factor: float = 10.0
-    commit_interval: float = 60.0
     uplink_session_interval: float = 900.0
 
 
@@ -589,9 +588,8 @@ def _store(r: _Reader, state_dir: Path) -> Store:
     return s
 
 
-def _tls(r: _Reader) -> Tls | None:
-    if not r.table:
-        return None
+def _tls(r: _Reader) -> Tls:
+    """Present (even empty: system CAs, server name from host) means TLS on."""
     t = Tls(r.file("ca"), r.file("cert"), r.file("key"), r.text("server_name", None))
     if (t.cert is None) != (t.key is None):
         r.fail("key" if t.key is None else "cert", "cert and key go together")
@@ -603,11 +601,11 @@ def _uplink(r: _Reader) -> Uplink:
     u = Uplink(
         enabled=r.flag("enabled", True),
         host=r.text("host", "127.0.0.1"),
-        port=r.integer("port", 1883, lo=1, hi=65535),
+        port=r.integer("port", 8883 if "tls" in r.table else 1883, lo=1, hi=65535),
         topic_prefix=r.text("topic_prefix", "edge"),
         username=r.text("username", None),
         password_file=r.file("password_file"),
-        tls=_tls(r.sub("tls")),
+        tls=_tls(r.sub("tls")) if "tls" in r.table else None,
         keepalive=r.duration("keepalive", 30.0, lo=5.0, hi=3600.0),
         max_inflight=r.integer("max_inflight", 16, lo=1, hi=1000),
         batch_blocks=r.integer("batch_blocks", 64, lo=1, hi=10000),
@@ -642,7 +640,6 @@ def _low_power(r: _Reader) -> LowPower:
         control_file=r.file("control_file"),
         schedule=tuple(windows),
         interval_factor=r.number("interval_factor", 10.0, lo=1.0, hi=1000.0),
-        commit_interval=r.duration("commit_interval", 60.0, lo=0.01, hi=86400.0),
         uplink_session_interval=r.duration("uplink_session_interval", 900.0, lo=1.0, hi=86400.0),
     )
     r.done()

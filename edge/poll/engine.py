@@ -276,6 +276,8 @@ class Line:
 
     def failed(self, runner: DeviceRunner, job: Job, quality: int) -> list[Reading]:
         name = runner.device.name
+        for _, tid, _, _ in job.deadbands:  # after a bad reading the next good one is always kept
+            runner.last_value.pop(tid, None)
         if quality & EXCEPTION:
             runner.breaker.success()  # it answered: alive, but refuses this request
             if quality == ILLEGAL_ADDRESS:

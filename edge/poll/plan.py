@@ -113,8 +113,11 @@ class Summary:
     tags: int
 
     def __str__(self) -> str:
-        bits = f" and {self.bits} bit{'s' if self.bits > 1 else ''}" if self.bits else ""
-        return f"{self.requests} requests touching {self.registers} registers{bits} for {self.tags} tags"
+        def n(k: int, word: str) -> str:
+            return f"{k} {word}{'' if k == 1 else 's'}"
+        bits = f" and {n(self.bits, 'bit')}" if self.bits else ""
+        return (f"{n(self.requests, 'request')} touching {n(self.registers, 'register')}{bits} for "
+                f"{n(self.tags, 'tag')}")
 
 
 def summarize(plan: dict[str, tuple[Request, ...]]) -> Summary:
