@@ -16,11 +16,12 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from edge import __version__
 from edge.config import TABLES, Config, ConfigError, load
@@ -146,8 +147,67 @@ def cmd_probe(args: argparse.Namespace) -> int:
         raise ConfigError([f"probe: {e}"]) from e
 
 
+DEFAULT_CONFIG = "/etc/edge/config.toml"
+
+
+def _when(ts: int | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts / 1e9, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def cmd_store_inspect(args: argparse.Namespace) -> int:
+    from dataclasses import asdict  # noqa: PLC0415
+
+    from edge.store import inspect  # noqa: PLC0415
+
+    config = load(args.config)
+    info = inspect(config.store.path, config.store.map_size)
+    if args.json:
+        print(json.dumps(asdict(info)))
+        return 0
+    now = dt.datetime.now(dt.UTC).timestamp()
+    age = "-" if info.oldest_ts is None else f"{now - info.oldest_ts / 1e9:.0f} s"
+    print(f"store {info.path} (appliance {info.appliance or '?'})")
+    print(f"  backlog   {plural(info.readings, 'reading')} in {plural(info.blocks, 'block')}, "
+          f"sequence {info.first_seq}..{info.last_seq}, next {info.next_seq}")
+    print(f"  oldest    {_when(info.oldest_ts)} (age {age}), newest {_when(info.newest_ts)}")
+    print(f"  rejected  {plural(info.rejected_blocks, 'block')} kept for inspection")
+    print(f"  size      file {info.file_bytes / 2**20:.1f} MiB, in use {info.used_bytes / 2**20:.1f} MiB of "
+          f"map {info.map_size / 2**20:.0f} MiB")
+    print("  totals    " + ", ".join(f"{k} {v}" for k, v in sorted(info.persisted.items())))
+    return 0
+
+
+def cmd_store_dump(args: argparse.Namespace) -> int:
+    from edge.store import dump  # noqa: PLC0415
+
+    if args.limit < 1 or args.start < 0:
+        raise ConfigError([f"store dump: --from {args.start} --limit {args.limit}: need --from >= 0, "
+                           "--limit >= 1"])
+    config = load(args.config)
+    names = {t.id: (d.name, t.name) for d in config.devices for t in d.tags}
+    for seq, readings in dump(config.store.path, config.store.map_size, args.start, args.limit):
+        for tag, ts, value, quality in readings:
+            device, name = names.get(tag, ("?", f"tag-{tag}"))
+            if args.json:
+                print(json.dumps({"seq": seq, "device": device, "tag": name, "tag_id": tag, "ts": ts,
+                                  "value": value, "quality": quality_name(quality)}))
+            else:
+                print(f"{seq} {_when(ts)} {device}/{name} {value} {quality_name(quality)}")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, exit 2 (argparse would print the whole usage first)."""
+        print(f"edge: {self.prog.removeprefix('edge').strip() or 'usage'}: {message} (see --help)",
+              file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edge", description="Modbus edge appliance: poll, store, forward.")
+    p = _Parser(prog="edge", description="Modbus edge appliance: poll, store, forward.")
     p.add_argument("--version", action="version", version=f"edge {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -168,7 +228,24 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--count", type=int, default=10)
     pr.add_argument("--timeout", type=float, default=1.0)
     pr.set_defaults(fn=cmd_probe)
+    st = sub.add_parser("store", help="look into the store (read-only; safe while the appliance runs)")
+    stsub = st.add_subparsers(dest="store_command", required=True)
+    si = stsub.add_parser("inspect", help="backlog, oldest/newest, sizes, counters")
+    sd = stsub.add_parser("dump", help="decoded readings from a sequence number on")
+    for x in (si, sd):
+        x.add_argument("--config", type=Path, default=Path(os.environ.get("EDGE_CONFIG", DEFAULT_CONFIG)))
+        x.add_argument("--json", action="store_true")
+    si.set_defaults(fn=cmd_store_inspect)
+    sd.add_argument("--from", dest="start", type=int, default=0, help="first sequence number")
+    sd.add_argument("--limit", type=int, default=10, help="blocks to print")
+    sd.set_defaults(fn=cmd_store_dump)
     return p
+
+
+try:
+    from lmdb import Error as StoreError
+except ImportError:  # pragma: no cover
+    StoreError = OSError  # type: ignore[misc,assignment]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -183,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+    except StoreError as e:
+        print(f"edge: store: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
     return code
 
 

@@ -399,9 +399,9 @@ def _kind(value: Any) -> str:
 # --------------------------------------------------------------------------------------------------
 # Sections
 
-def _appliance(r: _Reader) -> Appliance:
+def _appliance(r: _Reader, base: Path) -> Appliance:
     app_id = r.name("id", required=False) or socket.gethostname()
-    state_dir = r.file("state_dir", Path("/var/lib/edge"))
+    state_dir = base / r.file("state_dir", Path("/var/lib/edge"))
     r.done()
     return Appliance(id=app_id, state_dir=state_dir)
 
@@ -571,8 +571,9 @@ def _bits_share(a: Tag, b: Tag) -> bool:
 
 
 def _store(r: _Reader, state_dir: Path) -> Store:
+    """Relative paths are relative to the state directory."""
     before = len(r.problems)
-    path = r.file("path", state_dir / "store")
+    path = state_dir / r.file("path", Path("store"))
     s = Store(
         path=path,
         map_size=r.size("map_size", 1 << 30, lo=1 << 20),
@@ -677,11 +678,12 @@ def _unique(problems: list[str], items: list[tuple[str, Any]], what: str) -> Non
         seen.setdefault(name, path)
 
 
-def parse(data: dict[str, Any]) -> Config:
-    """Validate a TOML document (already parsed) into a Config; raise ConfigError listing every problem."""
+def parse(data: dict[str, Any], base: Path | None = None) -> Config:
+    """Validate a TOML document (already parsed) into a Config; raise ConfigError listing every problem.
+    Relative paths are resolved against `base` (the config file's directory; default: the working one)."""
     problems: list[str] = []
     root = _Reader(data, "", problems)
-    appliance = _appliance(root.sub("appliance"))
+    appliance = _appliance(root.sub("appliance"), base or Path.cwd())
     bus_readers = list(root.table_list("bus"))
     buses = [_bus(b) for b in bus_readers]
     _unique(problems, [(f"{b.path}.name", x.name) for b, x in zip(bus_readers, buses, strict=True)], "bus")
@@ -725,6 +727,6 @@ def load(path: str | Path) -> Config:
         raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"{path}: invalid TOML: {e}"]) from e
-    return parse(data)
+    return parse(data, Path(path).resolve().parent)
 
 

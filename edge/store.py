@@ -1,0 +1,729 @@
+"""Store-and-forward queue of readings in LMDB, tuned for flash wear.
+
+Readings are buffered in RAM for one commit window ([store] commit_interval, default 1 s, longer in
+low-power mode; or until commit_bytes of raw readings are waiting), then packed into blocks, compressed,
+and appended in ONE write transaction: never one transaction per reading. The forwarder takes the oldest
+blocks and they leave the store only when the uplink acknowledged them (at-least-once).
+
+On disk (the environment directory `[store] path`, default /var/lib/edge/store: data.mdb, lock.mdb)
+three named databases:
+
+    blocks    key  12 B: sequence u64 big-endian | readings in the block u32 big-endian
+              value: one block (below), <= 4,080 B so it fills exactly one 4 KiB overflow page
+    rejected  the same keys; value = reason length u16 LE | reason UTF-8 | the original block
+    meta      b"next_seq" u64 LE, b"dropped_blocks", b"dropped_readings", b"rejected_blocks",
+              b"rejected_readings", b"recoveries" u64 LE, b"appliance" UTF-8
+
+Keys sort by sequence, so put(append=True) always appends to the right edge of the B-tree; the reading
+count in the key gives the backlog from the keys alone (no value is read at start-up).
+
+Sequence numbers never repeat for one appliance: a new store starts at its creation time in
+microseconds (~1.7e15, far below 2**63) and counts up by one per block, so upstream de-duplicates on
+(appliance id, sequence) even after the store was replaced. next_seq is persisted only when it cannot be
+derived from the last key (the newest block was delivered or the queue drained, or a store is
+created).
+
+Block value, byte by byte (little-endian):
+
+    0   1  format version (1)
+    1   1  codec: 0 raw, 1 zstd (level 1), 2 zlib
+    2   2  reserved (0)
+    4   4  n readings, u32
+    8   8  timestamp of the first reading, i64 unix ns
+    16  4  CRC-32 of bytes 24.. (the stored payload)
+    20  4  payload size before compression, u32
+    24  .. payload, compressed by the codec:
+           n x u32  tag ids
+           n x i64  timestamp deltas, each from the previous reading (the first from byte 8: 0)
+           n x u8   quality
+           n x u8   value kind: 0 none, 1 false, 2 true, 3 int64, 4 uint64, 5 float64, 6 string
+           n x 8    value: i64 / u64 / f64 for kinds 3-5, 0 otherwise
+           strings  for each kind-6 value in order: u16 length | UTF-8 bytes
+
+Columns of like data (ids, small deltas, one quality) are what zstd compresses well: ~20 B per reading
+(see docs/performance.md, scripts/bench-store).
+
+Flags and their flash cost (measured, docs/performance.md): sync=True and metasync=True (every commit is
+durable when commit() returns: the loss window on power cut is the open commit window, at most
+commit_interval of readings, which live only in RAM); writemap=False and readahead=False. Each commit
+writes ~3 fixed pages (leaf, free list, meta) plus one page per block, so fewer, fuller commits save
+flash; acknowledged blocks are deleted inside the next append transaction (one flush instead of two).
+sync=False or map_async saves nothing measurable and corrupted the database under simulated power cuts:
+never.
+
+Full store: before appending, if pages in use would pass high_watermark (80 %) of map_size, the oldest
+blocks are dropped, inside the same transaction, down to low_watermark (70 %): counted exactly (blocks
+and readings, persisted in meta), logged once. MapFullError is therefore not expected; if the file
+system itself is full, the commit fails, the readings stay in RAM (bounded; beyond the bound the oldest
+are dropped and counted) and the oldest 10 % of blocks are dropped to make room.
+
+Damage beyond LMDB's guarantees (a truncated file, flipped bytes: flash wear, not crashes) is detected
+at open (file shorter than its last page, a walk of every key) or when a block is taken (CRC); the damaged
+store is moved aside to `<path>.damaged-<time>` and a fresh one started, counted in meta `recoveries`; a
+damaged block is moved to `rejected` with the reason "corrupt". An open that crashed the process (LMDB
+cannot always survive arbitrary page damage) leaves a marker file, so the next start moves that store
+aside instead of crashing again. The appliance never refuses to start because of its store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import operator
+import os
+import struct
+import time
+import zlib
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import zstandard
+
+from edge.config import Store as StoreConfig
+from edge.reading import Reading, Value
+
+log = logging.getLogger("edge.store")
+
+VERSION = 1
+RAW, ZSTD, ZLIB = 0, 1, 2
+HEADER = struct.Struct("<BBHIqII")
+KEY = struct.Struct(">QI")
+U64 = struct.Struct("<Q")
+MAX_VALUE = 4080  # one overflow page of 4 KiB (4,096 - 16 header bytes)
+READING_BYTES = 21  # u32 + u64 + f64 + u8: the raw size used for commit_bytes and ratios
+MARKER = ".opening"
+CRASHED_OPENS = 3  # opens in a row that never finished before the store is moved aside
+
+NONE, FALSE, TRUE, INT, UINT, FLOAT, STRING = range(7)
+I64_MAX = (1 << 63) - 1
+_D, _Q, _UQ = struct.Struct("<d"), struct.Struct("<q"), struct.Struct("<Q")
+_ZERO8 = bytes(8)
+
+
+class StoreDamaged(Exception):
+    """The store cannot be trusted: it is moved aside and a fresh one started."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Block encoding: pure functions
+
+def _value_column(values: Sequence[Value | None]) -> tuple[bytes, bytes, bytes]:
+    """(kinds, 8-byte values, strings) of a block's values."""
+    types = set(map(type, values))
+    n = len(values)
+    if types == {float}:
+        return bytes([FLOAT]) * n, array("d", values).tobytes(), b""  # type: ignore[type-var]
+    kinds = bytearray(n)
+    nums: list[bytes] = []
+    strings: list[bytes] = []
+    for i, v in enumerate(values):
+        if v is None:
+            nums.append(_ZERO8)
+        elif v is True or v is False:
+            kinds[i] = TRUE if v else FALSE
+            nums.append(_ZERO8)
+        elif isinstance(v, float):
+            kinds[i] = FLOAT
+            nums.append(_D.pack(v))
+        elif isinstance(v, int):
+            kinds[i] = INT if v <= I64_MAX else UINT
+            nums.append(_Q.pack(v) if v <= I64_MAX else _UQ.pack(v))
+        else:
+            raw = str(v).encode()[:65535]
+            kinds[i] = STRING
+            nums.append(_ZERO8)
+            strings.append(struct.pack("<H", len(raw)) + raw)
+    return bytes(kinds), b"".join(nums), b"".join(strings)
+
+
+def encode_block(readings: Sequence[Reading], codec: int = ZSTD, compressor: Any = None) -> bytes:
+    """One block value from readings (at least one).
+
+    >>> b = encode_block([(7, 1_000, 1.5, 0), (8, 1_250, None, 1)])
+    >>> decode_block(b)
+    [(7, 1000, 1.5, 0), (8, 1250, None, 1)]
+    """
+    tags, stamps, values, qualities = zip(*readings, strict=True)
+    t0 = stamps[0]
+    deltas = array("q", map(operator.sub, stamps, (t0, *stamps[:-1])))
+    kinds, nums, strings = _value_column(values)
+    payload = b"".join((array("I", tags).tobytes(), deltas.tobytes(), bytes(qualities), kinds, nums,
+                        strings))
+    if codec == ZSTD:
+        stored = (compressor or zstandard.ZstdCompressor(level=1)).compress(payload)
+    elif codec == ZLIB:
+        stored = zlib.compress(payload, 1)
+    else:
+        stored = payload
+    header = HEADER.pack(VERSION, codec, 0, len(readings), t0, zlib.crc32(stored), len(payload))
+    return header + stored
+
+
+def block_intact(value: bytes) -> bool:
+    """Format version known and CRC-32 of the payload right."""
+    if len(value) < HEADER.size:
+        return False
+    version, _, _, _, _, crc, _ = HEADER.unpack_from(value)
+    return bool(version == VERSION and zlib.crc32(memoryview(value)[HEADER.size:]) == crc)
+
+
+def block_header(value: bytes | memoryview) -> tuple[int, int, int]:
+    """(codec, n readings, first timestamp ns) of a block value."""
+    version, codec, _, n, t0, _, _ = HEADER.unpack_from(value)
+    if version != VERSION:
+        raise StoreDamaged(f"unknown block format {version}")
+    return codec, n, t0
+
+
+def decode_block(value: bytes | memoryview, decompressor: Any = None) -> list[Reading]:
+    """Readings of a block value; raises StoreDamaged on a bad CRC or layout."""
+    version, codec, _, n, t0, crc, size = HEADER.unpack_from(value)
+    stored = bytes(value[HEADER.size:])
+    if version != VERSION or zlib.crc32(stored) != crc:
+        raise StoreDamaged("block checksum mismatch")
+    try:
+        if codec == ZSTD:
+            payload = (decompressor or zstandard.ZstdDecompressor()).decompress(stored, max_output_size=size)
+        elif codec == ZLIB:
+            payload = zlib.decompress(stored)
+        else:
+            payload = stored
+    except (zstandard.ZstdError, zlib.error) as e:
+        raise StoreDamaged(f"block does not decompress: {e}") from e
+    if len(payload) != size:
+        raise StoreDamaged("block payload size mismatch")
+    tags = array("I")
+    tags.frombytes(payload[: 4 * n])
+    deltas = array("q")
+    deltas.frombytes(payload[4 * n: 12 * n])
+    qualities = payload[12 * n: 13 * n]
+    kinds = payload[13 * n: 14 * n]
+    nums = payload[14 * n: 22 * n]
+    stamps, t = [], t0
+    for d in deltas:
+        t += d
+        stamps.append(t)
+    return list(zip(tags, stamps, _values(kinds, nums, payload[22 * n:]), qualities, strict=True))
+
+
+def _values(kinds: bytes, nums: bytes, strings: bytes) -> list[Value | None]:
+    if kinds.count(FLOAT) == len(kinds):
+        return list(array("d", nums))
+    out: list[Value | None] = []
+    pos = 0
+    for i, k in enumerate(kinds):
+        if k == FLOAT:
+            out.append(_D.unpack_from(nums, 8 * i)[0])
+        elif k == INT:
+            out.append(_Q.unpack_from(nums, 8 * i)[0])
+        elif k == UINT:
+            out.append(_UQ.unpack_from(nums, 8 * i)[0])
+        elif k in (TRUE, FALSE):
+            out.append(k == TRUE)
+        elif k == STRING:
+            (length,) = struct.unpack_from("<H", strings, pos)
+            out.append(strings[pos + 2: pos + 2 + length].decode("utf-8", "replace"))
+            pos += 2 + length
+        else:
+            out.append(None)
+    return out
+
+
+def key_of(seq: int, n: int) -> bytes:
+    return KEY.pack(seq, n)
+
+
+def parse_key(key: bytes | memoryview) -> tuple[int, int]:
+    seq, n = KEY.unpack(bytes(key))
+    return int(seq), int(n)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Block:
+    """A block taken for forwarding: its sequence number, reading count and stored bytes."""
+
+    seq: int
+    n: int
+    value: bytes
+
+    @property
+    def key(self) -> bytes:
+        return key_of(self.seq, self.n)
+
+    def readings(self) -> list[Reading]:
+        return decode_block(self.value)
+
+
+@dataclass
+class Counters:
+    readings_appended: int = 0
+    blocks_committed: int = 0
+    commits: int = 0
+    commit_seconds: float = 0.0
+    blocks_forwarded: int = 0
+    readings_forwarded: int = 0
+    blocks_rejected: int = 0  # persisted totals from here down
+    readings_rejected: int = 0
+    blocks_dropped: int = 0
+    readings_dropped: int = 0
+    recoveries: int = 0
+    commit_failures: int = 0
+    backlog_blocks: int = 0
+    backlog_readings: int = 0
+    persisted: tuple[str, ...] = field(default=("blocks_rejected", "readings_rejected", "blocks_dropped",
+                                                "readings_dropped", "recoveries"), repr=False)
+
+
+def _read_int(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def write_bytes() -> int:
+    """Bytes this process caused to be sent to storage (/proc/self/io write_bytes); 0 where unknown."""
+    try:
+        with open("/proc/self/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"write_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def open_env(path: Path, map_size: int, readonly: bool = False) -> lmdb.Environment:
+    return lmdb.open(str(path), map_size=map_size, max_dbs=4, sync=True, metasync=True, writemap=False,
+                     readahead=False, meminit=False, readonly=readonly, lock=True, max_readers=64,
+                     subdir=True, create=not readonly)
+
+
+class Store:
+    """The queue. Not thread-safe except as the pipeline uses it: add() from the event loop; commit()
+    in one worker thread at a time; take/accept/reject/keep from the uplink."""
+
+    def __init__(self, cfg: StoreConfig, appliance_id: str = "") -> None:
+        self.cfg = cfg
+        self.path = Path(cfg.path)
+        self.appliance_id = appliance_id
+        self.counters = Counters()
+        self.commit_interval = cfg.commit_interval
+        self.buffer: list[Reading] = []
+        self.window_start = time.monotonic()
+        self.acked: list[Block] = []
+        self.rejecting: list[tuple[Block, str]] = []
+        self.in_flight: set[int] = set()
+        self.per_block = 150  # readings per block estimate, adapted to the compression ratio
+        self.max_buffer = max(10_000, 20 * cfg.commit_bytes // READING_BYTES)
+        self._compressor = zstandard.ZstdCompressor(level=1)
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._logged: set[str] = set()
+        self.env = self._open()
+
+    # -- opening and recovery ---------------------------------------------------------------------
+
+    def _open(self) -> lmdb.Environment:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        marker = self.path.parent / f".{self.path.name}{MARKER}"
+        crashed = _read_int(marker)
+        if crashed >= CRASHED_OPENS:
+            self._move_aside(f"opening it crashed the process {crashed} times in a row")
+            crashed = 0
+        marker.write_text(str(crashed + 1))
+        try:
+            env = self._open_checked()
+        except (lmdb.Error, StoreDamaged, OSError) as e:
+            self._move_aside(str(e))
+            env = self._open_checked()
+        marker.unlink()
+        return env
+
+    def _open_checked(self) -> lmdb.Environment:
+        fresh = not (self.path / "data.mdb").exists()
+        env = open_env(self.path, self.cfg.map_size)
+        try:
+            self.db_blocks = env.open_db(b"blocks")
+            self.db_rejected = env.open_db(b"rejected")
+            self.db_meta = env.open_db(b"meta")
+            self._check_file(env)
+            self._load(env, fresh)
+        except BaseException:
+            env.close()
+            raise
+        return env
+
+    def _check_file(self, env: lmdb.Environment) -> None:
+        size = (self.path / "data.mdb").stat().st_size
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        if size < needed:
+            raise StoreDamaged(f"data.mdb is {size} bytes, shorter than its {needed} bytes of pages")
+
+    def _load(self, env: lmdb.Environment, fresh: bool) -> None:
+        """Walk every key (leaf pages only), restore counters and the next sequence number."""
+        c = self.counters
+        with env.begin(write=fresh) as txn:
+            if fresh:
+                txn.put(b"next_seq", U64.pack(time.time_ns() // 1000), db=self.db_meta)
+                txn.put(b"appliance", self.appliance_id.encode(), db=self.db_meta)
+            meta = {bytes(k): bytes(v) for k, v in txn.cursor(db=self.db_meta)}
+            next_seq = U64.unpack(meta.get(b"next_seq", bytes(8)))[0]
+            c.backlog_blocks = c.backlog_readings = 0
+            last = -1
+            for key in txn.cursor(db=self.db_blocks).iternext(keys=True, values=False):
+                if len(key) != KEY.size:
+                    raise StoreDamaged("a key of the wrong size")
+                seq, n = parse_key(key)
+                if seq <= last:
+                    raise StoreDamaged("keys out of order")
+                last = seq
+                c.backlog_blocks += 1
+                c.backlog_readings += n
+            rejected_last = txn.cursor(db=self.db_rejected)
+            if rejected_last.last():
+                last = max(last, parse_key(rejected_last.key())[0])
+        self.next_seq = max(next_seq, last + 1)
+        for name in c.persisted:
+            setattr(c, name, U64.unpack(meta.get(name.encode(), bytes(8)))[0])
+
+    def _move_aside(self, reason: str) -> None:
+        aside = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+        log.error("store %s is damaged (%s): moved to %s, starting a fresh store; readings in it were not "
+                  "forwarded and stay there for inspection", self.path, reason, aside)
+        if self.path.exists():
+            self.path.rename(aside)
+        self.counters.recoveries += 1
+        recoveries = self.counters.recoveries
+        self.path.mkdir(parents=True, exist_ok=True)
+        env = open_env(self.path, self.cfg.map_size)
+        with env.begin(write=True) as txn:
+            meta = env.open_db(b"meta", txn=txn)
+            txn.put(b"next_seq", U64.pack(time.time_ns() // 1000), db=meta)
+            txn.put(b"recoveries", U64.pack(recoveries), db=meta)
+            txn.put(b"appliance", self.appliance_id.encode(), db=meta)
+        env.close()
+
+    # -- producer side ----------------------------------------------------------------------------
+
+    def add(self, readings: list[Reading]) -> None:
+        """Buffer readings for the open window. Never blocks and never fails; if commits keep failing
+        the RAM buffer is bounded and its oldest readings are dropped (counted)."""
+        self.buffer.extend(readings)
+        self.counters.readings_appended += len(readings)
+        excess = len(self.buffer) - self.max_buffer
+        if excess > 0:
+            del self.buffer[:excess]
+            self.counters.readings_dropped += excess
+            self._once("ram", logging.ERROR, "store: commits failing, RAM buffer full: dropping the oldest "
+                       "readings (counted in readings_dropped)")
+
+    def due(self, now: float | None = None) -> bool:
+        """Is a commit due: the window elapsed with something to write, or enough bytes waiting?"""
+        now = time.monotonic() if now is None else now
+        pending = self.buffer or self.acked or self.rejecting
+        return bool(pending) and (now - self.window_start >= self.commit_interval
+                                  or len(self.buffer) * READING_BYTES >= self.cfg.commit_bytes)
+
+    def _pack(self, readings: list[Reading]) -> list[tuple[int, bytes]]:
+        """Split readings into blocks whose values fit one overflow page: [(n, value)]."""
+        out = []
+        i = 0
+        while i < len(readings):
+            k = min(self.per_block, len(readings) - i)
+            while True:
+                value = encode_block(readings[i:i + k], ZSTD, self._compressor)
+                if len(value) <= MAX_VALUE or k == 1:
+                    break
+                k = max(1, k * MAX_VALUE * 9 // (len(value) * 10))
+            out.append((k, value))
+            i += k
+            if k == self.per_block or len(value) > MAX_VALUE * 0.9:  # full blocks teach the ratio
+                self.per_block = max(1, min(10_000, int(k * MAX_VALUE * 0.92 / len(value))))
+        return out
+
+    def commit(self) -> int:
+        """Write the open window: deletes of acknowledged blocks, rejected blocks moved aside, new blocks
+        appended, the oldest dropped if the map would pass its high watermark: one transaction, durable
+        on return. Returns the number of blocks appended. Call from one thread at a time."""
+        batch, self.buffer = self.buffer, []
+        acked, self.acked = self.acked, []
+        rejecting, self.rejecting = self.rejecting, []
+        self.window_start = time.monotonic()
+        if not (batch or acked or rejecting):
+            return 0
+        blocks = self._pack(batch)
+        t0 = time.perf_counter()
+        try:
+            dropped = self._write(blocks, acked, rejecting)
+        except (lmdb.MapFullError, lmdb.DiskError, OSError) as e:
+            self.buffer[:0] = batch
+            self.acked[:0] = acked
+            self.rejecting[:0] = rejecting
+            self.counters.commit_failures += 1
+            self._once("commit", logging.ERROR, "store: commit failed (%s): readings kept in RAM, dropping "
+                       "the oldest blocks to make room", e)
+            self._drop_fraction(0.1)
+            return 0
+        c = self.counters
+        c.commits += 1
+        c.commit_seconds += time.perf_counter() - t0
+        c.blocks_committed += len(blocks)
+        c.backlog_blocks += len(blocks) - len(acked) - len(rejecting) - dropped[0]
+        c.backlog_readings += (sum(n for n, _ in blocks) - sum(b.n for b in acked)
+                               - sum(b.n for b, _ in rejecting) - dropped[1])
+        self._logged.discard("commit")
+        return len(blocks)
+
+    def _write(self, blocks: list[tuple[int, bytes]], acked: list[Block],
+               rejecting: list[tuple[Block, str]]) -> tuple[int, int]:
+        c = self.counters
+        meta: dict[bytes, int] = {}
+        with self.env.begin(write=True) as txn:
+            for b in acked:
+                txn.delete(b.key, db=self.db_blocks)
+            moved = [b for b, reason in rejecting if self._move_rejected(txn, b, reason)]
+            if moved:
+                meta[b"blocks_rejected"] = c.blocks_rejected + len(moved)
+                meta[b"readings_rejected"] = c.readings_rejected + sum(b.n for b in moved)
+            dropped = self._watermark(txn, len(blocks))
+            if dropped[0]:
+                meta[b"blocks_dropped"] = c.blocks_dropped + dropped[0]
+                meta[b"readings_dropped"] = c.readings_dropped + dropped[1]
+            seq = self.next_seq
+            for n, value in blocks:
+                txn.put(key_of(seq, n), value, db=self.db_blocks, append=True)
+                seq += 1
+            if acked or rejecting or dropped[0]:
+                last = txn.cursor(db=self.db_blocks)
+                if not last.last() or parse_key(last.key())[0] + 1 < seq:
+                    meta[b"next_seq"] = seq  # the newest block is gone: its key no longer tells it
+            for k, v in meta.items():
+                txn.put(k, U64.pack(v), db=self.db_meta)
+        self.next_seq = seq
+        c.blocks_rejected += len(moved)
+        c.readings_rejected += sum(b.n for b in moved)
+        if dropped[0]:
+            c.blocks_dropped += dropped[0]
+            c.readings_dropped += dropped[1]
+            self._once("full", logging.WARNING, "store: full (%.0f %% of map_size): dropping the oldest "
+                       "blocks (counted in blocks_dropped / readings_dropped)", 100 * self.cfg.high_watermark)
+        else:
+            self._logged.discard("full")
+        return dropped
+
+    def _move_rejected(self, txn: lmdb.Transaction, block: Block, reason: str) -> bool:
+        if not txn.delete(block.key, db=self.db_blocks):
+            return False
+        raw = reason.encode()[:1000]
+        txn.put(block.key, struct.pack("<H", len(raw)) + raw + block.value, db=self.db_rejected)
+        return True
+
+    def _pages_used(self, txn: lmdb.Transaction) -> int:
+        used = 4  # two meta pages, main and free-list roots
+        for db in (self.db_blocks, self.db_rejected, self.db_meta):
+            s = txn.stat(db)
+            used += s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
+        return used
+
+    def _watermark(self, txn: lmdb.Transaction, new_blocks: int) -> tuple[int, int]:
+        """Drop the oldest blocks (not in flight) while pages in use exceed the watermark.
+        Returns (blocks, readings) dropped."""
+        total = self.cfg.map_size // 4096
+        used = self._pages_used(txn) + new_blocks + new_blocks // 50 + 2
+        if used <= self.cfg.high_watermark * total:
+            return 0, 0
+        return self._drop_oldest(txn, used - int(self.cfg.low_watermark * total))
+
+    def _drop_oldest(self, txn: lmdb.Transaction, pages: int) -> tuple[int, int]:
+        blocks = readings = 0
+        cursor = txn.cursor(db=self.db_blocks)
+        ok = cursor.first()
+        while ok and pages > 0:
+            seq, n = parse_key(cursor.key())
+            if seq in self.in_flight:
+                ok = cursor.next()
+                continue
+            pages -= 1 + len(cursor.value()) // 4096
+            blocks += 1
+            readings += n
+            ok = cursor.delete()
+        return blocks, readings
+
+    def _drop_fraction(self, fraction: float) -> None:
+        """Last resort after a failed commit: drop the oldest blocks in a transaction of their own."""
+        c = self.counters
+        try:
+            with self.env.begin(write=True) as txn:
+                dropped = self._drop_oldest(txn, max(1, int(c.backlog_blocks * fraction)))
+                txn.put(b"blocks_dropped", U64.pack(c.blocks_dropped + dropped[0]), db=self.db_meta)
+                txn.put(b"readings_dropped", U64.pack(c.readings_dropped + dropped[1]), db=self.db_meta)
+        except (lmdb.MapFullError, lmdb.DiskError, OSError) as e:
+            self._once("drop", logging.ERROR, "store: cannot even drop blocks (%s)", e)
+            return
+        c.blocks_dropped += dropped[0]
+        c.readings_dropped += dropped[1]
+        c.backlog_blocks -= dropped[0]
+        c.backlog_readings -= dropped[1]
+
+    # -- forwarder side ---------------------------------------------------------------------------
+
+    def take(self, limit: int) -> list[Block]:
+        """The oldest blocks not yet in flight (at most `limit`), marked in flight. A block that fails its
+        checksum is moved aside (rejected, reason "corrupt") instead of being returned."""
+        out: list[Block] = []
+        skip = self.in_flight | {b.seq for b in self.acked} | {b.seq for b, _ in self.rejecting}
+        try:
+            with self.env.begin(db=self.db_blocks, buffers=True) as txn:
+                for key, value in txn.cursor():
+                    seq, n = parse_key(key)
+                    if seq in skip:
+                        continue
+                    block = Block(seq, n, bytes(value))
+                    if not block_intact(block.value):
+                        self.rejecting.append((block, "corrupt: block checksum mismatch"))
+                        continue
+                    out.append(block)
+                    if len(out) >= limit:
+                        break
+        except (lmdb.CorruptedError, lmdb.PageNotFoundError, StoreDamaged) as e:
+            self.recover(str(e))
+            return []
+        self.in_flight.update(b.seq for b in out)
+        return out
+
+    def recover(self, reason: str) -> None:
+        """Damage found while running: move the store aside and continue with a fresh one. Its backlog is
+        counted as dropped (it stays in the moved-aside store for inspection)."""
+        c = self.counters
+        c.blocks_dropped += c.backlog_blocks
+        c.readings_dropped += c.backlog_readings
+        self.in_flight.clear()
+        self.acked.clear()
+        self.rejecting.clear()
+        self.env.close()
+        self._move_aside(reason)
+        self.env = self._open_checked()
+
+    def accept(self, blocks: Sequence[Block]) -> None:
+        """Delivered: deleted in the next commit (a crash before it re-sends them: at-least-once)."""
+        for b in blocks:
+            self.in_flight.discard(b.seq)
+            self.counters.blocks_forwarded += 1
+            self.counters.readings_forwarded += b.n
+        self.acked.extend(blocks)
+
+    def reject(self, blocks: Sequence[Block], reason: str) -> None:
+        """Refused by the receiver: moved to `rejected` in the next commit, kept for inspection."""
+        for b in blocks:
+            self.in_flight.discard(b.seq)
+        self.rejecting.extend((b, reason) for b in blocks)
+
+    def keep(self, blocks: Sequence[Block]) -> None:
+        """Not delivered (connection lost): back in the queue, taken again later, oldest first."""
+        for b in blocks:
+            self.in_flight.discard(b.seq)
+
+    # -- inspection -------------------------------------------------------------------------------
+
+    def oldest_ts(self) -> int | None:
+        """Timestamp (ns) of the oldest stored reading, or None when the queue is empty."""
+        with self.env.begin(db=self.db_blocks, buffers=True) as txn:
+            cursor = txn.cursor()
+            if not cursor.first():
+                return None
+            return block_header(cursor.value())[2]
+
+    def close(self) -> None:
+        """Commit the open window and close."""
+        with contextlib.suppress(lmdb.Error):
+            self.commit()
+        self.env.close()
+
+    def _once(self, kind: str, level: int, message: str, *args: object) -> None:
+        log.log(level if kind not in self._logged else logging.DEBUG, message, *args)
+        self._logged.add(kind)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Read-only access for `edge store inspect|dump` while the appliance runs (LMDB readers).
+
+@dataclass
+class Summary:
+    path: str
+    appliance: str
+    blocks: int
+    readings: int
+    first_seq: int | None
+    last_seq: int | None
+    oldest_ts: int | None
+    newest_ts: int | None
+    rejected_blocks: int
+    file_bytes: int
+    used_bytes: int
+    map_size: int
+    next_seq: int
+    persisted: dict[str, int]
+
+
+def inspect(path: Path, map_size: int) -> Summary:
+    env = open_env(path, map_size, readonly=True)
+    try:
+        blocks = env.open_db(b"blocks", create=False)
+        rejected = env.open_db(b"rejected", create=False)
+        meta_db = env.open_db(b"meta", create=False)
+        with env.begin(buffers=True) as txn:
+            meta = {bytes(k).decode(): bytes(v) for k, v in txn.cursor(db=meta_db)}
+            n_blocks = readings = 0
+            first = last = None
+            for key in txn.cursor(db=blocks).iternext(keys=True, values=False):
+                seq, n = parse_key(key)
+                first = seq if first is None else first
+                last = seq
+                n_blocks += 1
+                readings += n
+            oldest = newest = None
+            c = txn.cursor(db=blocks)
+            if c.first():
+                oldest = block_header(c.value())[2]
+                c.last()
+                newest = max(ts for _, ts, _, _ in decode_block(c.value()))
+            used = 4 + sum(txn.stat(db)["branch_pages"] + txn.stat(db)["leaf_pages"]
+                           + txn.stat(db)["overflow_pages"] for db in (blocks, rejected, meta_db))
+            n_rejected = txn.stat(rejected)["entries"]
+        counters = {k: U64.unpack(v)[0] for k, v in meta.items() if k not in ("appliance",)}
+        return Summary(str(path), meta.get("appliance", b"").decode(), n_blocks, readings, first, last,
+                       oldest, newest, n_rejected, (path / "data.mdb").stat().st_size, used * 4096,
+                       map_size, max(counters.pop("next_seq", 0), (last or -1) + 1), counters)
+    finally:
+        env.close()
+
+
+def dump(path: Path, map_size: int, start: int, limit: int) -> Iterator[tuple[int, list[Reading]]]:
+    """(sequence, readings) of up to `limit` blocks from sequence `start`."""
+    env = open_env(path, map_size, readonly=True)
+    try:
+        db = env.open_db(b"blocks", create=False)
+        with env.begin(db=db, buffers=True) as txn:
+            cursor = txn.cursor()
+            ok = cursor.set_range(key_of(start, 0))
+            count = 0
+            while ok and count < limit:
+                seq, _ = parse_key(cursor.key())
+                yield seq, decode_block(cursor.value())
+                count += 1
+                ok = cursor.next()
+    finally:
+        env.close()
+
+
+def store_bytes_on_disk(path: Path) -> int:
+    try:
+        return os.stat(path / "data.mdb").st_size
+    except OSError:
+        return 0

@@ -1,0 +1,245 @@
+"""Contract suite of the store: what the pipeline and the uplink rely on, against real LMDB on disk."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from edge.config import Store as StoreConfig
+from edge.reading import Reading
+from edge.store import MAX_VALUE, Store, decode_block, encode_block, parse_key
+
+T0 = 1_790_000_000_000_000_000
+
+
+def cfg(path: Path, **kw: object) -> StoreConfig:
+    return StoreConfig(path=path / "store", map_size=kw.pop("map_size", 64 << 20), **kw)  # type: ignore[arg-type]
+
+
+def readings(n: int, start: int = 0) -> list[Reading]:
+    kinds = [lambda i: float(i) / 7, lambda i: i, lambda i: i % 2 == 0, lambda i: None, lambda i: f"s{i}"]
+    return [(i % 97, T0 + i * 1_000_000, kinds[i % 5](i), 0 if i % 5 != 3 else 1)
+            for i in range(start, start + n)]
+
+
+def drain(store: Store) -> list[Reading]:
+    out = []
+    while blocks := store.take(100):
+        out.extend(r for b in blocks for r in b.readings())
+        store.accept(blocks)
+    return out
+
+
+def test_every_value_kind_round_trips_exactly() -> None:
+    rs: list[Reading] = [(1, T0, 2**64 - 1, 0), (2, T0 - 5, -(2**63), 0), (3, T0 + 7, math.inf, 0),
+                         (4, T0, "ünïcode", 0), (5, T0, "", 0), (6, T0, True, 0), (7, T0, False, 0),
+                         (8, T0, None, 0x42), (9, T0, 0.1, 0), (2**32 - 1, 2**63 - 1, 1, 255)]
+    assert decode_block(encode_block(rs)) == rs
+    nan = decode_block(encode_block([(1, T0, math.nan, 0)]))[0][2]
+    assert isinstance(nan, float) and math.isnan(nan)
+
+
+def test_one_transaction_per_window_and_blocks_fit_a_page(tmp_path: Path) -> None:
+    s = Store(cfg(tmp_path), "a")
+    s.add(readings(20_000))
+    assert s.commit() > 1
+    assert s.counters.commits == 1
+    with s.env.begin(db=s.db_blocks) as txn:
+        sizes = [len(v) for _, v in txn.cursor()]
+    assert max(sizes) <= MAX_VALUE
+    assert s.counters.backlog_readings == 20_000
+    assert drain(s) == readings(20_000)
+    s.close()
+
+
+def test_due_by_time_and_by_bytes(tmp_path: Path) -> None:
+    s = Store(cfg(tmp_path, commit_interval=1.0, commit_bytes=21 * 1000), "a")
+    now = s.window_start
+    assert not s.due(now + 5)  # nothing to write
+    s.add(readings(10))
+    assert not s.due(now + 0.5) and s.due(now + 1.0)
+    s.add(readings(990, 10))
+    assert s.due(now + 0.1)  # 1,000 readings of 21 B reach commit_bytes before the window ends
+    s.close()
+
+
+def test_take_oldest_first_in_flight_keep_accept_reject(tmp_path: Path) -> None:
+    s = Store(cfg(tmp_path), "a")
+    for w in range(5):  # five windows, five blocks
+        s.add(readings(10, 10 * w))
+        s.commit()
+    first = s.take(2)
+    assert [b.readings()[0][2] for b in first] == [0.0, 10 / 7]
+    second = s.take(2)
+    assert [b.seq for b in second] == [first[1].seq + 1, first[1].seq + 2]  # in flight skipped
+    s.keep(first)
+    assert [b.seq for b in s.take(10)] == [first[0].seq, first[1].seq, second[1].seq + 1]
+    s.accept(first)
+    s.reject(second[:1], "broker refused: not authorised")
+    s.keep(second[1:])
+    s.commit()
+    assert s.counters.backlog_blocks == 2 and s.counters.blocks_rejected == 1
+    assert s.counters.blocks_forwarded == 2 and s.counters.readings_forwarded == 20
+    with s.env.begin(db=s.db_rejected) as txn:
+        (key, value), = list(txn.cursor())
+    assert parse_key(key)[0] == second[0].seq and b"not authorised" in value
+    s.close()
+
+
+def test_sequence_numbers_never_repeat_across_reopen_and_drain(tmp_path: Path) -> None:
+    s = Store(cfg(tmp_path), "a")
+    for w in range(3):
+        s.add(readings(10, 10 * w))
+        s.commit()
+    blocks = s.take(10)
+    seen = [b.seq for b in blocks]
+    assert seen == sorted(seen) and len(set(seen)) == 3
+    s.accept(blocks)
+    s.close()  # commits the deletes: the queue is empty, the last key is gone
+    s = Store(cfg(tmp_path), "a")
+    assert s.counters.backlog_blocks == 0  # next_seq now comes from meta
+    s.add(readings(5))
+    s.commit()
+    (b,) = s.take(1)
+    assert b.seq > max(seen)
+    s.close()
+
+
+def test_counters_and_backlog_survive_reopen(tmp_path: Path) -> None:
+    s = Store(cfg(tmp_path), "a")
+    for w in range(3):
+        s.add(readings(100, 100 * w))
+        s.commit()
+    s.reject(s.take(1), "bad")
+    s.commit()
+    s.close()
+    s = Store(cfg(tmp_path), "a")
+    c = s.counters
+    assert (c.backlog_blocks, c.backlog_readings, c.blocks_rejected, c.readings_rejected) == (2, 200, 1, 100)
+    assert s.oldest_ts() == T0 + 100 * 1_000_000
+    s.close()
+
+
+def test_close_commits_the_open_window(tmp_path: Path) -> None:
+    s = Store(cfg(tmp_path), "a")
+    s.add(readings(7))
+    s.close()
+    s = Store(cfg(tmp_path), "a")
+    assert drain(s) == readings(7)
+    s.close()
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """Any interleaving of the pipeline's calls, reopens included: what was committed and not accepted
+    is delivered, in order, and nothing accepted comes back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp())
+        self.store = Store(cfg(self.dir), "m")
+        self.next = 0
+        self.committed: list[Reading] = []  # committed, not accepted, in order
+        self.pending: list[Reading] = []  # added, not committed
+        self.flying: list = []
+        self.accepted_seqs: set[int] = set()
+
+    @rule(n=st.integers(1, 400))
+    def add(self, n: int) -> None:
+        rs = readings(n, self.next)
+        self.next += n
+        self.store.add(rs)
+        self.pending.extend(rs)
+
+    @rule()
+    def commit(self) -> None:
+        self.store.commit()
+        self.committed.extend(self.pending)
+        self.pending = []
+
+    @rule(n=st.integers(1, 5))
+    def take(self, n: int) -> None:
+        blocks = self.store.take(n)
+        for b in blocks:
+            assert b.seq not in self.accepted_seqs
+        self.flying.extend(blocks)
+
+    @precondition(lambda self: self.flying)
+    @rule(data=st.data())
+    def settle(self, data: st.DataObject) -> None:
+        b = self.flying.pop(data.draw(st.integers(0, len(self.flying) - 1)))
+        if data.draw(st.booleans()):
+            self.store.accept([b])
+            self.accepted_seqs.add(b.seq)
+            for r in b.readings():
+                self.committed.remove(r)
+        else:
+            self.store.keep([b])
+
+    @rule()
+    def reopen(self) -> None:
+        self.store.close()  # commits the open window and pending acks
+        self.committed.extend(self.pending)
+        self.pending = []
+        self.flying = []
+        self.store = Store(cfg(self.dir), "m")
+
+    @invariant()
+    def backlog_counts(self) -> None:
+        c = self.store.counters
+        if not self.pending and not self.store.acked and not self.flying:
+            assert c.backlog_readings == len(self.committed)
+
+    def teardown(self) -> None:
+        self.store.keep(self.flying)
+        self.store.commit()
+        self.committed.extend(self.pending)
+        assert drain(self.store) == self.committed
+        self.store.close()
+
+
+TestStoreMachine = StoreMachine.TestCase
+TestStoreMachine.settings = settings(max_examples=int(os.environ.get("EDGE_STATEFUL_EXAMPLES", "25")),
+                                     stateful_step_count=25, deadline=None,
+                                     suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_inspect_and_dump_read_while_open_elsewhere(tmp_path: Path) -> None:
+    """edge store inspect|dump open the environment read-only from another process."""
+    s = Store(cfg(tmp_path), "site-7")
+    s.add(readings(300))
+    s.commit()
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[appliance]\nid = "site-7"\n[store]\npath = "{tmp_path / "store"}"\n'
+                    'map_size = "64MiB"\n')
+    r = subprocess.run([sys.executable, "-m", "edge", "store", "inspect", "--config", str(conf), "--json"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert (info["appliance"], info["readings"], info["blocks"]) == ("site-7", 300, s.counters.backlog_blocks)
+    block = s.take(1)[0]
+    r = subprocess.run([sys.executable, "-m", "edge", "store", "dump", "--config", str(conf), "--from",
+                        str(block.seq), "--limit", "1", "--json"], capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == block.n and {row["seq"] for row in rows} == {block.seq}
+    assert (rows[0]["ts"], rows[0]["value"], rows[1]["value"]) == (T0, 0.0, 1)
+    s.close()
+
+
+@pytest.mark.parametrize("bad", ["0", "not-a-number"])
+def test_dump_rejects_bad_arguments(tmp_path: Path, bad: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "edge", "store", "dump", "--config", "config.toml", "--limit",
+                        bad], capture_output=True, text=True, timeout=60, check=False,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 2 and r.stderr.strip()
