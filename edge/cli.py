@@ -150,6 +150,23 @@ def cmd_probe(args: argparse.Namespace) -> int:
 DEFAULT_CONFIG = "/etc/edge/config.toml"
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from edge.app import Appliance  # noqa: PLC0415
+
+    config = load(args.config)
+
+    async def main() -> int:
+        return await Appliance(config, args.config).run()
+
+    return run_loop(main())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from edge.status import status  # noqa: PLC0415
+
+    return status(load(args.config), args.watch, args.json)
+
+
 def _when(ts: int | None) -> str:
     if ts is None:
         return "-"
@@ -228,6 +245,16 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--count", type=int, default=10)
     pr.add_argument("--timeout", type=float, default=1.0)
     pr.set_defaults(fn=cmd_probe)
+    run = sub.add_parser("run", help="run the appliance: poll, store, forward (until SIGTERM)")
+    run.add_argument("config", type=Path, nargs="?",
+                     default=Path(os.environ.get("EDGE_CONFIG", DEFAULT_CONFIG)))
+    run.set_defaults(fn=cmd_run)
+    stat = sub.add_parser("status", help="summary from the running appliance's metrics endpoint")
+    stat.add_argument("--config", type=Path, default=Path(os.environ.get("EDGE_CONFIG", DEFAULT_CONFIG)))
+    stat.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                      help="refresh every SECONDS (default 2) until interrupted")
+    stat.add_argument("--json", action="store_true")
+    stat.set_defaults(fn=cmd_status)
     st = sub.add_parser("store", help="look into the store (read-only; safe while the appliance runs)")
     stsub = st.add_subparsers(dest="store_command", required=True)
     si = stsub.add_parser("inspect", help="backlog, oldest/newest, sizes, counters")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ Sink = Callable[[list[Reading]], None]
 BUSY = (EXCEPTION | 5, EXCEPTION | 6)
 ILLEGAL_ADDRESS = EXCEPTION | 2
 BUSY_RETRIES = 3
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)  # seconds, "le"
 
 
 @dataclass
@@ -83,6 +85,7 @@ class DeviceStats:
     errors: Counter[str] = field(default_factory=Counter)
     latency_sum: float = 0.0
     latency_max: float = 0.0
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
     up: bool = True
 
 
@@ -154,6 +157,7 @@ class Line:
         self.next_connect = 0.0
         self.timeout = max(r.device.timeout for r in runners)
         self.cycles = 0  # progress, for the supervisor
+        self.last_cycle = time.monotonic()
         self.plan: list[tuple[Schedule, DeviceRunner, str]] = []  # set when run() starts
 
     @property
@@ -197,6 +201,7 @@ class Line:
                 runner.stats.readings += len(readings)
                 self.sink(readings)
             self.cycles += 1
+            self.last_cycle = time.monotonic()
 
     async def ensure_connected(self) -> bool:
         if self.link.connected:
@@ -266,6 +271,9 @@ class Line:
         stats.good += 1
         stats.latency_sum += latency
         stats.latency_max = max(stats.latency_max, latency)
+        bucket = bisect_left(LATENCY_BUCKETS, latency)
+        if bucket < len(LATENCY_BUCKETS):
+            stats.latency_buckets[bucket] += 1
         runner.filter.update(max(0.0, latency - runner.wire_time(job)))
         if runner.breaker.success() or not stats.up:
             runner.recovered()

@@ -1,0 +1,158 @@
+"""`edge run`: the appliance. One asyncio loop (uvloop where available), named tasks in one TaskGroup:
+
+    poll:<line>   edge.poll    readings -> store.add (RAM window)
+    store         commits the window every commit_interval (or commit_bytes) in a worker thread, so a
+                  slow flash fsync never stalls polling; wakes the uplink after each commit
+    uplink        edge.uplink  oldest blocks -> MQTT -> accept / reject / keep
+    metrics       Prometheus text and /health on 127.0.0.1 (edge.metrics)
+
+Signals: SIGTERM / SIGINT stop polling, commit the open window, let in-flight publishes finish within
+publish_timeout, publish "offline", exit 0. SIGHUP reloads the config: validated first, a bad one is
+refused (logged) and the running one kept; a good one restarts polling and the uplink with it (store
+settings other than the commit window take effect at the next start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from pathlib import Path
+
+from edge.config import Config, ConfigError, load
+from edge.poll.engine import Poller
+from edge.reading import Reading
+from edge.store import Store
+from edge.uplink import Uplink
+
+log = logging.getLogger("edge.app")
+
+
+class Appliance:
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.store = Store(config.store, config.appliance.id)
+        self.commit_now = asyncio.Event()
+        self.poller = Poller(config, self.sink)
+        self.uplink = Uplink(config, self.store)
+        self.stopping = asyncio.Event()
+        self.started = time.time()
+        self.last_commit = time.monotonic()
+        self.reloads = 0
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.metrics: object | None = None
+        self.low_power = False
+        self._tg: asyncio.TaskGroup | None = None
+
+    def sink(self, readings: list[Reading]) -> None:
+        self.store.add(readings)
+        if len(self.store.buffer) * 21 >= self.config.store.commit_bytes:
+            self.commit_now.set()
+
+    async def committer(self) -> None:
+        store = self.store
+        while True:
+            remaining = store.window_start + store.commit_interval - time.monotonic()
+            if remaining > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.commit_now.wait(), remaining)
+            self.commit_now.clear()
+            await self.commit()
+
+    async def commit(self) -> None:
+        if self.store.due():
+            if await asyncio.to_thread(self.store.commit):
+                self.uplink.wake.set()
+        else:
+            self.store.window_start = time.monotonic()
+        self.last_commit = time.monotonic()
+
+    def _start(self, name: str, coro: object) -> None:
+        assert self._tg is not None
+        self.tasks[name] = self._tg.create_task(coro, name=name)  # type: ignore[arg-type]
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        n_tags = sum(len(d.tags) for d in self.config.devices)
+        log.info("edge: %s polling %d devices (%d tags), store %s, uplink %s:%d", self.config.appliance.id,
+                 len(self.config.devices), n_tags, self.config.store.path, self.config.uplink.host,
+                 self.config.uplink.port)
+        metrics = None
+        if self.config.metrics.enabled:
+            from edge.metrics import MetricsServer  # noqa: PLC0415 (prometheus-client only when used)
+
+            metrics = MetricsServer(self)
+            log.info("edge: metrics on http://%s:%d/metrics", self.config.metrics.listen, metrics.port)
+        self.metrics = metrics
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self._start("poll", self.poller.run())
+                self._start("store", self.committer())
+                if self.config.uplink.enabled:
+                    self._start("uplink", self.uplink.run())
+                await self.stopping.wait()
+                await self.shutdown()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            if metrics is not None:
+                metrics.close()
+            self.store.close()
+        return 0
+
+    async def shutdown(self) -> None:
+        log.info("edge: stopping: committing the open window, finishing in-flight publishes")
+        await _cancel(self.tasks.pop("poll", None))
+        await _cancel(self.tasks.pop("store", None))
+        await asyncio.to_thread(self.store.commit)
+        self.uplink.wake.set()
+        uplink = self.tasks.pop("uplink", None)
+        if uplink is not None:
+            self.uplink.stop()
+            try:
+                await asyncio.wait_for(asyncio.shield(uplink), self.config.uplink.publish_timeout + 2)
+            except TimeoutError:
+                await _cancel(uplink)
+        await asyncio.to_thread(self.store.commit)  # the deletes of the last acknowledged blocks
+
+    async def reload(self) -> None:
+        if self.config_path is None:
+            return
+        try:
+            config = load(self.config_path)
+        except ConfigError as e:
+            log.error("edge: reload refused, keeping the running config: %s", "; ".join(e.problems))  # noqa: TRY400
+            return
+        if (config.store.path, config.store.map_size) != (self.config.store.path, self.config.store.map_size):
+            log.warning("edge: store path/map_size changes take effect at the next start")
+        self.store.commit_interval = config.store.commit_interval
+        await _cancel(self.tasks.pop("poll", None))
+        self.config = config
+        self.poller = Poller(config, self.sink)
+        self._start("poll", self.poller.run())
+        uplink = self.tasks.pop("uplink", None)
+        if uplink is not None:
+            self.uplink.stop()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(uplink), config.uplink.publish_timeout + 2)
+            await _cancel(uplink)
+        self.uplink = Uplink(config, self.store)
+        if config.uplink.enabled:
+            self._start("uplink", self.uplink.run())
+        self.reloads += 1
+        log.info("edge: config reloaded from %s", self.config_path)
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is None or task.done():
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

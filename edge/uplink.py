@@ -1,0 +1,248 @@
+"""MQTT uplink: forwards store blocks, oldest first, one message per block, QoS 1 (aiomqtt on paho-mqtt).
+
+Topics (prefix from [uplink] topic_prefix, default "edge"):
+
+    <prefix>/<appliance id>/data     one message per block; payload in docs/payload.md
+    <prefix>/<appliance id>/status   retained "online" after connecting; the last will sets a retained
+                                     "offline" when the connection dies; a clean stop publishes "offline"
+
+Outcome of a block, from the broker's PUBACK (MQTT 5 reason codes):
+
+    reason < 0x80 (success)          store.accept: deleted at the next commit
+    reason >= 0x80 (e.g. 0x87 not    store.reject: moved aside, counted, never retried
+    authorized, 0x97 quota)
+    no PUBACK (timeout, connection   store.keep: taken again after reconnecting, oldest first
+    lost)
+
+Delivery is at-least-once: a block whose PUBACK was lost is sent again; every message carries the
+appliance id and the block's sequence number, so the receiver de-duplicates on (appliance, seq). With
+MQTT 3.1.1 a broker cannot refuse a publish (it acknowledges and drops it), so rejections are only seen
+with protocol 5, the default.
+
+Up to [uplink] max_inflight blocks await their PUBACK at once; the backlog drains as fast as the broker
+acknowledges. Reconnects back off with jitter (backoff_min .. backoff_max). The password comes from
+password_file and is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+
+from edge.config import Config
+from edge.poll.health import backoff
+from edge.reading import quality_name
+from edge.store import Block, Store
+
+log = logging.getLogger("edge.uplink")
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, plus the PUBACK reason code of each publish (aiomqtt 2.5 drops it)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.acks: dict[int, asyncio.Future[int]] = {}
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        fut = self.acks.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(int(getattr(reason_code, "value", 0)))
+        super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    async def publish_acked(self, topic: str, payload: bytes, timeout: float) -> int:
+        """Publish at QoS 1 and return the PUBACK reason code; raises MqttError if none comes."""
+        info = self._client.publish(topic, payload, qos=1)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "could not publish")
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.acks[info.mid] = fut
+        try:
+            waiting: set[asyncio.Future[Any]] = {fut, self._disconnected}
+            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.acks.pop(info.mid, None)
+        if fut in done:
+            return fut.result()
+        raise aiomqtt.MqttError("no PUBACK" if not done else "connection lost")
+
+
+@dataclass
+class UplinkStats:
+    connected: bool = False
+    connects: int = 0
+    connect_failures: int = 0
+    published: int = 0
+    acked: int = 0
+    rejected: int = 0
+    kept: int = 0
+    readings_delivered: int = 0
+    bytes_published: int = 0
+    last_delivery: float = 0.0  # unix time of the last acknowledged block
+    last_progress: float = 0.0  # monotonic: last ack, or "nothing to send"
+
+
+class Payloads:
+    """Block -> JSON message (docs/payload.md)."""
+
+    def __init__(self, config: Config) -> None:
+        self.appliance = config.appliance.id
+        self.names: dict[int, tuple[str, str, str]] = {
+            t.id: (d.name, t.name, t.unit) for d in config.devices for t in d.tags}
+
+    def encode(self, block: Block) -> bytes:
+        names, unknown = self.names, ("?", "?", "")
+        rows = []
+        for tag, ts, value, quality in block.readings():
+            device, name, unit = names.get(tag, unknown)
+            rows.append({"device": device, "tag": name, "unit": unit, "ts": ts, "value": value,
+                         "quality": quality_name(quality) if quality else "good"})
+        doc = {"appliance": self.appliance, "seq": block.seq, "count": block.n, "readings": rows}
+        return json.dumps(doc, separators=(",", ":"), allow_nan=True).encode()
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    tls = config.uplink.tls
+    if tls is None:
+        return None
+    ctx = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
+    if tls.cert and tls.key:
+        ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    return ctx
+
+
+class Uplink:
+    """Forwards the store's blocks while connected; reconnects with jittered, capped backoff."""
+
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.cfg = config.uplink
+        self.store = store
+        self.payloads = Payloads(config)
+        prefix = f"{self.cfg.topic_prefix}/{config.appliance.id}"
+        self.topic_data = f"{prefix}/data"
+        self.topic_status = f"{prefix}/status"
+        self.stats = UplinkStats()
+        self.wake = asyncio.Event()  # set after each commit: new blocks to send
+        self.stopping = False
+        self._stop = asyncio.Event()
+        self._failures = 0
+
+    def _client(self) -> _Client:
+        password = None
+        if self.cfg.password_file:
+            password = self.cfg.password_file.read_text().strip()
+        return _Client(
+            self.cfg.host, self.cfg.port, username=self.cfg.username, password=password,
+            identifier=f"edge-{self.config.appliance.id}", protocol=aiomqtt.ProtocolVersion.V5,
+            will=aiomqtt.Will(self.topic_status, b"offline", qos=1, retain=True),
+            keepalive=int(self.cfg.keepalive), timeout=self.cfg.publish_timeout,
+            tls_context=tls_context(self.config),
+            tls_insecure=False if self.cfg.tls else None, max_inflight_messages=self.cfg.max_inflight,
+        )
+
+    async def run(self) -> None:
+        """Connect, forward, and on any connection problem back off and try again, until cancelled."""
+        while not self.stopping:
+            try:
+                async with self._client() as client:
+                    self._connected()
+                    await client.publish(self.topic_status, b"online", qos=1, retain=True)
+                    await self._forward(client)
+                    await client.publish(self.topic_status, b"offline", qos=1, retain=True)
+            except (aiomqtt.MqttError, OSError, ssl.SSLError) as e:
+                self._disconnected(e)
+                delay = backoff(self._failures - 1, self.cfg.backoff_min, self.cfg.backoff_max)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+
+    def stop(self) -> None:
+        """Finish the blocks in flight, publish "offline", disconnect."""
+        self.stopping = True
+        self._stop.set()
+        self.wake.set()
+
+    def _connected(self) -> None:
+        if self._failures:
+            log.info("uplink: connected to %s:%d after %d failed attempts", self.cfg.host, self.cfg.port,
+                     self._failures)
+        else:
+            log.info("uplink: connected to %s:%d", self.cfg.host, self.cfg.port)
+        self._failures = 0
+        self.stats.connected = True
+        self.stats.connects += 1
+
+    def _disconnected(self, e: BaseException) -> None:
+        level = logging.WARNING if self._failures == 0 else logging.DEBUG
+        if self.stats.connected or self._failures == 0:
+            log.log(level, "uplink: %s:%d unavailable (%s); readings stay in the store",
+                    self.cfg.host, self.cfg.port, e)
+        self.stats.connected = False
+        self._failures += 1
+        self.stats.connect_failures += 1
+
+    async def _forward(self, client: _Client) -> None:
+        """Keep up to max_inflight blocks in flight; returns when stopping; raises on connection loss."""
+        pending: set[asyncio.Task[None]] = set()
+        failure: list[BaseException] = []
+        try:
+            while not self.stopping and not failure:
+                self.wake.clear()
+                free = self.cfg.max_inflight - len(pending)
+                blocks = self.store.take(free) if free > 0 else []
+                for block in blocks:
+                    task = asyncio.create_task(self._send(client, block, failure),
+                                               name=f"uplink:block-{block.seq}")
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                if blocks:
+                    continue
+                if free > 0:
+                    self.stats.last_progress = time.monotonic()  # caught up: nothing waiting to be sent
+                with contextlib.suppress(TimeoutError):  # a commit or a PUBACK sets wake
+                    await asyncio.wait_for(self.wake.wait(), 1.0)
+            if pending:  # stopping: let what is in flight finish, within the publish timeout
+                await asyncio.wait(pending, timeout=self.cfg.publish_timeout)
+        finally:
+            for task in pending:
+                task.cancel()
+        if failure:
+            raise failure[0]
+
+    async def _send(self, client: _Client, block: Block, failure: list[BaseException]) -> None:
+        try:
+            payload = self.payloads.encode(block)
+            self.stats.published += 1
+            self.stats.bytes_published += len(payload)
+            try:
+                reason = await client.publish_acked(self.topic_data, payload, self.cfg.publish_timeout)
+            except (aiomqtt.MqttError, OSError) as e:
+                self.store.keep([block])
+                self.stats.kept += 1
+                failure.append(e)
+                return
+            except asyncio.CancelledError:
+                self.store.keep([block])
+                raise
+            if reason >= 0x80:
+                self.store.reject([block], f"broker refused: reason code {reason:#04x}")
+                self.stats.rejected += 1
+                log.warning("uplink: broker refused block %d (reason %#04x); kept aside in the store",
+                            block.seq, reason)
+            else:
+                self.store.accept([block])
+                self.stats.acked += 1
+                self.stats.readings_delivered += block.n
+                self.stats.last_delivery = time.time()
+                self.stats.last_progress = time.monotonic()
+        finally:
+            self.wake.set()
