@@ -49,6 +49,9 @@ class ApplianceCollector:
         up = _gauge("uptime_seconds", "Seconds since the appliance started")
         up.add_metric([], time.time() - self.app.started)
         yield up
+        rl = _counter("config_reloads", "Configs reloaded on SIGHUP")
+        rl.add_metric([], self.app.reloads)
+        yield rl
         lp = _gauge("low_power", "1 while low-power mode is on")
         lp.add_metric([], float(getattr(self.app, "low_power", False)))
         yield lp

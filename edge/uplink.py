@@ -110,13 +110,31 @@ class Payloads:
         return json.dumps(doc, separators=(",", ":"), allow_nan=True).encode()
 
 
+class _NamedContext(ssl.SSLContext):
+    """Verifies the broker's certificate against `server_name` instead of the host connected to."""
+
+    server_name: str | None = None
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.server_name:
+            kwargs["server_hostname"] = self.server_name
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
 def tls_context(config: Config) -> ssl.SSLContext | None:
+    """TLS 1.2+, certificate and host name verified (against [uplink.tls] server_name when set)."""
     tls = config.uplink.tls
     if tls is None:
         return None
-    ctx = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
+    ctx = _NamedContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.ca:
+        ctx.load_verify_locations(cafile=str(tls.ca))
+    else:
+        ctx.load_default_certs()
     if tls.cert and tls.key:
         ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    ctx.server_name = tls.server_name
     return ctx
 
 

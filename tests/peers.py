@@ -15,14 +15,18 @@ import contextlib
 import json
 import os
 import select
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+import paho.mqtt.client as mqtt
 
 from hil.mapgen import write_map
 
@@ -149,3 +153,111 @@ def set_faults(control_path: Path | str, faults: dict[str, Any]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+# -------------------------------------------------------------------------------------------- MQTT
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class BrokerHandle:
+    proc: subprocess.Popen[bytes]
+    port: int
+    conf: Path
+
+
+def broker_conf(path: Path, port: int, extra: str = "", persistence: bool = True) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    conf = path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                    f"persistence {'true' if persistence else 'false'}\npersistence_location {path}/\n"
+                    f"user root\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n"
+                    f"log_type information\n{extra}")
+    return conf
+
+
+@contextlib.contextmanager
+def start_broker(path: Path, port: int | None = None, extra: str = "") -> Iterator[BrokerHandle]:
+    """mosquitto from Debian on 127.0.0.1:port with its own config (persistence on, so sessions and
+    queued QoS 1 messages of the test's subscriber survive a restart); ready when it says "running"."""
+    port = port or free_port()
+    conf = broker_conf(path, port, extra)
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        _read_until(proc, proc.stderr, b"running", READY_TIMEOUT)
+        log = path / "mosquitto.log"  # keep draining its stderr so the pipe never fills
+        threading.Thread(target=lambda: log.write_bytes(proc.stderr.read() if proc.stderr else b""),
+                         daemon=True).start()
+        yield BrokerHandle(proc, port, conf)
+    finally:
+        _stop(proc)
+
+
+class Subscriber:
+    """A persistent-session QoS 1 subscriber (paho, its own thread) collecting every message."""
+
+    def __init__(self, port: int, topic: str = "#", tls_ca: Path | None = None) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self.cond = threading.Condition()
+        self.connected = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{port}",
+                                  clean_session=False)
+        if tls_ca is not None:
+            self.client.tls_set(ca_certs=str(tls_ca))
+        self.client.on_connect = lambda c, u, f, rc, p: (c.subscribe(topic, qos=1), self.connected.set())
+        self.client.on_disconnect = lambda *a: self.connected.clear()
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.05, 0.5)
+        self.client.connect_async("127.0.0.1", port, keepalive=10)
+        self.client.loop_start()
+        if not self.connected.wait(15):
+            raise TimeoutError("subscriber did not connect")
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        with self.cond:
+            self.messages.append((msg.topic, msg.payload))
+            self.cond.notify_all()
+
+    def data(self) -> list[dict[str, Any]]:
+        with self.cond:
+            return [json.loads(p) for t, p in self.messages if t.endswith("/data")]
+
+    def wait(self, predicate: Any, timeout: float = 30.0) -> None:
+        """Until predicate(self) holds (re-checked on every message)."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not predicate(self):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"subscriber: condition not met in {timeout} s "
+                                       f"({len(self.messages)} messages)")
+                self.cond.wait(left)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def make_ca(path: Path) -> dict[str, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 / localhost (openssl)."""
+    path.mkdir(parents=True, exist_ok=True)
+    f = {k: path / f"{k}.pem" for k in ("ca", "ca_key", "server", "server_key")}
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=edge test CA",
+        "-keyout", str(f["ca_key"]), "-out", str(f["ca"]))
+    csr = path / "server.csr"
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", str(f["server_key"]),
+        "-out", str(csr))
+    ext = path / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", str(csr), "-CA", str(f["ca"]), "-CAkey", str(f["ca_key"]), "-CAcreateserial",
+        "-days", "2", "-extfile", str(ext), "-out", str(f["server"]))
+    return f

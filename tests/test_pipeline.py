@@ -1,0 +1,322 @@
+"""The whole appliance: simulated device -> edge run -> mosquitto (Debian) -> a subscriber in the test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from edge.app import Appliance
+from edge.config import parse
+from edge.store import dump, inspect
+from tests.peers import Subscriber, free_port, make_ca, start_broker, start_sim, write_map
+
+ROOT = Path(__file__).resolve().parent.parent
+MAP = [{"id": 1, "points": [
+    {"table": "holding", "address": 0, "type": "uint32", "wave": "counter", "step": 100.0},
+    {"table": "holding", "address": 2, "type": "float32", "value": 21.5},
+    {"table": "holding", "address": 4, "type": "string", "length": 6, "value": "PUMP-1"}]}]
+TAGS = [{"name": "count", "address": 0, "type": "uint32"},
+        {"name": "temp", "address": 2, "type": "float32", "unit": "degC"},
+        {"name": "name", "address": 4, "type": "string", "length": 6}]
+
+
+def config_dict(tmp: Path, sim_port: int, broker_port: int, **uplink: Any) -> dict[str, Any]:
+    return {"appliance": {"id": "t1", "state_dir": str(tmp / "state")},
+            "device": [{"name": "pump", "host": "127.0.0.1", "port": sim_port, "interval": "50ms",
+                        "timeout": "300ms", "tag": TAGS}],
+            "store": {"commit_interval": "200ms", "map_size": "64MiB"},
+            "uplink": {"host": "127.0.0.1", "port": broker_port, "backoff_min": "100ms",
+                       "backoff_max": "500ms", "publish_timeout": "3s", **uplink},
+            "metrics": {"port": 0}}
+
+
+@contextlib.contextmanager
+def device(tmp: Path) -> Iterator[int]:
+    write_map(tmp / "map.toml", MAP)
+    with start_sim(tmp / "map.toml") as sim:
+        assert sim.port is not None
+        yield sim.port
+
+
+def run_app(cfg: dict[str, Any], body: Callable[[Appliance], Any]) -> Appliance:
+    """Run the appliance in this process while `body(app)` (a coroutine function) runs; then stop it."""
+    app_box: list[Appliance] = []
+
+    async def main() -> None:
+        app = Appliance(parse(cfg))
+        app_box.append(app)
+        task = asyncio.create_task(app.run(), name="appliance")
+        try:
+            await body(app)
+        finally:
+            app.stopping.set()
+            await asyncio.wait_for(task, 30)
+
+    asyncio.run(main())
+    return app_box[0]
+
+
+async def until(cond: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Re-check a condition on the appliance's counters until it holds (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        await asyncio.sleep(0.05)
+
+
+def received(sub: Subscriber) -> dict[int, dict[str, Any]]:
+    """seq -> message; a duplicate (at-least-once) must be identical."""
+    out: dict[int, dict[str, Any]] = {}
+    for msg in sub.data():
+        if msg["seq"] in out:
+            assert out[msg["seq"]] == msg
+        out[msg["seq"]] = msg
+    return out
+
+
+def check_values_and_order(msgs: dict[int, dict[str, Any]]) -> None:
+    counts = []
+    for seq in sorted(msgs):
+        m = msgs[seq]
+        assert m["appliance"] == "t1" and m["count"] == len(m["readings"])
+        for r in m["readings"]:
+            assert r["device"] == "pump" and r["quality"] == "good"
+            if r["tag"] == "temp":
+                assert (r["value"], r["unit"]) == (21.5, "degC")
+            elif r["tag"] == "name":
+                assert r["value"] == "PUMP-1"
+            else:
+                counts.append((r["ts"], r["value"]))
+    assert [ts for ts, _ in counts] == sorted(ts for ts, _ in counts)  # order per tag kept
+    assert [v for _, v in counts] == sorted(v for _, v in counts)  # the device's counter only rises
+
+
+def test_end_to_end_every_sequence_arrives(tmp_path: Path) -> None:
+    with device(tmp_path) as sim_port, start_broker(tmp_path / "mqtt") as broker:
+        sub = Subscriber(broker.port, "edge/t1/#")
+
+        async def body(app: Appliance) -> None:
+            await until(lambda: len(sub.data()) >= 15)
+
+        app = run_app(config_dict(tmp_path, sim_port, broker.port), body)
+        sub.wait(lambda s: any(t.endswith("/status") and p == b"offline" for t, p in s.messages))
+        sub.close()
+    msgs = received(sub)
+    seqs = sorted(msgs)
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # contiguous: no block skipped
+    check_values_and_order(msgs)
+    c = app.store.counters
+    delivered = sum(m["count"] for m in msgs.values())
+    assert delivered == c.readings_forwarded
+    assert delivered + c.backlog_readings == c.readings_appended  # the rest waits in the store
+    assert c.readings_dropped == 0 and c.blocks_rejected == 0
+
+
+def test_broker_outage_loses_nothing(tmp_path: Path) -> None:
+    with device(tmp_path) as sim_port:
+        port = free_port()
+        broker_ctx = start_broker(tmp_path / "mqtt", port)
+        broker_ctx.__enter__()
+        sub = Subscriber(port, "edge/t1/data")
+
+        async def body(app: Appliance) -> None:
+            nonlocal broker_ctx
+            await until(lambda: app.store.counters.blocks_forwarded >= 5)
+            broker_ctx.__exit__(None, None, None)  # the network goes away
+            backlog_before = app.store.counters.readings_forwarded
+            await until(lambda: app.store.counters.backlog_readings >= 200 and not app.uplink.stats.connected)
+            assert app.store.counters.readings_forwarded == backlog_before
+            broker_ctx = start_broker(tmp_path / "mqtt", port)  # and comes back
+            broker_ctx.__enter__()
+            await until(lambda: app.store.counters.backlog_readings < 60 and app.uplink.stats.connects >= 2)
+
+        try:
+            app = run_app(config_dict(tmp_path, sim_port, port), body)
+            delivered = app.store.counters.readings_forwarded
+            sub.wait(lambda s: sum(m["count"] for m in received(s).values()) >= delivered)
+        finally:
+            sub.close()
+            broker_ctx.__exit__(None, None, None)
+    msgs = received(sub)
+    seqs = sorted(msgs)
+    assert seqs == list(range(seqs[0], seqs[-1] + 1))
+    check_values_and_order(msgs)
+    c = app.store.counters
+    assert sum(m["count"] for m in msgs.values()) + c.backlog_readings == c.readings_appended
+    assert c.readings_dropped == 0
+    assert app.uplink.stats.connect_failures >= 1
+
+
+def test_broker_refusing_is_counted_not_retried(tmp_path: Path) -> None:
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite edge/+/status\ntopic read #\n")  # data topic denied
+    with device(tmp_path) as sim_port, start_broker(tmp_path / "mqtt", extra=f"acl_file {acl}\n") as broker:
+
+        async def body(app: Appliance) -> None:
+            await until(lambda: app.store.counters.blocks_rejected >= 4)
+
+        app = run_app(config_dict(tmp_path, sim_port, broker.port), body)
+    st, c = app.uplink.stats, app.store.counters
+    assert st.acked == 0 and st.rejected == st.published  # each block sent once, refused once
+    assert c.blocks_rejected == st.rejected and c.readings_rejected > 0
+    info = inspect(tmp_path / "state" / "store", 64 << 20)  # kept aside for inspection, persisted
+    assert info.rejected_blocks == c.blocks_rejected
+    assert info.persisted["readings_rejected"] == c.readings_rejected
+
+
+def test_tls_with_a_test_ca_and_server_name(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path / "ca")
+    port = free_port()
+    extra = (f"listener {port} 127.0.0.1\ncafile {ca['ca']}\ncertfile {ca['server']}\n"
+             f"keyfile {ca['server_key']}\n")
+    with device(tmp_path) as sim_port, start_broker(tmp_path / "mqtt", extra=extra) as broker:
+        plain = Subscriber(broker.port, "edge/t1/data")
+
+        async def body(app: Appliance) -> None:
+            await until(lambda: app.store.counters.blocks_forwarded >= 3)
+
+        cfg = config_dict(tmp_path, sim_port, port, tls={"ca": str(ca["ca"]), "server_name": "localhost"})
+        app = run_app(cfg, body)
+        plain.wait(lambda s: len(s.data()) >= 3)
+        plain.close()
+    assert app.uplink.stats.acked >= 3
+    cfg["uplink"]["tls"] = {}  # system CAs do not know the test CA: refused, nothing lost
+    with device(tmp_path) as sim_port, start_broker(tmp_path / "mqtt2", extra=extra):
+        cfg["device"][0]["port"] = sim_port
+        cfg["appliance"]["state_dir"] = str(tmp_path / "state2")
+
+        async def refused(app: Appliance) -> None:
+            await until(lambda: app.uplink.stats.connect_failures >= 2 and app.store.counters.commits >= 3)
+
+        app = run_app(cfg, refused)
+    assert app.uplink.stats.acked == 0 and app.store.counters.backlog_readings > 0
+
+
+# ------------------------------------------------------------------------------ as a real process
+
+def edge_run(config: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "edge", "run", str(config)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def metrics_port(proc: subprocess.Popen[bytes]) -> int:
+    assert proc.stderr is not None
+    line = b""
+    deadline = time.monotonic() + 30
+    while b"/metrics" not in line:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError("appliance did not start")
+        line = proc.stderr.readline()
+    return int(line.split(b"127.0.0.1:")[1].split(b"/")[0])
+
+
+def metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith((name + " ", name + "{")):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def wait_metric(port: int, name: str, cond: Callable[[float], bool], timeout: float = 30.0) -> float:
+    deadline = time.monotonic() + timeout
+    while not cond(value := metric(port, name)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} = {value}")
+        time.sleep(0.1)
+    return value
+
+
+def write_config(path: Path, cfg: dict[str, Any]) -> None:
+    def value(v: Any) -> str:
+        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+
+    lines = []
+    for section in ("appliance", "store", "uplink", "metrics"):
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {value(v)}" for k, v in cfg[section].items() if not isinstance(v, dict)]
+    for d in cfg["device"]:
+        lines.append("[[device]]")
+        lines += [f"{k} = {value(v)}" for k, v in d.items() if k != "tag"]
+        for t in d["tag"]:
+            lines.append("[[device.tag]]")
+            lines += [f"{k} = {value(v)}" for k, v in t.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_kill_9_during_a_backlog_drain_loses_nothing_committed(tmp_path: Path) -> None:
+    port = free_port()
+    with device(tmp_path) as sim_port:
+        cfg = config_dict(tmp_path, sim_port, port, max_inflight=2)
+        cfg["store"]["commit_interval"] = "100ms"
+        cfg["device"][0]["interval"] = "10ms"
+        conf = tmp_path / "config.toml"
+        write_config(conf, cfg)
+        proc = edge_run(conf)
+        mport = metrics_port(proc)
+        wait_metric(mport, "edge_store_backlog_readings", lambda v: v >= 1500)  # offline: a backlog builds
+        with start_broker(tmp_path / "mqtt", port):
+            sub = Subscriber(port, "edge/t1/data")
+            wait_metric(mport, "edge_uplink_acked_total", lambda v: v >= 2)  # draining...
+            proc.kill()  # ...power cut
+            proc.wait()
+            committed = {seq for seq, _ in dump(tmp_path / "state" / "store", 64 << 20, 0, 10**6)}
+            delivered = set(received(sub))
+            assert committed, "the backlog was committed before the kill"
+            proc = edge_run(conf)
+            metrics_port(proc)
+            sub.wait(lambda s: committed <= set(received(s)) | delivered, timeout=60)
+            assert stop(proc) == 0
+            sub.close()
+    check_values_and_order(received(sub))
+
+
+def test_status_health_and_reload(tmp_path: Path) -> None:
+    with device(tmp_path) as sim_port, start_broker(tmp_path / "mqtt") as broker:
+        cfg = config_dict(tmp_path, sim_port, broker.port)
+        cfg["metrics"]["port"] = free_port()
+        conf = tmp_path / "config.toml"
+        write_config(conf, cfg)
+        proc = edge_run(conf)
+        try:
+            mport = metrics_port(proc)
+            wait_metric(mport, "edge_uplink_acked_total", lambda v: v >= 3)
+            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/health", timeout=5) as r:
+                assert r.status == 200 and json.loads(r.read())["ok"] is True
+            out = subprocess.run([sys.executable, "-m", "edge", "status", "--config", str(conf)], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=30, check=False)
+            assert out.returncode == 0, out.stderr
+            assert "connected" in out.stdout and "pump" in out.stdout and " up " in out.stdout
+            good = conf.read_text()
+            conf.write_text(good.replace('type = "float32"', 'type = "flaot32"'))
+            proc.send_signal(signal.SIGHUP)  # a bad config is refused, the running one kept
+            acked = metric(mport, "edge_uplink_acked_total")
+            wait_metric(mport, "edge_uplink_acked_total", lambda v: v >= acked + 3)
+            conf.write_text(good.replace('interval = "50ms"', 'interval = "20ms"'))
+            proc.send_signal(signal.SIGHUP)
+            wait_metric(mport, "edge_config_reloads_total", lambda v: v >= 1)
+        finally:
+            code = stop(proc)
+        assert proc.stderr is not None
+        log = proc.stderr.read().decode()
+    assert code == 0
+    assert "reload refused" in log and 'unknown type "flaot32"' in log and "config reloaded" in log
