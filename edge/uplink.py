@@ -32,7 +32,7 @@ import json
 import logging
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
@@ -88,7 +88,8 @@ class UplinkStats:
     readings_delivered: int = 0
     bytes_published: int = 0
     last_delivery: float = 0.0  # unix time of the last acknowledged block
-    last_progress: float = 0.0  # monotonic: last ack, or "nothing to send"
+    last_progress: float = field(default_factory=time.monotonic)  # monotonic: an ack, "nothing to send",
+    # or a finished connection attempt: the uplink loop is alive (offline is not a stall)
 
 
 class Payloads:
@@ -205,6 +206,7 @@ class Uplink:
             log.log(level, "uplink: %s:%d unavailable (%s); readings stay in the store",
                     self.cfg.host, self.cfg.port, e)
         self.stats.connected = False
+        self.stats.last_progress = time.monotonic()
         self._failures += 1
         self.stats.connect_failures += 1
 
