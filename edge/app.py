@@ -22,9 +22,11 @@ import time
 from pathlib import Path
 
 from edge.config import Config, ConfigError, load
+from edge.govern import Governor
 from edge.poll.engine import Poller
 from edge.reading import Reading
 from edge.store import Store
+from edge.supervise import Supervisor, test_hooks
 from edge.uplink import Uplink
 
 log = logging.getLogger("edge.app")
@@ -41,6 +43,9 @@ class Appliance:
         self.stopping = asyncio.Event()
         self.started = time.time()
         self.last_commit = time.monotonic()
+        self.store_beat = time.monotonic()
+        self.governor = Governor(self, config.governor)
+        self.supervisor = Supervisor(self.beats, self.status_line)
         self.reloads = 0
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.metrics: object | None = None
@@ -55,15 +60,34 @@ class Appliance:
     async def committer(self) -> None:
         store = self.store
         while True:
+            self.store_beat = time.monotonic()
             remaining = store.window_start + store.commit_interval - time.monotonic()
-            if remaining > 0:
+            if remaining > 0 and not self.commit_now.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.commit_now.wait(), remaining)
+                    await asyncio.wait_for(self.commit_now.wait(), min(remaining, 1.0))
+                if not self.commit_now.is_set() and remaining > 1.0:
+                    continue  # beat once a second through a long (low-power) window
             self.commit_now.clear()
             await self.commit()
 
+    def beats(self) -> dict[str, float]:
+        """Heartbeat of each stage, for the watchdog (monotonic seconds)."""
+        out = {"poll": min((line.beat for line in self.poller.lines), default=time.monotonic()),
+               "store": self.store_beat}
+        if self.config.uplink.enabled:
+            out["uplink"] = self.uplink.stats.last_progress
+        return out
+
+    def status_line(self) -> str:
+        runners = self.poller.runners
+        up = sum(r.stats.up for r in runners)
+        uplink = ("connected" if self.uplink.stats.connected else "offline") if self.config.uplink.enabled \
+            else "disabled"
+        return (f"{len(runners)} devices ({up} up), backlog {self.store.counters.backlog_readings} readings, "
+                f"uplink {uplink}{', low power' if self.low_power else ''}")
+
     async def commit(self) -> None:
-        if self.store.due():
+        if self.store.due(time.monotonic() + (1e9 if self.commit_now.is_set() else 0.0)):
             if await asyncio.to_thread(self.store.commit):
                 self.uplink.wake.set()
         else:
@@ -79,6 +103,7 @@ class Appliance:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGUSR2, self.governor.toggle_low_power)
         n_tags = sum(len(d.tags) for d in self.config.devices)
         log.info("edge: %s polling %d devices (%d tags), store %s, uplink %s:%d", self.config.appliance.id,
                  len(self.config.devices), n_tags, self.config.store.path, self.config.uplink.host,
@@ -97,10 +122,17 @@ class Appliance:
                 self._start("store", self.committer())
                 if self.config.uplink.enabled:
                     self._start("uplink", self.uplink.run())
+                if self.config.governor.enabled:
+                    self._start("govern", self.governor.run())
+                await self.poller.started()
+                self.supervisor.ready()
+                self._start("supervise", self.supervisor.run())
+                test_hooks()
                 await self.stopping.wait()
+                self.supervisor.stopping()
                 await self.shutdown()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
                 loop.remove_signal_handler(sig)
             if metrics is not None:
                 metrics.close()
@@ -109,7 +141,8 @@ class Appliance:
 
     async def shutdown(self) -> None:
         log.info("edge: stopping: committing the open window, finishing in-flight publishes")
-        await _cancel(self.tasks.pop("poll", None))
+        for name in ("supervise", "govern", "poll"):
+            await _cancel(self.tasks.pop(name, None))
         await _cancel(self.tasks.pop("store", None))
         await asyncio.to_thread(self.store.commit)
         self.uplink.wake.set()
@@ -137,6 +170,7 @@ class Appliance:
         self.config = config
         self.poller = Poller(config, self.sink)
         self._start("poll", self.poller.run())
+        self.governor.app = self
         uplink = self.tasks.pop("uplink", None)
         if uplink is not None:
             self.uplink.stop()

@@ -153,6 +153,7 @@ class Uplink:
         self.stats = UplinkStats()
         self.wake = asyncio.Event()  # set after each commit: new blocks to send
         self.stopping = False
+        self.session_interval: float | None = None  # low power: connect, drain, disconnect, wait this
         self._stop = asyncio.Event()
         self._failures = 0
 
@@ -178,11 +179,20 @@ class Uplink:
                     await client.publish(self.topic_status, b"online", qos=1, retain=True)
                     await self._forward(client)
                     await client.publish(self.topic_status, b"offline", qos=1, retain=True)
+                if self.session_interval and not self.stopping:
+                    log.info("uplink: session done (backlog drained); next in %.0f s", self.session_interval)
+                    await self._pause(self.session_interval)
             except (aiomqtt.MqttError, OSError, ssl.SSLError) as e:
                 self._disconnected(e)
-                delay = backoff(self._failures - 1, self.cfg.backoff_min, self.cfg.backoff_max)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
+                await self._pause(backoff(self._failures - 1, self.cfg.backoff_min, self.cfg.backoff_max))
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait (beating every second) until `seconds` passed or stop() was called."""
+        end = time.monotonic() + seconds
+        while not self._stop.is_set() and (left := end - time.monotonic()) > 0:
+            self.stats.last_progress = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), min(left, 1.0))
 
     def stop(self) -> None:
         """Finish the blocks in flight, publish "offline", disconnect."""
@@ -224,10 +234,11 @@ class Uplink:
                                                name=f"uplink:block-{block.seq}")
                     pending.add(task)
                     task.add_done_callback(pending.discard)
+                self.stats.last_progress = time.monotonic()  # heartbeat: the forwarding loop is alive
                 if blocks:
                     continue
-                if free > 0:
-                    self.stats.last_progress = time.monotonic()  # caught up: nothing waiting to be sent
+                if self.session_interval and not pending:
+                    return  # low power: drained, end the session
                 with contextlib.suppress(TimeoutError):  # a commit or a PUBACK sets wake
                     await asyncio.wait_for(self.wake.wait(), 1.0)
             if pending:  # stopping: let what is in flight finish, within the publish timeout

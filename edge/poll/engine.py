@@ -158,6 +158,8 @@ class Line:
         self.timeout = max(r.device.timeout for r in runners)
         self.cycles = 0  # progress, for the supervisor
         self.last_cycle = time.monotonic()
+        self.beat = time.monotonic()  # heartbeat: the loop is alive (sleeping in <= 1 s steps, or working)
+        self.started = asyncio.Event()
         self.plan: list[tuple[Schedule, DeviceRunner, str]] = []  # set when run() starts
 
     @property
@@ -170,13 +172,17 @@ class Line:
         self.plan = plan = [(Schedule(g.interval, start), r, g.name) for r in self.runners
                             for g in r.device.groups if g.name in r.jobs]
         if not plan:
+            self.started.set()
             return
         try:
             while True:
                 sched, runner, group = min(plan, key=lambda p: p[0].deadline)
                 delay = sched.deadline - time.monotonic()
                 if delay > 0:
-                    await asyncio.sleep(delay)
+                    self.beat = time.monotonic()
+                    await asyncio.sleep(min(delay, 1.0))
+                    continue  # re-pick: a stretch may have moved the deadlines
+                self.started.set()
                 sched.begin(time.monotonic())
                 await self.cycle(runner, group)
                 sched.advance(time.monotonic())
@@ -200,6 +206,7 @@ class Line:
                     readings = bad(job, DISCONNECTED)
                 runner.stats.readings += len(readings)
                 self.sink(readings)
+                self.beat = time.monotonic()
             self.cycles += 1
             self.last_cycle = time.monotonic()
 
@@ -347,6 +354,11 @@ class Poller:
         async with asyncio.TaskGroup() as tg:
             for line in self.lines:
                 tg.create_task(line.run(), name=f"poll:{line.name}")
+
+    async def started(self) -> None:
+        """Returns once every line has started its first poll cycle (the READY point)."""
+        for line in self.lines:
+            await line.started.wait()
 
     async def run_once(self) -> None:
         try:

@@ -1,0 +1,272 @@
+"""The governor: keeps the appliance inside its memory and CPU budget, and runs low-power mode.
+
+Limits come from [governor] and from the cgroup the process lives in (systemd's MemoryHigh, MemoryMax,
+CPUQuota), read once at start:
+
+    cgroup v2: <mount>/<path from /proc/self/cgroup "0::">/memory.high, memory.max, cpu.max
+    cgroup v1: memory/<path>/memory.limit_in_bytes (MemoryMax; v1 has no MemoryHigh),
+               cpu/<path>/cpu.cfs_quota_us / cpu.cfs_period_us
+
+    soft memory limit = [governor] memory_soft, else memory.high, else 60 % of memory.max
+    hard memory limit = [governor] memory_hard, else 85 % of memory.max
+    CPU budget        = [governor] cpu_budget (fraction of one core), capped by the cgroup quota
+
+Every `tick` seconds it samples its own RSS and CPU time (psutil). Decisions use the median RSS of the
+last `window` seconds and the CPU used over that window, never a single noisy sample, and need a full
+window before the first one. Levels, each entered and left with one log line and visible as metrics:
+
+    normal    nothing changed
+    soft      RSS above the soft limit: poll groups with priority >= 1 stretched x2 (again each window
+              while above, up to max_stretch), the open window committed at once (its readings leave
+              RAM), gc.collect()
+    shed      RSS above the hard limit: the lowest-priority groups (the highest priority number > 0)
+              are stopped until RSS is back under the soft limit
+    CPU above budget: every group's interval stretched by used/budget (up to max_stretch); relaxed
+              step by step once under 70 % of the budget
+    recovery  below 90 % of the soft limit (and CPU under budget): back to normal, one step per window
+
+Low-power mode (on battery via psutil.sensors_battery(), inside a [governor.low_power] schedule
+window, while the control file exists, or toggled by SIGUSR2) multiplies every poll interval by
+interval_factor, uses [store] low_power_commit_interval (fewer, larger commits: fewer flash writes),
+and makes the uplink work in sessions (connect, drain, disconnect) every uplink_session_interval.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import logging
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psutil
+
+from edge.config import Governor as GovernorConfig
+from edge.config import LowPower
+
+if TYPE_CHECKING:
+    from edge.app import Appliance
+
+log = logging.getLogger("edge.govern")
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_max: int | None = None
+    memory_high: int | None = None
+    cpu_cores: float | None = None  # quota / period
+    source: str = "none"
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _bytes(text: str | None) -> int | None:
+    if text is None or text == "max":
+        return None
+    value = int(text)
+    return None if value >= 1 << 60 else value  # v1 "unlimited" is a huge number
+
+
+def read_limits(root: Path = Path("/sys/fs/cgroup"), proc: Path = Path("/proc/self/cgroup")) -> Limits:
+    """The memory and CPU limits of this process's cgroup (v2, else v1); Limits() where there are none."""
+    lines = (_read(proc) or "").splitlines()
+    v1 = {}
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "" and (root / path.lstrip("/") / "memory.max").exists():
+            d = root / path.lstrip("/")
+            cpu = (_read(d / "cpu.max") or "max 100000").split()
+            return Limits(_bytes(_read(d / "memory.max")), _bytes(_read(d / "memory.high")),
+                          None if cpu[0] == "max" else int(cpu[0]) / int(cpu[1]), "cgroup2")
+        for c in controllers.split(","):
+            v1[c] = path.lstrip("/")
+    if "memory" in v1 or "cpu" in v1:
+        mem = _bytes(_read(root / "memory" / v1.get("memory", "") / "memory.limit_in_bytes"))
+        cpu_dir = root / "cpu" / v1.get("cpu", "")
+        quota = int(_read(cpu_dir / "cpu.cfs_quota_us") or -1)
+        period = int(_read(cpu_dir / "cpu.cfs_period_us") or 100000)
+        return Limits(mem, None, quota / period if quota > 0 else None, "cgroup1")
+    return Limits()
+
+
+def in_schedule(windows: tuple[tuple[str, str], ...], now: dt.datetime) -> bool:
+    """Is local time `now` inside one of the ("HH:MM", "HH:MM") windows (which may wrap midnight)?
+
+    >>> in_schedule((("22:00", "06:00"),), dt.datetime(2026, 1, 1, 23, 30))
+    True
+    >>> in_schedule((("22:00", "06:00"),), dt.datetime(2026, 1, 1, 12, 0))
+    False
+    """
+    hm = now.strftime("%H:%M")
+    return any((a <= hm < b) if a <= b else (hm >= a or hm < b) for a, b in windows)
+
+
+class Sampler:
+    """This process's RSS (bytes) and CPU time (seconds)."""
+
+    def __init__(self) -> None:
+        self.proc = psutil.Process()
+
+    def __call__(self) -> tuple[int, float]:
+        with self.proc.oneshot():
+            t = self.proc.cpu_times()
+            return int(self.proc.memory_info().rss), float(t.user + t.system)
+
+
+class Governor:
+    def __init__(self, app: Appliance, cfg: GovernorConfig, *, limits: Limits | None = None,
+                 sample: Callable[[], tuple[int, float]] | None = None, tick: float = 1.0,
+                 battery: Callable[[], bool] | None = None) -> None:
+        self.app = app
+        self.cfg = cfg
+        self.limits = limits if limits is not None else read_limits()
+        self.sample = sample or Sampler()
+        self.tick = tick
+        self.on_battery = battery or _on_battery
+        lim = self.limits
+        self.soft = (cfg.memory_soft or lim.memory_high
+                     or (int(lim.memory_max * 0.6) if lim.memory_max else None))
+        self.hard = cfg.memory_hard or (int(lim.memory_max * 0.85) if lim.memory_max else None)
+        self.cpu_budget = min(cfg.cpu_budget, lim.cpu_cores or cfg.cpu_budget)
+        n = max(2, round(cfg.window / tick))
+        self.samples: deque[tuple[float, int, float]] = deque(maxlen=n)
+        self.level = "normal"
+        self.memory_stretch = 1.0
+        self.cpu_stretch = 1.0
+        self.shed_priority: int | None = None  # groups with priority >= this are stopped
+        self.low_power = False
+        self.forced_low_power: bool | None = None  # SIGUSR2 toggles
+        self.rss = 0
+        self.cpu = 0.0
+        self.decisions = 0
+        log.info("governor: limits %s: soft %s, hard %s, CPU budget %.0f %% of a core", lim.source,
+                 _mib(self.soft), _mib(self.hard), 100 * self.cpu_budget)
+
+    def toggle_low_power(self) -> None:
+        self.forced_low_power = not (self.forced_low_power if self.forced_low_power is not None
+                                     else self.low_power)
+        self.step(time.monotonic(), sample=False)
+
+    async def run(self) -> None:
+        import asyncio  # noqa: PLC0415
+
+        while True:
+            self.step(time.monotonic())
+            await asyncio.sleep(self.tick)
+
+    def step(self, now: float, sample: bool = True) -> None:
+        if sample:
+            rss, cpu = self.sample()
+            self.samples.append((now, rss, cpu))
+        self._low_power()
+        if len(self.samples) == self.samples.maxlen:
+            t0, _, c0 = self.samples[0]
+            t1, _, c1 = self.samples[-1]
+            self.rss = int(statistics.median(s[1] for s in self.samples))
+            self.cpu = (c1 - c0) / (t1 - t0) if t1 > t0 else 0.0
+            if self._memory() | self._cpu():
+                self.samples.clear()  # judge the next decision on fresh samples only
+        self.apply()
+
+    def _memory(self) -> bool:
+        if self.soft is None:
+            return False
+        before = (self.level, self.memory_stretch, self.shed_priority)
+        if self.hard is not None and self.rss > self.hard:
+            below = [p for p in self._priorities() if self.shed_priority is None or p < self.shed_priority]
+            if below:
+                self.shed_priority = below[-1]  # one more priority level each window while above
+            self.level = "shed"
+        elif self.rss > self.soft:
+            self.memory_stretch = min(self.cfg.max_stretch, self.memory_stretch * 2)
+            self.level = "soft" if self.shed_priority is None else "shed"
+        elif self.rss < 0.9 * self.soft:
+            if self.shed_priority is not None:
+                self.shed_priority = None
+            else:
+                self.memory_stretch = max(1.0, self.memory_stretch / 2)
+            self.level = "normal" if self.memory_stretch == 1.0 and self.shed_priority is None else "soft"
+        if self.level != "normal":
+            gc.collect()
+            self.app.commit_now.set()  # commit the open window now: its readings leave RAM
+        if before == (self.level, self.memory_stretch, self.shed_priority):
+            return False
+        self.decisions += 1
+        log.warning("governor: memory %s (RSS %s, soft %s, hard %s): low-priority stretch x%g%s",
+                    self.level, _mib(self.rss), _mib(self.soft), _mib(self.hard), self.memory_stretch,
+                    f", priority >= {self.shed_priority} stopped" if self.shed_priority else "")
+        return True
+
+    def _priorities(self) -> list[int]:
+        return sorted({g.priority for d in self.app.config.devices for g in d.groups if g.priority > 0})
+
+    def _cpu(self) -> bool:
+        before = self.cpu_stretch
+        if self.cpu > self.cpu_budget:
+            self.cpu_stretch = min(self.cfg.max_stretch, self.cpu_stretch * self.cpu / self.cpu_budget)
+        elif self.cpu < 0.7 * self.cpu_budget and self.cpu_stretch > 1.0:
+            self.cpu_stretch = max(1.0, self.cpu_stretch / 1.5)
+        if abs(before - self.cpu_stretch) > 1e-9:
+            self.decisions += 1
+            log.warning("governor: CPU %.0f %% of a core (budget %.0f %%): intervals stretched x%.2g",
+                        100 * self.cpu, 100 * self.cpu_budget, self.cpu_stretch)
+            return True
+        return False
+
+    def _low_power(self) -> None:
+        lp: LowPower = self.cfg.low_power
+        if self.forced_low_power is not None:
+            want = self.forced_low_power
+        else:
+            want = ((lp.on_battery and self.on_battery())
+                    or (lp.control_file is not None and lp.control_file.exists())
+                    or in_schedule(lp.schedule, dt.datetime.now()))
+        if want != self.low_power:
+            self.low_power = want
+            self.decisions += 1
+            store = self.app.store
+            store.commit_interval = (self.app.config.store.low_power_commit_interval if want
+                                     else self.app.config.store.commit_interval)
+            self.app.uplink.session_interval = lp.uplink_session_interval if want else None
+            self.app.low_power = want
+            log.warning("governor: low-power mode %s (intervals x%g, commit every %.0f s, uplink %s)",
+                        "on" if want else "off", lp.interval_factor if want else 1, store.commit_interval,
+                        f"sessions every {lp.uplink_session_interval:.0f} s" if want else "continuous")
+
+    def stretch_for(self, priority: int) -> float:
+        """Interval multiplier of a poll group of this priority (0 = most important)."""
+        if self.shed_priority is not None and priority >= self.shed_priority:
+            return 1e6  # stopped: the next deadline is beyond any horizon
+        factor = max(self.cpu_stretch, self.memory_stretch if priority > 0 else 1.0)
+        if self.low_power:
+            factor *= self.cfg.low_power.interval_factor
+        return factor
+
+    def apply(self) -> None:
+        for line in self.app.poller.lines:
+            for sched, runner, group in line.plan:
+                g = next(x for x in runner.device.groups if x.name == group)
+                sched.set_stretch(self.stretch_for(g.priority))
+
+
+def _on_battery() -> bool:
+    try:
+        battery = psutil.sensors_battery()
+    except (OSError, AttributeError, NotImplementedError):
+        return False
+    return battery is not None and not battery.power_plugged
+
+
+def _mib(n: int | None) -> str:
+    return "none" if n is None else f"{n / 2**20:.0f} MiB"
+
