@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -125,6 +126,8 @@ class Appliance:
                 if self.config.governor.enabled:
                     self._start("govern", self.governor.run())
                 await self.poller.started()
+                if delay := float(os.environ.get("EDGE_TEST_READY_DELAY", "0")):  # systemd test hook
+                    await asyncio.sleep(delay)
                 self.supervisor.ready()
                 self._start("supervise", self.supervisor.run())
                 test_hooks()
