@@ -166,11 +166,15 @@ class Line:
     def name(self) -> str:
         return self.link.name
 
+    def make_plan(self, start: float) -> list[tuple[Schedule, DeviceRunner, str]]:
+        """A deadline schedule per device and poll group, all starting at `start`."""
+        self.plan = [(Schedule(g.interval, start), r, g.name) for r in self.runners for g in r.device.groups
+                     if g.name in r.jobs]
+        return self.plan
+
     async def run(self) -> None:
         """Poll forever on deadlines; cancelled to stop."""
-        start = time.monotonic()
-        self.plan = plan = [(Schedule(g.interval, start), r, g.name) for r in self.runners
-                            for g in r.device.groups if g.name in r.jobs]
+        plan = self.make_plan(time.monotonic())
         if not plan:
             self.started.set()
             return
