@@ -47,7 +47,8 @@ Flags and their flash cost (measured, docs/performance.md): sync=True and metasy
 durable when commit() returns: the loss window on power cut is the open commit window, at most
 commit_interval of readings, which live only in RAM); writemap=False and readahead=False. Each commit
 writes 4 fixed pages (leaf, named-database root, free list, meta) plus one page per block, 6-9 in all at
-1,000 readings/s: fewer, fuller commits save flash; acknowledged blocks are deleted inside the next append transaction (one flush instead of two).
+1,000 readings/s: fewer, fuller commits save flash; acknowledged blocks are deleted inside the next
+append transaction (one flush instead of two).
 sync=False or map_async saves nothing measurable and corrupted the database under simulated power cuts:
 never.
 
