@@ -111,6 +111,7 @@ class ApplianceCollector:
                           ("blocks_dropped", "Blocks dropped because the store was full"),
                           ("readings_dropped", "Readings dropped because the store was full"),
                           ("recoveries", "Damaged stores moved aside"),
+                          ("rejected_trimmed", "Refused blocks dropped to keep room for pending ones"),
                           ("commit_failures", "Commits that failed (readings kept in RAM)")):
             fam = _counter(f"store_{name}", doc)
             fam.add_metric([], getattr(c, name))

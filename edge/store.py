@@ -30,7 +30,7 @@ Block value, byte by byte (little-endian):
     2   2  reserved (0)
     4   4  n readings, u32
     8   8  timestamp of the first reading, i64 unix ns
-    16  4  CRC-32 of bytes 24.. (the stored payload)
+    16  4  CRC-32 of bytes 0..16 and 20.. (the header without this field, and the stored payload)
     20  4  payload size before compression, u32
     24  .. payload, compressed by the codec:
            n x u32  tag ids
@@ -60,15 +60,19 @@ are dropped and counted) and the oldest 10 % of blocks are dropped to make room.
 
 Damage beyond LMDB's guarantees (a truncated file, flipped bytes: flash wear, not crashes) is detected
 at open (file shorter than its last page, a walk of every key) or when a block is taken (CRC); the damaged
-store is moved aside to `<path>.damaged-<time>` and a fresh one started, counted in meta `recoveries`; a
-damaged block is moved to `rejected` with the reason "corrupt". An open that crashed the process (LMDB
-cannot always survive arbitrary page damage) leaves a marker file, so the next start moves that store
+store is moved aside to `<path>.damaged-<time>` and a fresh one started, counted in meta `recoveries`
+(the totals carry over); a damaged block is moved to `rejected` with the reason "corrupt". LMDB cannot
+always survive arbitrary page damage without crashing the process (SIGBUS, SIGSEGV), so a marker file
+beside the store counts starts not followed by a clean close: after such a start every page is read
+once at open (a bad page crashes there, not at random later), and after 3 in a row the store is moved
 aside instead of crashing again. The appliance never refuses to start because of its store.
+
+Refused blocks kept in `rejected` may use 10 % of the map; beyond that the oldest of them are dropped
+(counted in rejected_trimmed) before any pending block is.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import operator
 import os
@@ -97,7 +101,8 @@ U64 = struct.Struct("<Q")
 MAX_VALUE = 4080  # one overflow page of 4 KiB (4,096 - 16 header bytes)
 READING_BYTES = 21  # u32 + u64 + f64 + u8: the raw size used for commit_bytes and ratios
 MARKER = ".opening"
-CRASHED_OPENS = 3  # opens in a row that never finished before the store is moved aside
+CRASHED_OPENS = 3  # unclean starts in a row (each reading the store through) before it is moved aside
+REJECTED_SHARE = 0.1  # refused blocks kept for inspection may use this share of the map
 
 NONE, FALSE, TRUE, INT, UINT, FLOAT, STRING = range(7)
 I64_MAX = (1 << 63) - 1
@@ -160,16 +165,22 @@ def encode_block(readings: Sequence[Reading], codec: int = ZSTD, compressor: Any
         stored = zlib.compress(payload, 1)
     else:
         stored = payload
-    header = HEADER.pack(VERSION, codec, 0, len(readings), t0, zlib.crc32(stored), len(payload))
-    return header + stored
+    header = HEADER.pack(VERSION, codec, 0, len(readings), t0, 0, len(payload))
+    return HEADER.pack(VERSION, codec, 0, len(readings), t0, _crc(header, stored), len(payload)) + stored
+
+
+def _crc(header: bytes | memoryview, stored: bytes | memoryview) -> int:
+    """CRC-32 of the header without its CRC field (bytes 0..16, 20..24), then the stored payload."""
+    return zlib.crc32(stored, zlib.crc32(header[20:24], zlib.crc32(header[:16])))
 
 
 def block_intact(value: bytes) -> bool:
-    """Format version known and CRC-32 of the payload right."""
+    """Format version known and CRC-32 (header and payload) right."""
     if len(value) < HEADER.size:
         return False
     version, _, _, _, _, crc, _ = HEADER.unpack_from(value)
-    return bool(version == VERSION and zlib.crc32(memoryview(value)[HEADER.size:]) == crc)
+    view = memoryview(value)
+    return bool(version == VERSION and _crc(view[:HEADER.size], view[HEADER.size:]) == crc)
 
 
 def block_header(value: bytes | memoryview) -> tuple[int, int, int]:
@@ -182,9 +193,9 @@ def block_header(value: bytes | memoryview) -> tuple[int, int, int]:
 
 def decode_block(value: bytes | memoryview, decompressor: Any = None) -> list[Reading]:
     """Readings of a block value; raises StoreDamaged on a bad CRC or layout."""
-    version, codec, _, n, t0, crc, size = HEADER.unpack_from(value)
+    _, codec, _, n, t0, _, size = HEADER.unpack_from(value)
     stored = bytes(value[HEADER.size:])
-    if version != VERSION or zlib.crc32(stored) != crc:
+    if not block_intact(bytes(value)):
         raise StoreDamaged("block checksum mismatch")
     try:
         if codec == ZSTD:
@@ -252,10 +263,11 @@ class Block:
     seq: int
     n: int
     value: bytes
+    stored_key: bytes | None = None  # the key as found, if it disagrees with (seq, n)
 
     @property
     def key(self) -> bytes:
-        return key_of(self.seq, self.n)
+        return self.stored_key or key_of(self.seq, self.n)
 
     def readings(self) -> list[Reading]:
         return decode_block(self.value)
@@ -274,11 +286,13 @@ class Counters:
     blocks_dropped: int = 0
     readings_dropped: int = 0
     recoveries: int = 0
+    rejected_trimmed: int = 0
     commit_failures: int = 0
     backlog_blocks: int = 0
     backlog_readings: int = 0
     persisted: tuple[str, ...] = field(default=("blocks_rejected", "readings_rejected", "blocks_dropped",
-                                                "readings_dropped", "recoveries"), repr=False)
+                                                "readings_dropped", "recoveries", "rejected_trimmed"),
+                                       repr=False)
 
 
 def _read_int(path: Path) -> int:
@@ -331,22 +345,26 @@ class Store:
     # -- opening and recovery ---------------------------------------------------------------------
 
     def _open(self) -> lmdb.Environment:
+        """The marker counts starts not followed by a clean close() or a full verified read: after an
+        unclean stop every page is read once (a damaged page crashes here, not later at random); after
+        CRASHED_OPENS such starts in a row the store is moved aside."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        marker = self.path.parent / f".{self.path.name}{MARKER}"
-        crashed = _read_int(marker)
-        if crashed >= CRASHED_OPENS:
-            self._move_aside(f"opening it crashed the process {crashed} times in a row")
-            crashed = 0
-        marker.write_text(str(crashed + 1))
+        self.marker = self.path.parent / f".{self.path.name}{MARKER}"
+        unclean = _read_int(self.marker)
+        if unclean >= CRASHED_OPENS:
+            self._move_aside(f"the last {unclean} starts with it ended in a crash")
+            unclean = 0
+        self.marker.write_text(str(unclean + 1))
         try:
-            env = self._open_checked()
-        except (lmdb.Error, StoreDamaged, OSError) as e:
+            env = self._open_checked(full=unclean > 0)
+        except (lmdb.Error, StoreDamaged, OSError, struct.error) as e:
             self._move_aside(str(e))
-            env = self._open_checked()
-        marker.unlink()
+            env = self._open_checked(full=False)
+        if unclean:
+            self.marker.write_text("1")  # read through without a crash: only this start is pending
         return env
 
-    def _open_checked(self) -> lmdb.Environment:
+    def _open_checked(self, full: bool) -> lmdb.Environment:
         fresh = not (self.path / "data.mdb").exists()
         env = open_env(self.path, self.cfg.map_size)
         try:
@@ -355,16 +373,23 @@ class Store:
             self.db_meta = env.open_db(b"meta")
             self._check_file(env)
             self._load(env, fresh)
+            if full:
+                self._verify_values(env)
         except BaseException:
             env.close()
             raise
         return env
 
     def _check_file(self, env: lmdb.Environment) -> None:
+        """The file holds every page the meta page claims, and the databases fit in those pages."""
         size = (self.path / "data.mdb").stat().st_size
-        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-        if size < needed:
-            raise StoreDamaged(f"data.mdb is {size} bytes, shorter than its {needed} bytes of pages")
+        pages = env.info()["last_pgno"] + 1
+        if size < pages * env.stat()["psize"]:
+            raise StoreDamaged(f"data.mdb is {size} bytes, shorter than its {pages} pages")
+        with env.begin() as txn:
+            used = self._pages_used(txn)
+        if used > pages:
+            raise StoreDamaged(f"its databases claim {used} pages of the {pages} in the file")
 
     def _load(self, env: lmdb.Environment, fresh: bool) -> None:
         """Walk every key (leaf pages only), restore counters and the next sequence number."""
@@ -374,7 +399,9 @@ class Store:
                 txn.put(b"next_seq", U64.pack(time.time_ns() // 1000), db=self.db_meta)
                 txn.put(b"appliance", self.appliance_id.encode(), db=self.db_meta)
             meta = {bytes(k): bytes(v) for k, v in txn.cursor(db=self.db_meta)}
-            next_seq = U64.unpack(meta.get(b"next_seq", bytes(8)))[0]
+            if b"next_seq" not in meta:  # every store this code made has it: this file is not one
+                raise StoreDamaged("its meta database lost the sequence number (an emptied data.mdb?)")
+            next_seq = U64.unpack(meta[b"next_seq"])[0]
             c.backlog_blocks = c.backlog_readings = 0
             last = -1
             for key in txn.cursor(db=self.db_blocks).iternext(keys=True, values=False):
@@ -393,21 +420,37 @@ class Store:
         for name in c.persisted:
             setattr(c, name, U64.unpack(meta.get(name.encode(), bytes(8)))[0])
 
+    def _verify_values(self, env: lmdb.Environment) -> None:
+        """Read every stored value once; blocks failing their checksum are moved aside at the next commit."""
+        with env.begin(buffers=True) as txn:
+            for key, value in txn.cursor(db=self.db_blocks):
+                seq, n = parse_key(key)
+                if not block_intact(bytes(value)):
+                    self.rejecting.append((Block(seq, n, bytes(value)), "corrupt: block checksum mismatch"))
+            for _ in txn.cursor(db=self.db_rejected):
+                pass
+
     def _move_aside(self, reason: str) -> None:
-        aside = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}-{n}")
         log.error("store %s is damaged (%s): moved to %s, starting a fresh store; readings in it were not "
                   "forwarded and stay there for inspection", self.path, reason, aside)
         if self.path.exists():
             self.path.rename(aside)
         self.counters.recoveries += 1
-        recoveries = self.counters.recoveries
         self.path.mkdir(parents=True, exist_ok=True)
         env = open_env(self.path, self.cfg.map_size)
+        next_seq = max(time.time_ns() // 1000, getattr(self, "next_seq", 0))
         with env.begin(write=True) as txn:
             meta = env.open_db(b"meta", txn=txn)
-            txn.put(b"next_seq", U64.pack(time.time_ns() // 1000), db=meta)
-            txn.put(b"recoveries", U64.pack(recoveries), db=meta)
+            txn.put(b"next_seq", U64.pack(next_seq), db=meta)
             txn.put(b"appliance", self.appliance_id.encode(), db=meta)
+            for name in self.counters.persisted:  # totals carry over to the fresh store
+                txn.put(name.encode(), U64.pack(getattr(self.counters, name)), db=meta)
         env.close()
 
     # -- producer side ----------------------------------------------------------------------------
@@ -495,7 +538,10 @@ class Store:
             if moved:
                 meta[b"blocks_rejected"] = c.blocks_rejected + len(moved)
                 meta[b"readings_rejected"] = c.readings_rejected + sum(b.n for b in moved)
+            trimmed = c.rejected_trimmed
             dropped = self._watermark(txn, len(blocks))
+            if c.rejected_trimmed != trimmed:
+                meta[b"rejected_trimmed"] = c.rejected_trimmed
             if dropped[0]:
                 meta[b"blocks_dropped"] = c.blocks_dropped + dropped[0]
                 meta[b"readings_dropped"] = c.readings_dropped + dropped[1]
@@ -542,11 +588,23 @@ class Store:
         used = self._pages_used(txn) + new_blocks + new_blocks // 50 + 2
         if used <= self.cfg.high_watermark * total:
             return 0, 0
-        return self._drop_oldest(txn, used - int(self.cfg.low_watermark * total))
+        excess = used - int(self.cfg.low_watermark * total)
+        rejected = txn.stat(self.db_rejected)
+        rejected_pages = rejected["leaf_pages"] + rejected["overflow_pages"] + rejected["branch_pages"]
+        if rejected_pages > total * REJECTED_SHARE:  # refused blocks are kept for inspection, not forever
+            trimmed, _ = self._drop_oldest(txn, min(excess, rejected_pages - int(total * REJECTED_SHARE)),
+                                           self.db_rejected)
+            self.counters.rejected_trimmed += trimmed
+            excess -= trimmed
+            self._once("trim", logging.WARNING, "store: rejected blocks fill the store: dropping the oldest "
+                       "of them (counted in rejected_trimmed)")
+        return self._drop_oldest(txn, excess) if excess > 0 else (0, 0)
 
-    def _drop_oldest(self, txn: lmdb.Transaction, pages: int) -> tuple[int, int]:
+    def _drop_oldest(self, txn: lmdb.Transaction, pages: int, db: Any = None) -> tuple[int, int]:
+        """Delete the oldest blocks (not in flight) of `db` (default: the queue) until about `pages`
+        pages are freed or none is left. Returns (blocks, readings) deleted."""
         blocks = readings = 0
-        cursor = txn.cursor(db=self.db_blocks)
+        cursor = txn.cursor(db=self.db_blocks if db is None else db)
         ok = cursor.first()
         while ok and pages > 0:
             seq, n = parse_key(cursor.key())
@@ -556,7 +614,7 @@ class Store:
             pages -= 1 + len(cursor.value()) // 4096
             blocks += 1
             readings += n
-            ok = cursor.delete()
+            ok = cursor.delete() and bool(cursor.key())  # past the last key the cursor is unset
         return blocks, readings
 
     def _drop_fraction(self, fraction: float) -> None:
@@ -592,6 +650,12 @@ class Store:
                     if not block_intact(block.value):
                         self.rejecting.append((block, "corrupt: block checksum mismatch"))
                         continue
+                    count = block_header(block.value)[1]
+                    if count != n:  # the key was damaged, the (checksummed) block was not: trust it
+                        self._once("key", logging.WARNING, "store: block %d: its key says %d readings, "
+                                   "its checksummed header %d: using the header", seq, n, count)
+                        self.counters.backlog_readings += count - n
+                        block = Block(seq, count, block.value, bytes(key))
                     out.append(block)
                     if len(out) >= limit:
                         break
@@ -607,26 +671,29 @@ class Store:
         c = self.counters
         c.blocks_dropped += c.backlog_blocks
         c.readings_dropped += c.backlog_readings
-        self.in_flight.clear()
+        c.backlog_blocks = c.backlog_readings = 0
+        self.in_flight.clear()  # blocks taken before: accept/reject/keep of them are ignored
         self.acked.clear()
         self.rejecting.clear()
         self.env.close()
         self._move_aside(reason)
-        self.env = self._open_checked()
+        self.env = self._open_checked(full=False)
 
     def accept(self, blocks: Sequence[Block]) -> None:
         """Delivered: deleted in the next commit (a crash before it re-sends them: at-least-once)."""
-        for b in blocks:
+        live = [b for b in blocks if b.seq in self.in_flight]  # not from before a recovery
+        for b in live:
             self.in_flight.discard(b.seq)
             self.counters.blocks_forwarded += 1
             self.counters.readings_forwarded += b.n
-        self.acked.extend(blocks)
+        self.acked.extend(live)
 
     def reject(self, blocks: Sequence[Block], reason: str) -> None:
         """Refused by the receiver: moved to `rejected` in the next commit, kept for inspection."""
-        for b in blocks:
+        live = [b for b in blocks if b.seq in self.in_flight]
+        for b in live:
             self.in_flight.discard(b.seq)
-        self.rejecting.extend((b, reason) for b in blocks)
+        self.rejecting.extend((b, reason) for b in live)
 
     def keep(self, blocks: Sequence[Block]) -> None:
         """Not delivered (connection lost): back in the queue, taken again later, oldest first."""
@@ -644,10 +711,14 @@ class Store:
             return block_header(cursor.value())[2]
 
     def close(self) -> None:
-        """Commit the open window and close."""
-        with contextlib.suppress(lmdb.Error):
+        """Commit the open window and close; a clean close clears the unclean-start marker."""
+        try:
             self.commit()
+        except lmdb.Error:
+            self.env.close()
+            return
         self.env.close()
+        self.marker.unlink(missing_ok=True)
 
     def _once(self, kind: str, level: int, message: str, *args: object) -> None:
         log.log(level if kind not in self._logged else logging.DEBUG, message, *args)
