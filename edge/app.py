@@ -27,7 +27,7 @@ from edge.govern import Governor
 from edge.poll.engine import Poller
 from edge.reading import Reading
 from edge.store import Store
-from edge.supervise import Supervisor, test_hooks
+from edge.supervise import Supervisor, dump_stacks, test_hooks
 from edge.uplink import Uplink
 
 log = logging.getLogger("edge.app")
@@ -65,7 +65,8 @@ class Appliance:
             remaining = store.window_start + store.commit_interval - time.monotonic()
             if remaining > 0 and not self.commit_now.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.commit_now.wait(), min(remaining, 1.0))
+                    async with asyncio.timeout(min(remaining, 1.0)):
+                        await self.commit_now.wait()
                 if not self.commit_now.is_set() and remaining > 1.0:
                     continue  # beat once a second through a long (low-power) window
             self.commit_now.clear()
@@ -105,6 +106,7 @@ class Appliance:
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         loop.add_signal_handler(signal.SIGUSR2, self.governor.toggle_low_power)
+        loop.add_signal_handler(signal.SIGUSR1, dump_stacks)
         n_tags = sum(len(d.tags) for d in self.config.devices)
         log.info("edge: %s polling %d devices (%d tags), store %s, uplink %s:%d", self.config.appliance.id,
                  len(self.config.devices), n_tags, self.config.store.path, self.config.uplink.host,
@@ -135,7 +137,7 @@ class Appliance:
                 self.supervisor.stopping()
                 await self.shutdown()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
                 loop.remove_signal_handler(sig)
             if metrics is not None:
                 metrics.close()
@@ -152,9 +154,8 @@ class Appliance:
         uplink = self.tasks.pop("uplink", None)
         if uplink is not None:
             self.uplink.stop()
-            try:
-                await asyncio.wait_for(asyncio.shield(uplink), self.config.uplink.publish_timeout + 2)
-            except TimeoutError:
+            done, _ = await asyncio.wait({uplink}, timeout=self.config.uplink.publish_timeout + 2)
+            if not done:
                 await _cancel(uplink)
         await asyncio.to_thread(self.store.commit)  # the deletes of the last acknowledged blocks
 
@@ -177,8 +178,7 @@ class Appliance:
         uplink = self.tasks.pop("uplink", None)
         if uplink is not None:
             self.uplink.stop()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(uplink), config.uplink.publish_timeout + 2)
+            await asyncio.wait({uplink}, timeout=config.uplink.publish_timeout + 2)
             await _cancel(uplink)
         self.uplink = Uplink(config, self.store)
         if config.uplink.enabled:

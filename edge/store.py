@@ -77,6 +77,7 @@ import logging
 import operator
 import os
 import struct
+import threading
 import time
 import zlib
 from array import array
@@ -340,6 +341,7 @@ class Store:
         self._compressor = zstandard.ZstdCompressor(level=1)
         self._decompressor = zstandard.ZstdDecompressor()
         self._logged: set[str] = set()
+        self._commit_lock = threading.Lock()
         self.env = self._open()
 
     # -- opening and recovery ---------------------------------------------------------------------
@@ -497,7 +499,11 @@ class Store:
     def commit(self) -> int:
         """Write the open window: deletes of acknowledged blocks, rejected blocks moved aside, new blocks
         appended, the oldest dropped if the map would pass its high watermark: one transaction, durable
-        on return. Returns the number of blocks appended. Call from one thread at a time."""
+        on return. Returns the number of blocks appended. Commits from several threads run one by one."""
+        with self._commit_lock:
+            return self._commit()
+
+    def _commit(self) -> int:
         batch, self.buffer = self.buffer, []
         acked, self.acked = self.acked, []
         rejecting, self.rejecting = self.rejecting, []

@@ -11,7 +11,8 @@
 
 Heartbeats are the stages' own loop iterations (each waits at most ~1 s at a time), so a long poll
 interval or commit window is not mistaken for a stall, and a stage waiting on I/O is bounded by that
-I/O's own timeout. faulthandler also dumps all threads' stacks on SIGUSR1, for a look at a live process.
+I/O's own timeout. SIGUSR1 dumps every thread's and every asyncio task's stack, for a look at a live
+process.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import asyncio
 import faulthandler
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -41,8 +41,6 @@ class Supervisor:
         self.last: dict[str, float] = {}
         self.stalled: list[str] = []
         faulthandler.enable()  # SIGSEGV, SIGABRT (the watchdog's kill), ... -> stacks on stderr
-        if hasattr(signal, "SIGUSR1"):
-            faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def notify(self, text: str) -> None:
         self.notifier.notify(text)

@@ -192,7 +192,8 @@ class Uplink:
         while not self._stop.is_set() and (left := end - time.monotonic()) > 0:
             self.stats.last_progress = time.monotonic()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), min(left, 1.0))
+                async with asyncio.timeout(min(left, 1.0)):
+                    await self._stop.wait()
 
     def stop(self) -> None:
         """Finish the blocks in flight, publish "offline", disconnect."""
@@ -240,7 +241,8 @@ class Uplink:
                 if self.session_interval and not pending:
                     return  # low power: drained, end the session
                 with contextlib.suppress(TimeoutError):  # a commit or a PUBACK sets wake
-                    await asyncio.wait_for(self.wake.wait(), 1.0)
+                    async with asyncio.timeout(1.0):
+                        await self.wake.wait()
             if pending:  # stopping: let what is in flight finish, within the publish timeout
                 await asyncio.wait(pending, timeout=self.cfg.publish_timeout)
         finally:

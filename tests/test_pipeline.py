@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -204,20 +205,36 @@ def test_tls_with_a_test_ca_and_server_name(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------ as a real process
 
-def edge_run(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "edge", "run", str(config)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+class EdgeProcess:
+    """`edge run` as a subprocess; its log is read continuously (a full pipe would block its logging)."""
 
+    def __init__(self, config: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "edge", "run", str(config)], cwd=ROOT,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        threading.Thread(target=self._drain, daemon=True).start()
 
-def metrics_port(proc: subprocess.Popen[bytes]) -> int:
-    assert proc.stderr is not None
-    line = b""
-    deadline = time.monotonic() + 30
-    while b"/metrics" not in line:
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError("appliance did not start")
-        line = proc.stderr.readline()
-    return int(line.split(b"127.0.0.1:")[1].split(b"/")[0])
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            with self.changed:
+                self.lines.append(raw.decode(errors="replace"))
+                self.changed.notify_all()
+
+    @property
+    def log(self) -> str:
+        with self.changed:
+            return "".join(self.lines)
+
+    def metrics_port(self, timeout: float = 30.0) -> int:
+        with self.changed:
+            ok = self.changed.wait_for(lambda: any("/metrics" in x for x in self.lines) or
+                                       self.proc.poll() is not None, timeout)
+            line = next((x for x in self.lines if "/metrics" in x), None)
+        if not ok or line is None:
+            raise RuntimeError(f"appliance did not start:\n{self.log}")
+        return int(line.split("127.0.0.1:")[1].split("/")[0])
 
 
 def metric(port: int, name: str) -> float:
@@ -254,13 +271,17 @@ def write_config(path: Path, cfg: dict[str, Any]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def stop(proc: subprocess.Popen[bytes]) -> int:
-    proc.send_signal(signal.SIGTERM)
+def stop(edge: EdgeProcess) -> int:
+    """SIGTERM and the exit code; a process still running after 30 s has its stacks dumped (SIGUSR1) into
+    the failure message before it is killed."""
+    edge.proc.send_signal(signal.SIGTERM)
     try:
-        return proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        return edge.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        edge.proc.send_signal(signal.SIGUSR1)
+        time.sleep(1)  # let faulthandler write the stacks before the kill
+        edge.proc.kill()
+        raise AssertionError(f"edge did not stop on SIGTERM:\n{edge.log[-6000:]}") from None
 
 
 def test_kill_9_during_a_backlog_drain_loses_nothing_committed(tmp_path: Path) -> None:
@@ -271,21 +292,21 @@ def test_kill_9_during_a_backlog_drain_loses_nothing_committed(tmp_path: Path) -
         cfg["device"][0]["interval"] = "10ms"
         conf = tmp_path / "config.toml"
         write_config(conf, cfg)
-        proc = edge_run(conf)
-        mport = metrics_port(proc)
+        edge = EdgeProcess(conf)
+        mport = edge.metrics_port()
         wait_metric(mport, "edge_store_backlog_readings", lambda v: v >= 1500)  # offline: a backlog builds
         with start_broker(tmp_path / "mqtt", port):
             sub = Subscriber(port, "edge/t1/data")
             wait_metric(mport, "edge_uplink_acked_total", lambda v: v >= 2)  # draining...
-            proc.kill()  # ...power cut
-            proc.wait()
+            edge.proc.kill()  # ...power cut
+            edge.proc.wait()
             committed = {seq for seq, _ in dump(tmp_path / "state" / "store", 64 << 20, 0, 10**6)}
             delivered = set(received(sub))
             assert committed, "the backlog was committed before the kill"
-            proc = edge_run(conf)
-            metrics_port(proc)
+            edge = EdgeProcess(conf)
+            edge.metrics_port()
             sub.wait(lambda s: committed <= set(received(s)) | delivered, timeout=60)
-            assert stop(proc) == 0
+            assert stop(edge) == 0, edge.log
             sub.close()
     check_values_and_order(received(sub))
 
@@ -296,9 +317,10 @@ def test_status_health_and_reload(tmp_path: Path) -> None:
         cfg["metrics"]["port"] = free_port()
         conf = tmp_path / "config.toml"
         write_config(conf, cfg)
-        proc = edge_run(conf)
+        edge = EdgeProcess(conf)
+        proc = edge.proc
         try:
-            mport = metrics_port(proc)
+            mport = edge.metrics_port()
             wait_metric(mport, "edge_uplink_acked_total", lambda v: v >= 3)
             with urllib.request.urlopen(f"http://127.0.0.1:{mport}/health", timeout=5) as r:
                 assert r.status == 200 and json.loads(r.read())["ok"] is True
@@ -315,8 +337,7 @@ def test_status_health_and_reload(tmp_path: Path) -> None:
             proc.send_signal(signal.SIGHUP)
             wait_metric(mport, "edge_config_reloads_total", lambda v: v >= 1)
         finally:
-            code = stop(proc)
-        assert proc.stderr is not None
-        log = proc.stderr.read().decode()
-    assert code == 0
+            code = stop(edge)
+        log = edge.log
+    assert code == 0, log
     assert "reload refused" in log and 'unknown type "flaot32"' in log and "config reloaded" in log

@@ -178,8 +178,11 @@ class Line:
         if not plan:
             self.started.set()
             return
+        me = asyncio.current_task()
         try:
             while True:
+                if me is not None and me.cancelling():  # a cancel a library swallowed still stops us
+                    raise asyncio.CancelledError
                 sched, runner, group = min(plan, key=lambda p: p[0].deadline)
                 delay = sched.deadline - time.monotonic()
                 if delay > 0:

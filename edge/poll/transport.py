@@ -99,7 +99,8 @@ class Link:
             self.client = self._create()
         self.client.ctx.comm_params.timeout_connect = timeout
         try:
-            return bool(await asyncio.wait_for(self.client.connect(), timeout + 1.0))
+            async with asyncio.timeout(timeout + 1.0):  # not wait_for: in 3.11 it can swallow a cancel
+                return bool(await self.client.connect())
         except (TimeoutError, OSError, termios.error) as e:  # termios: a port refusing its settings
             self.last_error = str(e)
             return False
