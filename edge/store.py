@@ -11,8 +11,8 @@ three named databases:
     blocks    key  12 B: sequence u64 big-endian | readings in the block u32 big-endian
               value: one block (below), <= 4,080 B so it fills exactly one 4 KiB overflow page
     rejected  the same keys; value = reason length u16 LE | reason UTF-8 | the original block
-    meta      b"next_seq" u64 LE, b"dropped_blocks", b"dropped_readings", b"rejected_blocks",
-              b"rejected_readings", b"recoveries" u64 LE, b"appliance" UTF-8
+    meta      b"next_seq" u64 LE, b"blocks_dropped", b"readings_dropped", b"blocks_rejected",
+              b"readings_rejected", b"recoveries", b"rejected_trimmed" u64 LE, b"appliance" UTF-8
 
 Keys sort by sequence, so put(append=True) always appends to the right edge of the B-tree; the reading
 count in the key gives the backlog from the keys alone (no value is read at start-up).
@@ -61,7 +61,8 @@ are dropped and counted) and the oldest 10 % of blocks are dropped to make room.
 Damage beyond LMDB's guarantees (a truncated file, flipped bytes: flash wear, not crashes) is detected
 at open (file shorter than its last page, a walk of every key) or when a block is taken (CRC); the damaged
 store is moved aside to `<path>.damaged-<time>` and a fresh one started, counted in meta `recoveries`
-(the totals carry over); a damaged block is moved to `rejected` with the reason "corrupt". LMDB cannot
+(the totals carry over when the damage is found while running; found at open, the damaged meta is not
+trusted and the totals restart); a damaged block is moved to `rejected` with the reason "corrupt". LMDB cannot
 always survive arbitrary page damage without crashing the process (SIGBUS, SIGSEGV), so a marker file
 beside the store counts starts not followed by a clean close: after such a start every page is read
 once at open (a bad page crashes there, not at random later), and after 3 in a row the store is moved
@@ -370,6 +371,7 @@ class Store:
         fresh = not (self.path / "data.mdb").exists()
         env = open_env(self.path, self.cfg.map_size)
         try:
+            self._check_size(env)  # before any page beyond the meta pages is touched (SIGBUS)
             self.db_blocks = env.open_db(b"blocks")
             self.db_rejected = env.open_db(b"rejected")
             self.db_meta = env.open_db(b"meta")
@@ -382,12 +384,16 @@ class Store:
             raise
         return env
 
-    def _check_file(self, env: lmdb.Environment) -> None:
-        """The file holds every page the meta page claims, and the databases fit in those pages."""
+    def _check_size(self, env: lmdb.Environment) -> None:
+        """The file holds every page the meta page claims."""
         size = (self.path / "data.mdb").stat().st_size
         pages = env.info()["last_pgno"] + 1
         if size < pages * env.stat()["psize"]:
             raise StoreDamaged(f"data.mdb is {size} bytes, shorter than its {pages} pages")
+
+    def _check_file(self, env: lmdb.Environment) -> None:
+        """The databases fit in the pages of the file."""
+        pages = env.info()["last_pgno"] + 1
         with env.begin() as txn:
             used = self._pages_used(txn)
         if used > pages:
@@ -514,6 +520,10 @@ class Store:
         t0 = time.perf_counter()
         try:
             dropped = self._write(blocks, acked, rejecting)
+        except (lmdb.CorruptedError, lmdb.PageNotFoundError, StoreDamaged, struct.error) as e:
+            self.recover(f"found while committing: {e}")  # the window's readings go to the fresh store
+            self.buffer[:0] = batch
+            return 0
         except (lmdb.MapFullError, lmdb.DiskError, OSError) as e:
             self.buffer[:0] = batch
             self.acked[:0] = acked

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.store import MARKER, Store, block_intact, decode_block, parse_key
+from edge.store import CRASHED_OPENS, MARKER, Store, block_intact, decode_block, parse_key
 from tests.store_writer import APPLIANCE, config, reading
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,3 +200,50 @@ def test_kill_9_while_writing_never_loses_or_invents_a_block(tmp_path: Path) -> 
           f"{len(seen.blocks)} left")
     if KILLS >= 20:  # the run exercised the interesting cases (not a property of the store)
         assert seen.commits > 0 and seen.deletes > 0, f"seed={SEED}: the writer never committed"
+
+
+def test_kills_in_a_row_without_a_clean_close_are_not_damage(tmp_path: Path) -> None:
+    """The marker counts unclean stops; a start that opened and read the store through resets it, so
+    writers killed one after the other (no clean close between them) never add up to "damaged"."""
+    rng = random.Random(SEED + 1)
+    path = tmp_path / "store"
+    out, err = tmp_path / "writer.out", tmp_path / "writer.err"
+    marker = path.parent / f".{path.name}{MARKER}"
+    committed: dict[int, tuple[int, int]] = {}  # seq -> (n, first_i), printed C and not A
+    maybe_gone: set[int] = set()  # accepted, deleted by a commit that may have landed before the kill
+    deleted: set[int] = set()
+    max_seq = -1
+    for k in range(CRASHED_OPENS + 3):
+        ctx = f"seed={SEED} kill {k + 1} in a row"
+        proc = start_writer(path, k * FIRST_I_STEP, out, err)
+        try:
+            wait_open(proc, out, err, ctx)
+            time.sleep(rng.uniform(0.1, 0.3))
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL, f"{ctx}: writer died by itself:\n{err.read_text()}"
+        run = parse(out.read_text())
+        assert run.open_seq > max_seq, f"{ctx}: next_seq {run.open_seq} reuses <= {max_seq}"
+        for seq, n, first_i in run.committed:
+            committed[seq] = (n, first_i)
+            max_seq = max(max_seq, seq)
+        for seq in run.deleted:
+            committed.pop(seq, None)
+            deleted.add(seq)
+        maybe_gone |= set(run.accepted) - set(run.deleted)
+        assert marker.read_text().strip() == "1", f"{ctx}: an unclean stop counted more than once"
+        assert not list(path.parent.glob(f"{path.name}.damaged-*")), f"{ctx}: a kill was taken for damage"
+    rows, store = present_blocks(path)
+    present = {seq: (n, value) for seq, n, value in rows}
+    for seq, (n, first_i) in committed.items():
+        if seq in present:
+            check_block(seq, n, present[seq][1], first_i, f"seed={SEED}")
+        else:
+            assert seq in maybe_gone, f"seed={SEED}: committed block {seq} is lost"
+    for seq in set(present) - set(committed):  # appended by a commit a kill cut short before its C line
+        assert seq not in deleted and block_intact(present[seq][1]), f"seed={SEED}: block {seq}"
+    assert store.counters.recoveries == 0 and not marker.exists()
+    assert (store.counters.backlog_blocks, store.counters.backlog_readings) == (
+        len(rows), sum(n for _, n, _ in rows))

@@ -6,7 +6,8 @@ LMDB may crash the process on arbitrary page damage, so a damaged store is only 
 subprocess (OPENER): it must exit 0, or die by a signal and exit 0 on a later start (the crash marker
 moves the store aside after CRASHED_OPENS crashed opens, so at most CRASHED_OPENS + 1 starts); never hang,
 never exit on a Python exception. EDGE_DAMAGE_SEEDS (default "1,2,3,4,5,6") sets the seeds of the
-random-flip cases.
+random-flip cases; a wider sweep (1..80) also hits the bug pinned by
+test_damage_found_by_a_commit_is_recovered (seeds 21, 42, 79, 80 of the "anywhere" case).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ APPLIANCE = "damage-test"
 SEEDS = [int(s) for s in os.environ.get("EDGE_DAMAGE_SEEDS", "1,2,3,4,5,6").split(",")]
 F_BIGDATA, F_SUBDATA = 0x01, 0x02  # LMDB node flags
 P_BRANCH, P_LEAF = 0x01, 0x02  # LMDB page flags
+
 
 def seeds(kind: str) -> list[object]:
     return list(SEEDS)
@@ -383,9 +385,10 @@ def test_flipped_block_header_is_rejected(template: Template, tmp_path: Path) ->
     data = path / "data.mdb"
     seq = template.overflow_block(10)
     (at,) = occurrences(data.read_bytes(), template.values[seq])
-    flip(data, [at + 9], random.Random(1))  # second byte of t0: timestamps move by k * 256 ns
+    flip(data, [at + 9], random.Random(1))  # second byte of t0: timestamps would move by k * 256 ns
     out, _ = start_until_ok(path)
-    assert_all_delivered_or_rejected(template, out)  # fails: block `seq` delivered with other readings
+    assert_all_delivered_or_rejected(template, out)
+    assert {int(k) for k in out["rejected"]} == {seq}
 
 
 def test_damaged_reading_count_in_a_key_is_detected(template: Template, tmp_path: Path) -> None:
@@ -400,7 +403,7 @@ def test_damaged_reading_count_in_a_key_is_detected(template: Template, tmp_path
         raw[node + 8 + 9] ^= 0x40  # the key's u32 reading count, big-endian: n + 4,194,304
     data.write_bytes(raw)
     out, _ = start_until_ok(path)
-    assert_all_delivered_or_rejected(template, out)  # fails: block `seq` delivered with n = 4,194,304 + n
+    assert_all_delivered_or_rejected(template, out)  # delivered with the count of its checksummed header
 
 
 def test_empty_data_file_is_damage(template: Template, tmp_path: Path) -> None:
@@ -421,8 +424,8 @@ def test_damaged_node_size_does_not_crash_every_start(template: Template, tmp_pa
     for node in nodes:
         struct.pack_into("<H", raw, node + 2, struct.unpack_from("<H", raw, node + 2)[0] + 0x10)
     data.write_bytes(raw)
-    out, _ = start_until_ok(path)  # fails: SIGBUS (-7) on all CRASHED_OPENS + 1 starts
-    assert moved_aside(path) or str(seq) in out["rejected"]
+    out, runs = start_until_ok(path)  # SIGBUS in take(), then in the full read of the unclean starts
+    assert moved_aside(path) or str(seq) in out["rejected"], [r.returncode for r in runs]
 
 
 def test_damaged_database_record_neither_drops_everything_nor_raises(template: Template,
@@ -435,8 +438,72 @@ def test_damaged_database_record_neither_drops_everything_nor_raises(template: T
     for node in nodes:  # MDB_db: pad u32, flags u16, depth u16, branch, leaf, overflow, entries, root u64
         struct.pack_into("<Q", raw, node + 8 + 4 + 24, 1 << 38)
     data.write_bytes(raw)
-    out, _ = start_until_ok(path, "roundtrip")  # fails: struct.error from the first commit, every start
+    out, _ = start_until_ok(path, "roundtrip")
     assert moved_aside(path) or out["counters"]["blocks_dropped"] == 0
+
+
+# -- known bugs, pinned (xfail strict: they fail until edge/store.py is fixed) ------------------------
+
+def test_damage_found_by_a_commit_is_recovered(template: Template, tmp_path: Path) -> None:
+    path = template.copy(tmp_path)
+    data = path / "data.mdb"
+    raw = bytearray(data.read_bytes())
+    (at,) = occurrences(bytes(raw), template.values[template.overflow_block(5)])
+    assert at % PAGE == 16  # the value starts right after its overflow page's 16-byte header
+    struct.pack_into("<H", raw, at - 16 + 10, 0)  # mp_flags: P_OVERFLOW cleared
+    data.write_bytes(raw)
+    out, _ = start_until_ok(path)  # reading is fine: every block delivered intact
+    assert_all_delivered_or_rejected(template, out)
+    out, _ = start_until_ok(path, "roundtrip")  # fails: accept + commit raises lmdb.CorruptedError
+    assert out["roundtrip"]
+
+
+def main_root(raw: bytes) -> tuple[int, int]:
+    """(root page of LMDB's main database, last page) per the newer of the two meta pages."""
+    metas = []
+    for p in (0, 1):  # page header 16 B; MDB_meta: magic, version u32, address, mapsize, dbs[2] of 48 B
+        dbs = p * PAGE + 16 + 24
+        root = struct.unpack_from("<Q", raw, dbs + 48 + 40)[0]
+        last_pg, txnid = struct.unpack_from("<QQ", raw, dbs + 96)
+        metas.append((txnid, root, last_pg))
+    _, root, last_pg = max(metas)
+    return root, last_pg
+
+
+def test_truncation_is_detected_without_crashing(template: Template, tmp_path: Path) -> None:
+    path = template.copy(tmp_path)
+    data = path / "data.mdb"
+    root, last_pg = main_root(data.read_bytes())
+    assert 2 <= root < last_pg
+    os.truncate(data, root * PAGE)  # the file ends just before the main database's root page
+    out, runs = start_until_ok(path)
+    assert [r.returncode for r in runs] == [0]  # fails: [-7, -7, -7, 0]
+    assert_recovered(path, template, out, runs, "shorter than")
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: when damage is found at open, _move_aside() carries over the "
+                   "counters of this process, which _load() never filled (it failed or never ran): "
+                   "recoveries restarts at 1 and blocks_dropped / readings_dropped / rejected totals at 0, "
+                   "though the docstring says the totals carry over and the old meta was readable here")
+def test_totals_carry_over_a_recovery_at_open(tmp_path: Path) -> None:
+    cfg = StoreConfig(path=tmp_path / "store", map_size=MAP_SIZE)
+    store = Store(cfg, APPLIANCE)
+    store.add([noisy_reading(k) for k in range(20_000)])
+    store.commit()
+    store.recover("first")  # its backlog counts as dropped, recoveries = 1
+    store.add([noisy_reading(k) for k in range(20_000, 60_000)])
+    store.commit()
+    before = store.counters.recoveries, store.counters.blocks_dropped, store.counters.readings_dropped
+    store.close()
+    assert before[0] == 1 and before[2] == 20_000
+    data = cfg.path / "data.mdb"
+    root, last_pg = main_root(data.read_bytes())
+    assert root < last_pg
+    os.truncate(data, last_pg * PAGE)  # only the last page is cut off
+    out, _ = start_until_ok(cfg.path)
+    assert len(moved_aside(cfg.path)) == 2
+    c = out["counters"]
+    assert (c["recoveries"], c["blocks_dropped"], c["readings_dropped"]) == (2, *before[1:])  # (1, 0, 0)
 
 
 # -- recover() while running ------------------------------------------------------------------------
@@ -489,7 +556,7 @@ def test_backlog_stays_exact_when_blocks_in_flight_survive_a_recovery(tmp_path: 
         store.accept(taken)  # the uplink's acknowledgements arrive after the recovery
         store.add([noisy_reading(k) for k in range(100)])
         store.commit()
-        assert store.counters.backlog_blocks == present(store) == 1  # actual: backlog_blocks == -2
+        assert store.counters.backlog_blocks == present(store) == 1
     finally:
         store.close()
 
@@ -499,7 +566,7 @@ def test_two_recoveries_in_the_same_second(tmp_path: Path, monkeypatch: pytest.M
     store = small_store(tmp_path)
     try:
         store.recover("first")
-        store.recover("second")  # raises OSError: Directory not empty
+        store.recover("second")
         assert len(moved_aside(store.path)) == 2
     finally:
         with contextlib.suppress(lmdb.Error):
