@@ -89,11 +89,14 @@ class Appliance:
                 f"uplink {uplink}{', low power' if self.low_power else ''}")
 
     async def commit(self) -> None:
-        if self.store.due(time.monotonic() + (1e9 if self.commit_now.is_set() else 0.0)):
-            if await asyncio.to_thread(self.store.commit):
+        """Commit what is pending (the committer calls this when the window is over: not re-checked
+        against the clock, a timer firing a millisecond early must not cost readings a second window)."""
+        store = self.store
+        if store.buffer or store.acked or store.rejecting:
+            if await asyncio.to_thread(store.commit):
                 self.uplink.wake.set()
         else:
-            self.store.window_start = time.monotonic()
+            store.window_start = time.monotonic()
         self.last_commit = time.monotonic()
 
     def _start(self, name: str, coro: object) -> None:
