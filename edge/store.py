@@ -343,6 +343,7 @@ class Store:
         self._decompressor = zstandard.ZstdDecompressor()
         self._logged: set[str] = set()
         self._commit_lock = threading.Lock()
+        self._settling: set[int] = set()
         self.env = self._open()
 
     # -- opening and recovery ---------------------------------------------------------------------
@@ -510,9 +511,20 @@ class Store:
             return self._commit()
 
     def _commit(self) -> int:
+        # Until this commit is durable, settled blocks are still in the database: take() must not send
+        # them again. Marked before and after the swap (take() runs in another thread meanwhile).
+        self._settling = {b.seq for b in self.acked} | {b.seq for b, _ in self.rejecting}
         batch, self.buffer = self.buffer, []
         acked, self.acked = self.acked, []
         rejecting, self.rejecting = self.rejecting, []
+        self._settling |= {b.seq for b in acked} | {b.seq for b, _ in rejecting}
+        try:
+            return self._commit_batch(batch, acked, rejecting)
+        finally:
+            self._settling = set()
+
+    def _commit_batch(self, batch: list[Reading], acked: list[Block],
+                      rejecting: list[tuple[Block, str]]) -> int:
         self.window_start = time.monotonic()
         if not (batch or acked or rejecting):
             return 0
@@ -655,7 +667,8 @@ class Store:
         """The oldest blocks not yet in flight (at most `limit`), marked in flight. A block that fails its
         checksum is moved aside (rejected, reason "corrupt") instead of being returned."""
         out: list[Block] = []
-        skip = self.in_flight | {b.seq for b in self.acked} | {b.seq for b, _ in self.rejecting}
+        skip = (self.in_flight | self._settling | {b.seq for b in self.acked}
+                | {b.seq for b, _ in self.rejecting})
         try:
             with self.env.begin(db=self.db_blocks, buffers=True) as txn:
                 for key, value in txn.cursor():

@@ -243,3 +243,26 @@ def test_dump_rejects_bad_arguments(tmp_path: Path, bad: str) -> None:
                         bad], capture_output=True, text=True, timeout=60, check=False,
                        cwd=Path(__file__).resolve().parent.parent)
     assert r.returncode == 2 and r.stderr.strip()
+
+
+def test_blocks_being_deleted_are_not_taken_again_during_the_commit(tmp_path: Path) -> None:
+    """The commit runs in a worker thread while the uplink keeps taking: an accepted block is still in
+    the database until that commit is durable, and must not be sent a second time meanwhile."""
+    s = Store(cfg(tmp_path), "a")
+    for w in range(2):
+        s.add(readings(10, 10 * w))
+        s.commit()
+    first, second = s.take(2)
+    s.accept([first])
+    s.keep([second])
+    seen_during: list[int] = []
+    inner = s._commit_batch
+
+    def commit_batch(*args: object) -> int:
+        seen_during.extend(b.seq for b in s.take(10))  # what a concurrent take() sees mid-commit
+        return inner(*args)  # type: ignore[arg-type]
+
+    s._commit_batch = commit_batch  # type: ignore[method-assign]
+    s.commit()
+    assert seen_during == [second.seq]
+    s.close()
