@@ -112,7 +112,11 @@ def in_schedule(windows: tuple[tuple[str, str], ...], now: dt.datetime) -> bool:
 
 
 class Sampler:
-    """This process's RSS (bytes) and CPU time (seconds)."""
+    """This process's anonymous RSS (bytes) and CPU time (seconds).
+
+    RSS minus its file-backed part: the store's memory-mapped pages and the shared libraries are clean
+    file pages the kernel reclaims under pressure (before any OOM kill), so they are not pressure.
+    """
 
     def __init__(self) -> None:
         self.proc = psutil.Process()
@@ -120,7 +124,8 @@ class Sampler:
     def __call__(self) -> tuple[int, float]:
         with self.proc.oneshot():
             t = self.proc.cpu_times()
-            return int(self.proc.memory_info().rss), float(t.user + t.system)
+            m = self.proc.memory_info()
+            return int(m.rss - getattr(m, "shared", 0)), float(t.user + t.system)
 
 
 class Governor:
