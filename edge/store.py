@@ -61,8 +61,9 @@ are dropped and counted) and the oldest 10 % of blocks are dropped to make room.
 Damage beyond LMDB's guarantees (a truncated file, flipped bytes: flash wear, not crashes) is detected
 at open (file shorter than its last page, a walk of every key) or when a block is taken (CRC); the damaged
 store is moved aside to `<path>.damaged-<time>` and a fresh one started, counted in meta `recoveries`
-(the totals carry over when the damage is found while running; found at open, the damaged meta is not
-trusted and the totals restart); a damaged block is moved to `rejected` with the reason "corrupt". LMDB cannot
+(the totals carry over: they are also copied to `.<name>.totals` beside the store whenever they
+change, for a store whose meta cannot be trusted); a damaged block is moved to `rejected` with the
+reason "corrupt". LMDB cannot
 always survive arbitrary page damage without crashing the process (SIGBUS, SIGSEGV), so a marker file
 beside the store counts starts not followed by a clean close: after such a start every page is read
 once at open (a bad page crashes there, not at random later), and after 3 in a row the store is moved
@@ -74,6 +75,7 @@ Refused blocks kept in `rejected` may use 10 % of the map; beyond that the oldes
 
 from __future__ import annotations
 
+import json
 import logging
 import operator
 import os
@@ -297,6 +299,14 @@ class Counters:
                                        repr=False)
 
 
+def _read_totals(path: Path) -> dict[str, int]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: int(v) for k, v in data.items() if isinstance(v, int)} if isinstance(data, dict) else {}
+
+
 def _read_int(path: Path) -> int:
     try:
         return int(path.read_text().strip() or 0)
@@ -354,6 +364,7 @@ class Store:
         CRASHED_OPENS such starts in a row the store is moved aside."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.marker = self.path.parent / f".{self.path.name}{MARKER}"
+        self.totals_file = self.path.parent / f".{self.path.name}.totals"
         unclean = _read_int(self.marker)
         if unclean >= CRASHED_OPENS:
             self._move_aside(f"the last {unclean} starts with it ended in a crash")
@@ -429,6 +440,17 @@ class Store:
         for name in c.persisted:
             setattr(c, name, U64.unpack(meta.get(name.encode(), bytes(8)))[0])
 
+    def _save_totals(self) -> None:
+        """Copy the persisted totals beside the store (written only when they change: drops, refusals,
+        recoveries), so that a store found damaged at open does not take them along."""
+        c = self.counters
+        tmp = self.totals_file.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps({name: getattr(c, name) for name in c.persisted}))
+            tmp.replace(self.totals_file)
+        except OSError as e:
+            self._once("totals", logging.WARNING, "store: cannot write %s: %s", self.totals_file, e)
+
     def _verify_values(self, env: lmdb.Environment) -> None:
         """Read every stored value once; blocks failing their checksum are moved aside at the next commit."""
         with env.begin(buffers=True) as txn:
@@ -450,7 +472,11 @@ class Store:
                   "forwarded and stay there for inspection", self.path, reason, aside)
         if self.path.exists():
             self.path.rename(aside)
+        for name, value in _read_totals(self.totals_file).items():  # the damaged meta is not trusted
+            if name in self.counters.persisted:
+                setattr(self.counters, name, max(value, getattr(self.counters, name)))
         self.counters.recoveries += 1
+        self._save_totals()
         self.path.mkdir(parents=True, exist_ok=True)
         env = open_env(self.path, self.cfg.map_size)
         next_seq = max(time.time_ns() // 1000, getattr(self, "next_seq", 0))
@@ -586,6 +612,8 @@ class Store:
         self.next_seq = seq
         c.blocks_rejected += len(moved)
         c.readings_rejected += sum(b.n for b in moved)
+        if meta:
+            self._save_totals()
         if dropped[0]:
             c.blocks_dropped += dropped[0]
             c.readings_dropped += dropped[1]

@@ -481,10 +481,6 @@ def test_truncation_is_detected_without_crashing(template: Template, tmp_path: P
     assert_recovered(path, template, out, runs, "shorter than")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: when damage is found at open, _move_aside() carries over the "
-                   "counters of this process, which _load() never filled (it failed or never ran): "
-                   "recoveries restarts at 1 and blocks_dropped / readings_dropped / rejected totals at 0, "
-                   "though the docstring says the totals carry over and the old meta was readable here")
 def test_totals_carry_over_a_recovery_at_open(tmp_path: Path) -> None:
     cfg = StoreConfig(path=tmp_path / "store", map_size=MAP_SIZE)
     store = Store(cfg, APPLIANCE)
@@ -503,7 +499,7 @@ def test_totals_carry_over_a_recovery_at_open(tmp_path: Path) -> None:
     out, _ = start_until_ok(cfg.path)
     assert len(moved_aside(cfg.path)) == 2
     c = out["counters"]
-    assert (c["recoveries"], c["blocks_dropped"], c["readings_dropped"]) == (2, *before[1:])  # (1, 0, 0)
+    assert (c["recoveries"], c["blocks_dropped"], c["readings_dropped"]) == (2, *before[1:])
 
 
 # -- recover() while running ------------------------------------------------------------------------
