@@ -26,7 +26,7 @@ from edge.config import Config, ConfigError, load
 from edge.govern import Governor
 from edge.poll.engine import Poller
 from edge.reading import Reading
-from edge.store import Store
+from edge.store import READING_BYTES, Store
 from edge.supervise import Supervisor, dump_stacks, test_hooks
 from edge.uplink import Uplink
 
@@ -55,7 +55,7 @@ class Appliance:
 
     def sink(self, readings: list[Reading]) -> None:
         self.store.add(readings)
-        if len(self.store.buffer) * 21 >= self.config.store.commit_bytes:
+        if len(self.store.buffer) * READING_BYTES >= self.config.store.commit_bytes:
             self.commit_now.set()
 
     async def committer(self) -> None:
