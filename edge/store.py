@@ -78,7 +78,6 @@ from __future__ import annotations
 import json
 import logging
 import operator
-import os
 import struct
 import threading
 import time
@@ -853,9 +852,3 @@ def dump(path: Path, map_size: int, start: int, limit: int) -> Iterator[tuple[in
     finally:
         env.close()
 
-
-def store_bytes_on_disk(path: Path) -> int:
-    try:
-        return os.stat(path / "data.mdb").st_size
-    except OSError:
-        return 0

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 
-from edge.config import Bus, Config, Device, Tag
+from edge.config import Bus, Config, Device
 from edge.poll.health import Breaker, LatencyFilter, backoff
 from edge.poll.plan import Request, make_request, plan_device
 from edge.poll.schedule import Schedule
@@ -84,7 +84,6 @@ class DeviceStats:
     readings: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     latency_sum: float = 0.0
-    latency_max: float = 0.0
     latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
     up: bool = True
 
@@ -156,7 +155,6 @@ class Line:
         self.connect_failures = 0
         self.next_connect = 0.0
         self.timeout = max(r.device.timeout for r in runners)
-        self.cycles = 0  # progress, for the supervisor
         self.last_cycle = time.monotonic()
         self.beat = time.monotonic()  # heartbeat: the loop is alive (sleeping in <= 1 s steps, or working)
         self.started = asyncio.Event()
@@ -214,7 +212,6 @@ class Line:
                 runner.stats.readings += len(readings)
                 self.sink(readings)
                 self.beat = time.monotonic()
-            self.cycles += 1
             self.last_cycle = time.monotonic()
 
     async def ensure_connected(self) -> bool:
@@ -284,7 +281,6 @@ class Line:
         stats = runner.stats
         stats.good += 1
         stats.latency_sum += latency
-        stats.latency_max = max(stats.latency_max, latency)
         bucket = bisect_left(LATENCY_BUCKETS, latency)
         if bucket < len(LATENCY_BUCKETS):
             stats.latency_buckets[bucket] += 1
@@ -353,9 +349,6 @@ class Poller:
     @property
     def runners(self) -> list[DeviceRunner]:
         return [r for line in self.lines for r in line.runners]
-
-    def tags(self) -> dict[int, tuple[Device, Tag]]:
-        return self.config.tags_by_id()
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
