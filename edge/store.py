@@ -5,11 +5,12 @@ low-power mode; or until commit_bytes of raw readings are waiting), then packed 
 and appended in ONE write transaction: never one transaction per reading. The forwarder takes the oldest
 blocks and they leave the store only when the uplink acknowledged them (at-least-once).
 
-On disk (the environment directory `[store] path`, default /var/lib/edge/store: data.mdb, lock.mdb)
-three named databases:
+On disk (the environment directory `[store] path`, default /var/lib/edge/store: data.mdb, lock.mdb):
 
-    blocks    key  12 B: sequence u64 big-endian | readings in the block u32 big-endian
-              value: one block (below), <= 4,080 B so it fills exactly one 4 KiB overflow page
+    main      the queue. key 12 B: (sequence | 2**63) u64 big-endian | readings in the block u32 big-endian
+              value: one block (below), at most 16,368 B (four 4 KiB overflow pages). The same tree
+              holds LMDB's records of the two named databases, b"meta" and b"rejected": their keys
+              are ASCII, so they sort before every block key (top bit set) and appends stay appends.
     rejected  the same keys; value = reason length u16 LE | reason UTF-8 | the original block
     meta      b"next_seq" u64 LE, b"blocks_dropped", b"readings_dropped", b"blocks_rejected",
               b"readings_rejected", b"recoveries", b"rejected_trimmed" u64 LE, b"appliance" UTF-8
@@ -45,10 +46,13 @@ Columns of like data (ids, small deltas, one quality) are what zstd compresses w
 
 Flags and their flash cost (measured, docs/performance.md): sync=True and metasync=True (every commit is
 durable when commit() returns: the loss window on power cut is the open commit window, at most
-commit_interval of readings, which live only in RAM); writemap=False and readahead=False. Each commit
-writes 4 fixed pages (leaf, named-database root, free list, meta) plus one page per block, 6-9 in all at
-1,000 readings/s: fewer, fuller commits save flash; acknowledged blocks are deleted inside the next
-append transaction (one flush instead of two).
+commit_interval of readings, which live only in RAM); writemap=False and readahead=False. A commit
+writes 3 fixed pages (the queue's leaf, the free list, the meta page) plus the blocks' overflow pages:
+5 in all at 1,000 readings/s. That is why the queue lives in the main database (a named one would
+rewrite the catalog page at every commit) and why a window is one block up to four pages (a window
+split into many small blocks wastes page tails, and values under ~2 KB stored inside the leaf make the
+tree split and deepen). Acknowledged blocks are deleted inside the next append transaction (one flush
+instead of two).
 sync=False or map_async saves nothing measurable and corrupted the database under simulated power cuts:
 never.
 
@@ -100,8 +104,10 @@ VERSION = 1
 RAW, ZSTD, ZLIB = 0, 1, 2
 HEADER = struct.Struct("<BBHIqII")
 KEY = struct.Struct(">QI")
+KEY_BIAS = 1 << 63  # set in every stored key: block keys sort after the records of the named databases
+NAMED = (b"meta", b"rejected")
 U64 = struct.Struct("<Q")
-MAX_VALUE = 4080  # one overflow page of 4 KiB (4,096 - 16 header bytes)
+MAX_VALUE = 4 * 4096 - 16  # at most four overflow pages (4 KiB pages, 16-byte page header)
 READING_BYTES = 21  # u32 + u64 + f64 + u8: the raw size used for commit_bytes and ratios
 MARKER = ".opening"
 CRASHED_OPENS = 3  # unclean starts in a row (each reading the store through) before it is moved aside
@@ -249,12 +255,27 @@ def _values(kinds: bytes, nums: bytes, strings: bytes) -> list[Value | None]:
 
 
 def key_of(seq: int, n: int) -> bytes:
-    return KEY.pack(seq, n)
+    return KEY.pack(seq | KEY_BIAS, n)
 
 
 def parse_key(key: bytes | memoryview) -> tuple[int, int]:
     seq, n = KEY.unpack(bytes(key))
-    return int(seq), int(n)
+    return int(seq) & ~KEY_BIAS, int(n)
+
+
+def pages_of(value: bytes | memoryview) -> int:
+    """4 KiB pages a value takes: its overflow pages, or a share of a leaf page (counted as one)."""
+    return max(1, -(-(len(value) + 16) // 4096))
+
+
+FIRST_KEY = key_of(0, 0)  # every block key sorts at or after it; the named databases' records before it
+
+
+def queue_items(txn: lmdb.Transaction, db: Any = None) -> Iterator[tuple[Any, Any]]:
+    """(key, value) of every block of `db` (default: the queue, LMDB's main database), oldest first."""
+    cursor = txn.cursor(db=db)
+    if cursor.set_range(FIRST_KEY):
+        yield from cursor
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -346,7 +367,7 @@ class Store:
         self.acked: list[Block] = []
         self.rejecting: list[tuple[Block, str]] = []
         self.in_flight: set[int] = set()
-        self.per_block = 150  # readings per block estimate, adapted to the compression ratio
+        self.per_block = MAX_VALUE // 10  # readings per block estimate, adapted to the compression ratio
         self.max_buffer = max(10_000, 20 * cfg.commit_bytes // READING_BYTES)
         self._compressor = zstandard.ZstdCompressor(level=1)
         self._decompressor = zstandard.ZstdDecompressor()
@@ -383,7 +404,7 @@ class Store:
         env = open_env(self.path, self.cfg.map_size)
         try:
             self._check_size(env)  # before any page beyond the meta pages is touched (SIGBUS)
-            self.db_blocks = env.open_db(b"blocks")
+            self.db_blocks = env.open_db()  # the main database: no catalog page to rewrite per commit
             self.db_rejected = env.open_db(b"rejected")
             self.db_meta = env.open_db(b"meta")
             self._check_file(env)
@@ -424,6 +445,10 @@ class Store:
             c.backlog_blocks = c.backlog_readings = 0
             last = -1
             for key in txn.cursor(db=self.db_blocks).iternext(keys=True, values=False):
+                if key < FIRST_KEY:
+                    if key not in NAMED:
+                        raise StoreDamaged(f"an unknown key {bytes(key)!r} (not a store of this layout)")
+                    continue
                 if len(key) != KEY.size:
                     raise StoreDamaged("a key of the wrong size")
                 seq, n = parse_key(key)
@@ -453,7 +478,7 @@ class Store:
     def _verify_values(self, env: lmdb.Environment) -> None:
         """Read every stored value once; blocks failing their checksum are moved aside at the next commit."""
         with env.begin(buffers=True) as txn:
-            for key, value in txn.cursor(db=self.db_blocks):
+            for key, value in queue_items(txn):
                 seq, n = parse_key(key)
                 if not block_intact(bytes(value)):
                     self.rejecting.append((Block(seq, n, bytes(value)), "corrupt: block checksum mismatch"))
@@ -509,7 +534,7 @@ class Store:
                                   or len(self.buffer) * READING_BYTES >= self.cfg.commit_bytes)
 
     def _pack(self, readings: list[Reading]) -> list[tuple[int, bytes]]:
-        """Split readings into blocks whose values fit one overflow page: [(n, value)]."""
+        """Split readings into blocks whose values fit MAX_VALUE: [(n, value)]."""
         out = []
         i = 0
         # Equal shares, not full blocks plus a small tail: a tail under ~2 KB would be stored inside the
@@ -592,7 +617,7 @@ class Store:
                 meta[b"blocks_rejected"] = c.blocks_rejected + len(moved)
                 meta[b"readings_rejected"] = c.readings_rejected + sum(b.n for b in moved)
             trimmed = c.rejected_trimmed
-            dropped = self._watermark(txn, len(blocks))
+            dropped = self._watermark(txn, sum(pages_of(v) for _, v in blocks))
             if c.rejected_trimmed != trimmed:
                 meta[b"rejected_trimmed"] = c.rejected_trimmed
             if dropped[0]:
@@ -604,7 +629,7 @@ class Store:
                 seq += 1
             if acked or rejecting or dropped[0]:
                 last = txn.cursor(db=self.db_blocks)
-                if not last.last() or parse_key(last.key())[0] + 1 < seq:
+                if not last.last() or last.key() < FIRST_KEY or parse_key(last.key())[0] + 1 < seq:
                     meta[b"next_seq"] = seq  # the newest block is gone: its key no longer tells it
             for k, v in meta.items():
                 txn.put(k, U64.pack(v), db=self.db_meta)
@@ -630,17 +655,17 @@ class Store:
         return True
 
     def _pages_used(self, txn: lmdb.Transaction) -> int:
-        used = 4  # two meta pages, main and free-list roots
+        used = 3  # two meta pages, the free-list root
         for db in (self.db_blocks, self.db_rejected, self.db_meta):
             s = txn.stat(db)
             used += s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
         return used
 
-    def _watermark(self, txn: lmdb.Transaction, new_blocks: int) -> tuple[int, int]:
+    def _watermark(self, txn: lmdb.Transaction, new_pages: int) -> tuple[int, int]:
         """Drop the oldest blocks (not in flight) while pages in use exceed the watermark.
         Returns (blocks, readings) dropped."""
         total = self.cfg.map_size // 4096
-        used = self._pages_used(txn) + new_blocks + new_blocks // 50 + 2
+        used = self._pages_used(txn) + new_pages + new_pages // 50 + 2
         if used <= self.cfg.high_watermark * total:
             return 0, 0
         excess = used - int(self.cfg.low_watermark * total)
@@ -660,13 +685,13 @@ class Store:
         pages are freed or none is left. Returns (blocks, readings) deleted."""
         blocks = readings = 0
         cursor = txn.cursor(db=self.db_blocks if db is None else db)
-        ok = cursor.first()
+        ok = cursor.set_range(FIRST_KEY)
         while ok and pages > 0:
             seq, n = parse_key(cursor.key())
             if seq in self.in_flight:
                 ok = cursor.next()
                 continue
-            pages -= 1 + len(cursor.value()) // 4096
+            pages -= pages_of(cursor.value())
             blocks += 1
             readings += n
             ok = cursor.delete() and bool(cursor.key())  # past the last key the cursor is unset
@@ -698,7 +723,7 @@ class Store:
                 | {b.seq for b, _ in self.rejecting})
         try:
             with self.env.begin(db=self.db_blocks, buffers=True) as txn:
-                for key, value in txn.cursor():
+                for key, value in queue_items(txn):
                     seq, n = parse_key(key)
                     if seq in skip:
                         continue
@@ -762,7 +787,7 @@ class Store:
         """Timestamp (ns) of the oldest stored reading, or None when the queue is empty."""
         with self.env.begin(db=self.db_blocks, buffers=True) as txn:
             cursor = txn.cursor()
-            if not cursor.first():
+            if not cursor.set_range(FIRST_KEY):
                 return None
             return block_header(cursor.value())[2]
 
@@ -805,14 +830,14 @@ class Summary:
 def inspect(path: Path, map_size: int) -> Summary:
     env = open_env(path, map_size, readonly=True)
     try:
-        blocks = env.open_db(b"blocks", create=False)
+        blocks = env.open_db()
         rejected = env.open_db(b"rejected", create=False)
         meta_db = env.open_db(b"meta", create=False)
         with env.begin(buffers=True) as txn:
             meta = {bytes(k).decode(): bytes(v) for k, v in txn.cursor(db=meta_db)}
             n_blocks = readings = 0
             first = last = None
-            for key in txn.cursor(db=blocks).iternext(keys=True, values=False):
+            for key, _ in queue_items(txn):
                 seq, n = parse_key(key)
                 first = seq if first is None else first
                 last = seq
@@ -820,11 +845,11 @@ def inspect(path: Path, map_size: int) -> Summary:
                 readings += n
             oldest = newest = None
             c = txn.cursor(db=blocks)
-            if c.first():
+            if c.set_range(FIRST_KEY):
                 oldest = block_header(c.value())[2]
                 c.last()
                 newest = max(ts for _, ts, _, _ in decode_block(c.value()))
-            used = 4 + sum(txn.stat(db)["branch_pages"] + txn.stat(db)["leaf_pages"]
+            used = 3 + sum(txn.stat(db)["branch_pages"] + txn.stat(db)["leaf_pages"]
                            + txn.stat(db)["overflow_pages"] for db in (blocks, rejected, meta_db))
             n_rejected = txn.stat(rejected)["entries"]
         counters = {k: U64.unpack(v)[0] for k, v in meta.items() if k not in ("appliance",)}
@@ -839,8 +864,7 @@ def dump(path: Path, map_size: int, start: int, limit: int) -> Iterator[tuple[in
     """(sequence, readings) of up to `limit` blocks from sequence `start`."""
     env = open_env(path, map_size, readonly=True)
     try:
-        db = env.open_db(b"blocks", create=False)
-        with env.begin(db=db, buffers=True) as txn:
+        with env.begin(buffers=True) as txn:
             cursor = txn.cursor()
             ok = cursor.set_range(key_of(start, 0))
             count = 0

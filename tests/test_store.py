@@ -17,7 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from edge.config import Store as StoreConfig
 from edge.reading import Reading
-from edge.store import MAX_VALUE, Store, decode_block, encode_block, parse_key
+from edge.store import MAX_VALUE, Store, decode_block, encode_block, parse_key, queue_items
 
 T0 = 1_790_000_000_000_000_000
 
@@ -54,8 +54,8 @@ def test_one_transaction_per_window_and_blocks_fit_a_page(tmp_path: Path) -> Non
     s.add(readings(20_000))
     assert s.commit() > 1
     assert s.counters.commits == 1
-    with s.env.begin(db=s.db_blocks) as txn:
-        sizes = [len(v) for _, v in txn.cursor()]
+    with s.env.begin() as txn:
+        sizes = [len(v) for _, v in queue_items(txn)]
     assert max(sizes) <= MAX_VALUE
     assert s.counters.backlog_readings == 20_000
     assert drain(s) == readings(20_000)

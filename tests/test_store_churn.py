@@ -11,15 +11,15 @@ from pathlib import Path
 
 from edge.config import Store as StoreConfig
 from edge.reading import Reading
-from edge.store import Store, decode_block, parse_key
+from edge.store import Store, decode_block, parse_key, queue_items
 from tests.store_writer import noisy_reading
 
 WINDOW = 5_000  # readings per commit window
 PAGE = 4096
 
-# (forwarder up?, commit windows): outages of 300k, 150k, 300k and 50k readings
+# (forwarder up?, commit windows): outages of 300k, 150k, 300k, 50k and 300k readings
 SCHEDULE = [(True, 10), (False, 60), (True, 25), (False, 30), (True, 20), (False, 60), (True, 25),
-            (False, 10), (True, 25)]
+            (False, 10), (True, 25), (False, 60), (True, 25)]
 BATCH = 64  # blocks per take(), as [uplink] batch_blocks
 BATCHES_PER_WINDOW = 2
 
@@ -36,7 +36,7 @@ class Sample:
 
 def used_pages(store: Store) -> int:
     with store.env.begin() as txn:
-        return 4 + sum(s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
+        return 3 + sum(s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
                        for s in map(txn.stat, (store.db_blocks, store.db_rejected, store.db_meta)))
 
 
@@ -46,8 +46,8 @@ def sample(store: Store, window: int, appended: int) -> Sample:
 
 
 def keys(store: Store) -> list[tuple[int, int]]:
-    with store.env.begin(db=store.db_blocks) as txn:
-        return [parse_key(k) for k in txn.cursor().iternext(keys=True, values=False)]
+    with store.env.begin() as txn:
+        return [parse_key(k) for k, _ in queue_items(txn)]
 
 
 def test_fifo_churn_reuses_pages_and_drops_nothing(tmp_path: Path) -> None:
@@ -88,19 +88,29 @@ def test_fifo_churn_reuses_pages_and_drops_nothing(tmp_path: Path) -> None:
     backlog = [s.backlog for s in samples]
     peak = max(backlog)
     assert peak >= 290_000 and min(backlog[11:]) <= 2 * WINDOW  # the backlog swung
-    first_peak = backlog.index(peak)
-    settled = next(k for k in range(first_peak, len(samples)) if backlog[k] <= 2 * WINDOW)
-    bound = max(s.file_bytes for s in samples[: settled + 1])
-    later = samples[settled + 1:]
-    assert any(s.backlog >= 0.95 * peak for s in later), "no second full outage"
+    # The full outages, each (its peak window, the window the backlog settled again)
+    outages = []
+    k = 0
+    while k < len(samples):
+        if backlog[k] >= 0.95 * peak:
+            settled = next(m for m in range(k, len(samples)) if backlog[m] <= 2 * WINDOW)
+            outages.append((k, settled))
+            k = settled
+        k += 1
+    assert len(outages) == 3, outages
     report = "\n".join(f"  window {s.window:4d}  appended {s.appended:9,d}  backlog {s.backlog:7,d}  "
                        f"data.mdb {s.file_bytes:10,d}  last_pgno {s.last_pgno:5d}  used {s.used_pages:5d}"
-                       for s in samples if s.window % 10 == 0 or s.window in (first_peak + 1, settled + 1))
-    print(f"churn: {len(sent):,} readings, max backlog {peak:,}, data.mdb at most {bound:,} B after the "
-          f"first full outage, {max(s.file_bytes for s in samples):,} B overall\n{report}")
-    assert max(s.file_bytes for s in later) <= bound, "data.mdb kept growing after the largest backlog"
+                       for s in samples if s.window % 10 == 0)
+    sizes = [max(s.file_bytes for s in samples[: settled + 1]) for _, settled in outages]
+    print(f"churn: {len(sent):,} readings, max backlog {peak:,}, data.mdb after each full outage "
+          f"{sizes}, {max(s.file_bytes for s in samples):,} B overall\n{report}")
+    # Blocks of up to four pages need contiguous free runs, so a second outage may grow the file a little
+    # (fragmentation); from then on the same backlog fits in the same file, and the file never exceeds
+    # what the largest backlog needs plus a quarter.
+    assert sizes[2] == sizes[1], "data.mdb kept growing with every outage"
+    assert max(s.file_bytes for s in samples) == sizes[2]
     peak_used = max(s.used_pages for s in samples) * PAGE
-    assert bound <= 1.25 * peak_used + 64 * PAGE, (bound, peak_used)
+    assert sizes[2] <= 1.25 * peak_used + 64 * PAGE, (sizes, peak_used)
 
 
 def test_full_store_drops_exactly_the_oldest(tmp_path: Path) -> None:
@@ -128,8 +138,8 @@ def test_full_store_drops_exactly_the_oldest(tmp_path: Path) -> None:
             first_seqs.append(seqs[0])
         assert c.blocks_dropped > 0 and appended > 1.5 * present
         assert first_seqs == sorted(first_seqs) and first_seqs[-1] > first_seqs[0]
-        with store.env.begin(db=store.db_blocks) as txn:  # what is left is the newest, intact
-            left = [r for _, v in txn.cursor() for r in decode_block(v)]
+        with store.env.begin() as txn:  # what is left is the newest, intact
+            left = [r for _, v in queue_items(txn) for r in decode_block(v)]
         assert left == [noisy_reading(i) for i in range(appended - present, appended)]
         assert (store.path / "data.mdb").stat().st_size <= map_size
     finally:

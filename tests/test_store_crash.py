@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.store import CRASHED_OPENS, MARKER, Store, block_intact, decode_block, parse_key
+from edge.store import CRASHED_OPENS, MARKER, Store, block_intact, decode_block, parse_key, queue_items
 from tests.store_writer import APPLIANCE, config, reading
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,9 +91,9 @@ def present_blocks(path: Path) -> tuple[list[tuple[int, int, bytes]], Store]:
     """(seq, n, value) of every stored block, read in this process; the closed Store for its counters."""
     store = Store(config(path), APPLIANCE)
     try:
-        with store.env.begin(db=store.db_blocks) as txn:
+        with store.env.begin() as txn:
             rows = []
-            for key, value in txn.cursor():
+            for key, value in queue_items(txn):
                 assert len(key) == 12, key
                 seq, n = parse_key(key)
                 rows.append((seq, n, bytes(value)))
