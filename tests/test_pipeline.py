@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -215,8 +215,8 @@ def test_tls_with_a_test_ca_and_server_name(tmp_path: Path) -> None:
 class EdgeProcess:
     """`edge run` as a subprocess; its log is read continuously (a full pipe would block its logging)."""
 
-    def __init__(self, config: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "edge", "run", str(config)], cwd=ROOT,
+    def __init__(self, config: Path, edge: Sequence[str] = (sys.executable, "-m", "edge")) -> None:
+        self.proc = subprocess.Popen([*edge, "run", str(config)], cwd=ROOT,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.lines: list[str] = []
         self.changed = threading.Condition()
