@@ -268,6 +268,16 @@ def pages_of(value: bytes | memoryview) -> int:
     return max(1, -(-(len(value) + 16) // 4096))
 
 
+def pages_used(txn: lmdb.Transaction, dbs: Sequence[Any]) -> int:
+    """Pages the databases `dbs` (all of the environment's) hold, plus the two meta pages and the
+    free-list root."""
+    used = 3
+    for db in dbs:
+        s = txn.stat(db)
+        used += s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
+    return used
+
+
 FIRST_KEY = key_of(0, 0)  # every block key sorts at or after it; the named databases' records before it
 
 
@@ -655,11 +665,7 @@ class Store:
         return True
 
     def _pages_used(self, txn: lmdb.Transaction) -> int:
-        used = 3  # two meta pages, the free-list root
-        for db in (self.db_blocks, self.db_rejected, self.db_meta):
-            s = txn.stat(db)
-            used += s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
-        return used
+        return pages_used(txn, (self.db_blocks, self.db_rejected, self.db_meta))
 
     def _watermark(self, txn: lmdb.Transaction, new_pages: int) -> tuple[int, int]:
         """Drop the oldest blocks (not in flight) while pages in use exceed the watermark.
@@ -849,8 +855,7 @@ def inspect(path: Path, map_size: int) -> Summary:
                 oldest = block_header(c.value())[2]
                 c.last()
                 newest = max(ts for _, ts, _, _ in decode_block(c.value()))
-            used = 3 + sum(txn.stat(db)["branch_pages"] + txn.stat(db)["leaf_pages"]
-                           + txn.stat(db)["overflow_pages"] for db in (blocks, rejected, meta_db))
+            used = pages_used(txn, (blocks, rejected, meta_db))
             n_rejected = txn.stat(rejected)["entries"]
         counters = {k: U64.unpack(v)[0] for k, v in meta.items() if k not in ("appliance",)}
         return Summary(str(path), meta.get("appliance", b"").decode(), n_blocks, readings, first, last,

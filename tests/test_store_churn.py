@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edge.config import Store as StoreConfig
 from edge.reading import Reading
-from edge.store import Store, decode_block, parse_key, queue_items
+from edge.store import Store, decode_block, pages_used, parse_key, queue_items
 from tests.store_writer import noisy_reading
 
 WINDOW = 5_000  # readings per commit window
@@ -36,8 +36,7 @@ class Sample:
 
 def used_pages(store: Store) -> int:
     with store.env.begin() as txn:
-        return 3 + sum(s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
-                       for s in map(txn.stat, (store.db_blocks, store.db_rejected, store.db_meta)))
+        return pages_used(txn, (store.db_blocks, store.db_rejected, store.db_meta))
 
 
 def sample(store: Store, window: int, appended: int) -> Sample:
