@@ -106,6 +106,15 @@ def check_values_and_order(msgs: dict[int, dict[str, Any]]) -> None:
     assert [v for _, v in counts] == sorted(v for _, v in counts)  # the device's counter only rises
 
 
+def check_delivery(sub: Subscriber) -> dict[int, dict[str, Any]]:
+    """The messages received: contiguous sequence numbers (no block skipped), values and order right."""
+    msgs = received(sub)
+    seqs = sorted(msgs)
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # contiguous: no block skipped
+    check_values_and_order(msgs)
+    return msgs
+
+
 def test_end_to_end_every_sequence_arrives(tmp_path: Path) -> None:
     with device(tmp_path) as sim_port, start_broker(tmp_path / "mqtt") as broker:
         sub = Subscriber(broker.port, "edge/t1/#")
@@ -116,10 +125,7 @@ def test_end_to_end_every_sequence_arrives(tmp_path: Path) -> None:
         app = run_app(config_dict(tmp_path, sim_port, broker.port), body)
         sub.wait(lambda s: any(t.endswith("/status") and p == b"offline" for t, p in s.messages))
         sub.close()
-    msgs = received(sub)
-    seqs = sorted(msgs)
-    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # contiguous: no block skipped
-    check_values_and_order(msgs)
+    msgs = check_delivery(sub)
     c = app.store.counters
     delivered = sum(m["count"] for m in msgs.values())
     assert delivered == c.readings_forwarded
