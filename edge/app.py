@@ -115,25 +115,27 @@ class Appliance:
                  len(self.config.devices), n_tags, self.config.store.path, self.config.uplink.host,
                  self.config.uplink.port)
         metrics = None
-        if self.config.metrics.enabled:
-            from edge.metrics import MetricsServer  # noqa: PLC0415 (prometheus-client only when used)
-
-            metrics = MetricsServer(self)
-            log.info("edge: metrics on http://%s:%d/metrics", self.config.metrics.listen, metrics.port)
-        self.metrics = metrics
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 self._start("poll", self.poller.run())
                 self._start("store", self.committer())
-                if self.config.uplink.enabled:
-                    self._start("uplink", self.uplink.run())
-                if self.config.governor.enabled:
-                    self._start("govern", self.governor.run())
                 await self.poller.started()
                 if delay := float(os.environ.get("EDGE_TEST_READY_DELAY", "0")):  # systemd test hook
                     await asyncio.sleep(delay)
                 self.supervisor.ready()
+                # Polling and storing: READY=1 sent. What is not needed for that starts now, so that its
+                # imports (aiomqtt, paho, prometheus-client, psutil) do not delay READY.
+                if self.config.uplink.enabled:
+                    self._start("uplink", self.uplink.run())
+                if self.config.governor.enabled:
+                    self._start("govern", self.governor.run())
+                if self.config.metrics.enabled:
+                    from edge.metrics import MetricsServer  # noqa: PLC0415
+
+                    self.metrics = metrics = MetricsServer(self)
+                    log.info("edge: metrics on http://%s:%d/metrics", self.config.metrics.listen,
+                             metrics.port)
                 self._start("supervise", self.supervisor.run())
                 test_hooks()
                 await self.stopping.wait()

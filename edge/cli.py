@@ -67,14 +67,15 @@ class Printer:
     """Prints readings as text lines or JSON lines (one object per reading)."""
 
     def __init__(self, config: Config, as_json: bool, out: TextIO) -> None:
-        self.names = {t.id: (d.name, t.name, t.unit) for d in config.devices for t in d.tags}
+        self.tags = {t.id: t for d in config.devices for t in d.tags}
         self.as_json = as_json
         self.out = out
         self.count = 0
 
     def __call__(self, readings: list[Reading]) -> None:
         for tag, ts, value, quality in readings:
-            device, name, unit = self.names[tag]
+            t = self.tags[tag]
+            device, name, unit = t.device, t.name, t.unit
             when = dt.datetime.fromtimestamp(ts / 1e9, dt.UTC).isoformat(timespec="milliseconds")
             if self.as_json:
                 line = json.dumps({"device": device, "tag": name, "ts": ts, "time": when, "value": value,
@@ -152,7 +153,9 @@ DEFAULT_CONFIG = "/etc/edge/config.toml"
 
 def cmd_run(args: argparse.Namespace) -> int:
     from edge.app import Appliance  # noqa: PLC0415
+    from edge.govern import tune_allocator  # noqa: PLC0415
 
+    tune_allocator()
     config = load(args.config)
 
     async def main() -> int:

@@ -13,12 +13,14 @@ CPUQuota), read once at start:
 
 Every `tick` seconds it samples its own RSS and CPU time (psutil). Decisions use the median RSS of the
 last `window` seconds and the CPU used over that window, never a single noisy sample, and need a full
-window before the first one. Levels, each entered and left with one log line and visible as metrics:
+window before the first one. Every minute, and at every decision above normal, it collects garbage and
+returns free heap pages to the system (release_memory). Levels, each entered and left with one log
+line and visible as metrics:
 
     normal    nothing changed
     soft      RSS above the soft limit: poll groups with priority >= 1 stretched x2 (again each window
               while above, up to max_stretch), the open window committed at once (its readings leave
-              RAM), gc.collect()
+              RAM), release_memory()
     shed      RSS above the hard limit: the lowest-priority groups (the highest priority number > 0)
               are stopped until RSS is back under the soft limit
     CPU above budget: every group's interval stretched by used/budget (up to max_stretch); relaxed
@@ -33,18 +35,16 @@ and makes the uplink work in sessions (connect, drain, disconnect) every uplink_
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import gc
 import logging
-import statistics
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import psutil
+from typing import TYPE_CHECKING, Any
 
 from edge.config import Governor as GovernorConfig
 from edge.config import LowPower
@@ -53,6 +53,34 @@ if TYPE_CHECKING:
     from edge.app import Appliance
 
 log = logging.getLogger("edge.govern")
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt() parameters
+RELEASE_EVERY = 60.0  # seconds between release_memory() calls in normal operation
+_libc: ctypes.CDLL | None = None
+
+
+def tune_allocator() -> None:
+    """glibc only (a no-op elsewhere). Fixed thresholds instead of glibc's dynamic ones, which rise after
+    a large buffer is freed (a parsed config, a block, a payload) and then leave every later large buffer
+    on the heap, where freed memory stays resident: buffers of 128 KiB and more are mapped and unmapped
+    on free, and the heap is trimmed once 256 KiB at its top are free."""
+    global _libc  # noqa: PLW0603
+    try:
+        libc = ctypes.CDLL(None)  # the process's own symbols: the C library it runs on
+        libc.malloc_trim, libc.mallopt  # noqa: B018  (musl has neither)
+    except (OSError, AttributeError):
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    libc.mallopt(M_TRIM_THRESHOLD, 256 * 1024)
+    _libc = libc
+
+
+def release_memory() -> None:
+    """Collect cycles, then hand the allocator's free pages back to the system (glibc malloc_trim)."""
+    gc.collect()
+    if _libc is not None:
+        _libc.malloc_trim(0)
 
 
 @dataclass(frozen=True)
@@ -119,9 +147,13 @@ class Sampler:
     """
 
     def __init__(self) -> None:
-        self.proc = psutil.Process()
+        self.proc: Any = None
 
     def __call__(self) -> tuple[int, float]:
+        if self.proc is None:
+            import psutil  # noqa: PLC0415 (after READY=1: the governor starts then)
+
+            self.proc = psutil.Process()
         with self.proc.oneshot():
             t = self.proc.cpu_times()
             m = self.proc.memory_info()
@@ -165,8 +197,13 @@ class Governor:
     async def run(self) -> None:
         import asyncio  # noqa: PLC0415
 
+        released = -RELEASE_EVERY
         while True:
-            self.step(time.monotonic())
+            now = time.monotonic()
+            self.step(now)
+            if now - released >= RELEASE_EVERY:
+                release_memory()  # what start-up and bursts freed leaves RAM, not only under pressure
+                released = now
             await asyncio.sleep(self.tick)
 
     def step(self, now: float, sample: bool = True) -> None:
@@ -177,7 +214,9 @@ class Governor:
         if len(self.samples) == self.samples.maxlen:
             t0, _, c0 = self.samples[0]
             t1, _, c1 = self.samples[-1]
-            self.rss = int(statistics.median(s[1] for s in self.samples))
+            from statistics import median  # noqa: PLC0415 (statistics and decimal: not before READY=1)
+
+            self.rss = int(median(s[1] for s in self.samples))
             self.cpu = (c1 - c0) / (t1 - t0) if t1 > t0 else 0.0
             if self._memory() | self._cpu():
                 self.samples.clear()  # judge the next decision on fresh samples only
@@ -202,7 +241,7 @@ class Governor:
                 self.memory_stretch = max(1.0, self.memory_stretch / 2)
             self.level = "normal" if self.memory_stretch == 1.0 and self.shed_priority is None else "soft"
         if self.level != "normal":
-            gc.collect()
+            release_memory()
             self.app.commit_now.set()  # commit the open window now: its readings leave RAM
         if before == (self.level, self.memory_stretch, self.shed_priority):
             return False
@@ -266,6 +305,8 @@ class Governor:
 
 def _on_battery() -> bool:
     try:
+        import psutil  # noqa: PLC0415 (after READY=1: the governor starts then)
+
         battery = psutil.sensors_battery()
     except (OSError, AttributeError, NotImplementedError):
         return False

@@ -155,27 +155,76 @@ def _value_column(values: Sequence[Value | None]) -> tuple[bytes, bytes, bytes]:
     return bytes(kinds), b"".join(nums), b"".join(strings)
 
 
-def encode_block(readings: Sequence[Reading], codec: int = ZSTD, compressor: Any = None) -> bytes:
+class Window:
+    """Readings in columns: the open commit window (about 50 B of RAM a reading instead of about 120 B
+    as tuples; at 10,000 readings/s, or in a 30 s low-power window, that is megabytes)."""
+
+    __slots__ = ("qualities", "stamps", "tags", "values")
+
+    def __init__(self) -> None:
+        self.tags = array("I")
+        self.stamps = array("q")
+        self.values: list[Value | None] = []
+        self.qualities = bytearray()
+
+    @classmethod
+    def of(cls, readings: Sequence[Reading]) -> Window:
+        w = cls()
+        w.extend(readings)
+        return w
+
+    def __len__(self) -> int:
+        return len(self.tags)
+
+    def extend(self, readings: Sequence[Reading]) -> None:
+        if readings:
+            tags, stamps, values, qualities = zip(*readings, strict=True)
+            self.tags.extend(tags)
+            self.stamps.extend(stamps)
+            self.values.extend(values)
+            self.qualities.extend(qualities)
+
+    def slice(self, i: int, j: int) -> Window:
+        w = Window()
+        w.tags, w.stamps, w.values, w.qualities = (
+            self.tags[i:j], self.stamps[i:j], self.values[i:j], self.qualities[i:j])
+        return w
+
+    def prepend(self, older: Window) -> None:
+        self.tags[:0] = older.tags
+        self.stamps[:0] = older.stamps
+        self.values[:0] = older.values
+        self.qualities[:0] = older.qualities
+
+    def drop_oldest(self, n: int) -> None:
+        for column in (self.tags, self.stamps, self.values, self.qualities):
+            del column[:n]
+
+    def readings(self) -> list[Reading]:
+        return list(zip(self.tags, self.stamps, self.values, self.qualities, strict=True))
+
+
+def encode_block(readings: Sequence[Reading] | Window, codec: int = ZSTD, compressor: Any = None) -> bytes:
     """One block value from readings (at least one).
 
     >>> b = encode_block([(7, 1_000, 1.5, 0), (8, 1_250, None, 1)])
     >>> decode_block(b)
     [(7, 1000, 1.5, 0), (8, 1250, None, 1)]
     """
-    tags, stamps, values, qualities = zip(*readings, strict=True)
+    w = readings if isinstance(readings, Window) else Window.of(readings)
+    stamps = w.stamps
     t0 = stamps[0]
     deltas = array("q", map(operator.sub, stamps, (t0, *stamps[:-1])))
-    kinds, nums, strings = _value_column(values)
-    payload = b"".join((array("I", tags).tobytes(), deltas.tobytes(), bytes(qualities), kinds, nums,
-                        strings))
+    kinds, nums, strings = _value_column(w.values)
+    payload = b"".join((w.tags.tobytes(), deltas.tobytes(), bytes(w.qualities), kinds, nums, strings))
     if codec == ZSTD:
         stored = (compressor or zstandard.ZstdCompressor(level=1)).compress(payload)
     elif codec == ZLIB:
         stored = zlib.compress(payload, 1)
     else:
         stored = payload
-    header = HEADER.pack(VERSION, codec, 0, len(readings), t0, 0, len(payload))
-    return HEADER.pack(VERSION, codec, 0, len(readings), t0, _crc(header, stored), len(payload)) + stored
+    header = HEADER.pack(VERSION, codec, 0, len(w), t0, 0, len(payload))
+    return HEADER.pack(VERSION, codec, 0, len(w), t0, _crc(header, stored), len(payload)) + stored
 
 
 def _crc(header: bytes | memoryview, stored: bytes | memoryview) -> int:
@@ -372,7 +421,7 @@ class Store:
         self.appliance_id = appliance_id
         self.counters = Counters()
         self.commit_interval = cfg.commit_interval
-        self.buffer: list[Reading] = []
+        self.buffer = Window()
         self.window_start = time.monotonic()
         self.acked: list[Block] = []
         self.rejecting: list[tuple[Block, str]] = []
@@ -531,7 +580,7 @@ class Store:
         self.counters.readings_appended += len(readings)
         excess = len(self.buffer) - self.max_buffer
         if excess > 0:
-            del self.buffer[:excess]
+            self.buffer.drop_oldest(excess)
             self.counters.readings_dropped += excess
             self._once("ram", logging.ERROR, "store: commits failing, RAM buffer full: dropping the oldest "
                        "readings (counted in readings_dropped)")
@@ -543,7 +592,7 @@ class Store:
         return bool(pending) and (now - self.window_start >= self.commit_interval
                                   or len(self.buffer) * READING_BYTES >= self.cfg.commit_bytes)
 
-    def _pack(self, readings: list[Reading]) -> list[tuple[int, bytes]]:
+    def _pack(self, readings: Window) -> list[tuple[int, bytes]]:
         """Split readings into blocks whose values fit MAX_VALUE: [(n, value)]."""
         out = []
         i = 0
@@ -553,7 +602,7 @@ class Store:
         while i < len(readings):
             k = min(share, len(readings) - i)
             while True:
-                value = encode_block(readings[i:i + k], ZSTD, self._compressor)
+                value = encode_block(readings.slice(i, i + k), ZSTD, self._compressor)
                 if len(value) <= MAX_VALUE or k == 1:
                     break
                 k = max(1, k * MAX_VALUE * 9 // (len(value) * 10))
@@ -574,7 +623,7 @@ class Store:
         # Until this commit is durable, settled blocks are still in the database: take() must not send
         # them again. Marked before and after the swap (take() runs in another thread meanwhile).
         self._settling = {b.seq for b in self.acked} | {b.seq for b, _ in self.rejecting}
-        batch, self.buffer = self.buffer, []
+        batch, self.buffer = self.buffer, Window()
         acked, self.acked = self.acked, []
         rejecting, self.rejecting = self.rejecting, []
         self._settling |= {b.seq for b in acked} | {b.seq for b, _ in rejecting}
@@ -583,7 +632,7 @@ class Store:
         finally:
             self._settling = set()
 
-    def _commit_batch(self, batch: list[Reading], acked: list[Block],
+    def _commit_batch(self, batch: Window, acked: list[Block],
                       rejecting: list[tuple[Block, str]]) -> int:
         self.window_start = time.monotonic()
         if not (batch or acked or rejecting):
@@ -594,10 +643,10 @@ class Store:
             dropped = self._write(blocks, acked, rejecting)
         except (lmdb.CorruptedError, lmdb.PageNotFoundError, StoreDamaged, struct.error) as e:
             self.recover(f"found while committing: {e}")  # the window's readings go to the fresh store
-            self.buffer[:0] = batch
+            self.buffer.prepend(batch)
             return 0
         except (lmdb.MapFullError, lmdb.DiskError, OSError) as e:
-            self.buffer[:0] = batch
+            self.buffer.prepend(batch)
             self.acked[:0] = acked
             self.rejecting[:0] = rejecting
             self.counters.commit_failures += 1

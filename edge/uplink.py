@@ -30,50 +30,19 @@ import asyncio
 import contextlib
 import json
 import logging
-import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
-import aiomqtt
-import paho.mqtt.client as paho
-
-from edge.config import Config
+from edge.config import Config, Tag
 from edge.poll.health import backoff
 from edge.reading import quality_name
 from edge.store import Block, Store
 
+if TYPE_CHECKING:
+    from edge.mqtt import Client
+
 log = logging.getLogger("edge.uplink")
-
-
-class _Client(aiomqtt.Client):
-    """aiomqtt's client, plus the PUBACK reason code of each publish (aiomqtt 2.5 drops it)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.acks: dict[int, asyncio.Future[int]] = {}
-
-    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
-        fut = self.acks.pop(mid, None)
-        if fut is not None and not fut.done():
-            fut.set_result(int(getattr(reason_code, "value", 0)))
-        super()._on_publish(client, userdata, mid, reason_code, properties)
-
-    async def publish_acked(self, topic: str, payload: bytes, timeout: float) -> int:
-        """Publish at QoS 1 and return the PUBACK reason code; raises MqttError if none comes."""
-        info = self._client.publish(topic, payload, qos=1)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise aiomqtt.MqttCodeError(info.rc, "could not publish")
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.acks[info.mid] = fut
-        try:
-            waiting: set[asyncio.Future[Any]] = {fut, self._disconnected}
-            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self.acks.pop(info.mid, None)
-        if fut in done:
-            return fut.result()
-        raise aiomqtt.MqttError("no PUBACK" if not done else "connection lost")
 
 
 @dataclass
@@ -97,46 +66,17 @@ class Payloads:
 
     def __init__(self, config: Config) -> None:
         self.appliance = config.appliance.id
-        self.names: dict[int, tuple[str, str, str]] = {
-            t.id: (d.name, t.name, t.unit) for d in config.devices for t in d.tags}
+        self.tags: dict[int, Tag] = {t.id: t for d in config.devices for t in d.tags}
 
     def encode(self, block: Block) -> bytes:
-        names, unknown = self.names, ("?", "?", "")
+        tags, unknown = self.tags, Tag(0, "?", "", 0, "", device="?")
         rows = []
         for tag, ts, value, quality in block.readings():
-            device, name, unit = names.get(tag, unknown)
-            rows.append({"device": device, "tag": name, "unit": unit, "ts": ts, "value": value,
+            t = tags.get(tag, unknown)
+            rows.append({"device": t.device, "tag": t.name, "unit": t.unit, "ts": ts, "value": value,
                          "quality": quality_name(quality) if quality else "good"})
         doc = {"appliance": self.appliance, "seq": block.seq, "count": block.n, "readings": rows}
         return json.dumps(doc, separators=(",", ":"), allow_nan=True).encode()
-
-
-class _NamedContext(ssl.SSLContext):
-    """Verifies the broker's certificate against `server_name` instead of the host connected to."""
-
-    server_name: str | None = None
-
-    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.server_name:
-            kwargs["server_hostname"] = self.server_name
-        return super().wrap_socket(sock, *args, **kwargs)
-
-
-def tls_context(config: Config) -> ssl.SSLContext | None:
-    """TLS 1.2+, certificate and host name verified (against [uplink.tls] server_name when set)."""
-    tls = config.uplink.tls
-    if tls is None:
-        return None
-    ctx = _NamedContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if tls.ca:
-        ctx.load_verify_locations(cafile=str(tls.ca))
-    else:
-        ctx.load_default_certs()
-    if tls.cert and tls.key:
-        ctx.load_cert_chain(str(tls.cert), str(tls.key))
-    ctx.server_name = tls.server_name
-    return ctx
 
 
 class Uplink:
@@ -157,24 +97,13 @@ class Uplink:
         self._stop = asyncio.Event()
         self._failures = 0
 
-    def _client(self) -> _Client:
-        password = None
-        if self.cfg.password_file:
-            password = self.cfg.password_file.read_text().strip()
-        return _Client(
-            self.cfg.host, self.cfg.port, username=self.cfg.username, password=password,
-            identifier=f"edge-{self.config.appliance.id}", protocol=aiomqtt.ProtocolVersion.V5,
-            will=aiomqtt.Will(self.topic_status, b"offline", qos=1, retain=True),
-            keepalive=int(self.cfg.keepalive), timeout=self.cfg.publish_timeout,
-            tls_context=tls_context(self.config),
-            tls_insecure=False if self.cfg.tls else None, max_inflight_messages=self.cfg.max_inflight,
-        )
-
     async def run(self) -> None:
         """Connect, forward, and on any connection problem back off and try again, until cancelled."""
+        from edge import mqtt  # noqa: PLC0415 (aiomqtt and paho load after READY=1, not before)
+
         while not self.stopping:
             try:
-                async with self._client() as client:
+                async with mqtt.connect(self.config, self.topic_status) as client:
                     self._connected()
                     await client.publish(self.topic_status, b"online", qos=1, retain=True)
                     await self._forward(client)
@@ -182,7 +111,7 @@ class Uplink:
                 if self.session_interval and not self.stopping:
                     log.info("uplink: session done (backlog drained); next in %.0f s", self.session_interval)
                     await self._pause(self.session_interval)
-            except (aiomqtt.MqttError, OSError, ssl.SSLError) as e:
+            except mqtt.CONNECTION_ERRORS as e:
                 self._disconnected(e)
                 await self._pause(backoff(self._failures - 1, self.cfg.backoff_min, self.cfg.backoff_max))
 
@@ -221,7 +150,7 @@ class Uplink:
         self._failures += 1
         self.stats.connect_failures += 1
 
-    async def _forward(self, client: _Client) -> None:
+    async def _forward(self, client: Client) -> None:
         """Keep up to max_inflight blocks in flight; returns when stopping; raises on connection loss."""
         pending: set[asyncio.Task[None]] = set()
         failure: list[BaseException] = []
@@ -251,14 +180,18 @@ class Uplink:
         if failure:
             raise failure[0]
 
-    async def _send(self, client: _Client, block: Block, failure: list[BaseException]) -> None:
+    async def _send(self, client: Client, block: Block, failure: list[BaseException]) -> None:
+        from edge import mqtt  # noqa: PLC0415 (loaded by run())
+
         try:
             payload = self.payloads.encode(block)
             self.stats.published += 1
             self.stats.bytes_published += len(payload)
             try:
-                reason = await client.publish_acked(self.topic_data, payload, self.cfg.publish_timeout)
-            except (aiomqtt.MqttError, OSError) as e:
+                publishing = client.publish_acked(self.topic_data, payload, self.cfg.publish_timeout)
+                del payload
+                reason = await publishing
+            except mqtt.PUBLISH_ERRORS as e:
                 self.store.keep([block])
                 self.stats.kept += 1
                 failure.append(e)
