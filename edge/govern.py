@@ -56,6 +56,7 @@ log = logging.getLogger("edge.govern")
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt() parameters
+LEVELS = ("normal", "soft", "shed")  # memory levels, in order
 RELEASE_EVERY = 60.0  # seconds between release_memory() calls in normal operation
 _libc: ctypes.CDLL | None = None
 

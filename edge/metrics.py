@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
+from edge.govern import LEVELS as GOVERNOR_LEVELS
 from edge.poll.engine import LATENCY_BUCKETS
 from edge.store import write_bytes
 
@@ -55,6 +56,23 @@ class ApplianceCollector:
         lp = _gauge("low_power", "1 while low-power mode is on")
         lp.add_metric([], float(getattr(self.app, "low_power", False)))
         yield lp
+        yield from self._governor()
+
+    def _governor(self) -> Iterator[Metric]:
+        g = self.app.governor
+        level = _gauge("governor_memory_level", "Memory level: 0 normal, 1 soft (stretching), 2 shed")
+        level.add_metric([], float(GOVERNOR_LEVELS.index(g.level)))
+        rss = _gauge("governor_rss_bytes", "Anonymous RSS the governor judges (median of its window)")
+        rss.add_metric([], float(g.rss))
+        cpu = _gauge("governor_cpu_cores", "CPU used over the governor's window, in cores")
+        cpu.add_metric([], g.cpu)
+        decisions = _counter("governor_decisions", "Governor state changes (each one is logged)")
+        decisions.add_metric([], g.decisions)
+        limits = _gauge("governor_limit_bytes", "Memory limits in force (absent: none)", ["limit"])
+        for name, value in (("soft", g.soft), ("hard", g.hard)):
+            if value is not None:
+                limits.add_metric([name], float(value))
+        yield from (level, rss, cpu, decisions, limits)
 
     def _devices(self) -> Iterator[Metric]:
         fams = {

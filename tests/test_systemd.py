@@ -110,7 +110,8 @@ def test_unit_file_verifies_and_is_hardened(tmp_path: Path) -> None:
     assert m and float(m.group(1)) <= 2.0, sec.stdout[-500:]
 
 
-def install(m: Manager, sim_port: int, metrics: int, *, commit: str = "500ms", env: str = "") -> None:
+def install(m: Manager, sim_port: int, metrics: int, *, commit: str = "500ms", env: str = "",
+            extra: str = "", service: str = "") -> None:
     m.state.mkdir(parents=True, exist_ok=True)
     conf = m.base / "config.toml"
     conf.write_text(f"""[appliance]
@@ -139,7 +140,7 @@ backoff_min = "200ms"
 backoff_max = "1s"
 [metrics]
 port = {metrics}
-""")
+{extra}""")
     text = (ROOT / "systemd" / "edge.service").read_text()
     text = re.sub(r"^(User|Group|SupplementaryGroups)=.*\n", "", text, flags=re.M)
     edge = shutil.which("edge")
@@ -150,6 +151,9 @@ port = {metrics}
     text = text.replace("ProtectHome=yes", "ProtectHome=read-only").replace("ProtectKernelLogs=yes\n", "")
     if str(ROOT).startswith(("/tmp/", "/var/tmp/")):
         text = text.replace("PrivateTmp=yes", "PrivateTmp=no")
+    for line in service.splitlines():  # Key=value: replaces the unit's own line for that key
+        key = line.split("=", 1)[0]
+        text = re.sub(rf"^{key}=.*$", line, text, flags=re.M)
     text = text.replace("[Service]\n", f"[Service]\nEnvironment=PYTHONUNBUFFERED=1 {env}\n"
                         f"StandardOutput=append:{m.base}/edge.log\nStandardError=append:{m.base}/edge.log\n")
     units = m.home / ".config" / "systemd" / "user"
@@ -245,3 +249,73 @@ def test_stop_commits_the_open_window_and_exits_cleanly(manager: Manager, device
         readings = [r for _, rs in dump(manager.state / "store", 32 << 20, 0, 10**6) for r in rs]
         assert len(readings) >= 40
         assert max(ts for _, ts, _, _ in readings) > stopped_at - 1_000_000_000
+
+
+FLOOD_TAGS = 20_000  # ~35-39 MiB of anonymous RSS running; parsing the config takes ~25 MiB more for a while
+FLOOD_MEMORY_MAX = 96 << 20  # the hard limit is 85 % of it, read from the cgroup
+FLOOD_SOFT = 30 << 20  # [governor] memory_soft: above the 2-tag appliance (~24 MiB), below the flood
+
+
+def labeled(port: int, name: str, labels: str) -> float:
+    """A labeled sample, e.g. labeled(p, "edge_poll_stretch", 'device="bulk",group="bulk"'); -1 if absent."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(f"{name}{{") and labels in line:
+                    return float(line.split()[-1])
+    except OSError:
+        pass
+    return -1.0
+
+
+def test_a_flood_of_tags_stays_inside_the_cgroup_memory_limit(manager: Manager, tmp_path: Path) -> None:
+    """A real cgroup memory limit (MemoryMax: this host's hybrid layout has no MemoryHigh) and a flood of
+    low-priority tags whose memory crosses the governor's soft limit: the hard limit is read from the
+    cgroup, the governor stretches the flood's group and never the priority-0 one, the unit is never
+    OOM-killed, its peak RSS stays under the hard limit, and the priority-0 readings keep flowing.
+    The soft limit is set in the config: at 60 % of a MemoryMax that lets the config's parse through,
+    it would sit above the flood's running RSS."""
+    write_map(tmp_path / "map.toml", [
+        {"id": 1, "points": [
+            {"table": "holding", "address": 0, "type": "uint32", "wave": "counter", "step": 10.0},
+            {"table": "holding", "address": 2, "type": "float32", "value": 1.5}]},
+        {"id": 2, "points": [{"table": "holding", "address": a, "type": "uint16", "value": 7.0}
+                             for a in range(FLOOD_TAGS)]}])
+    mport = free_port()
+    with start_sim(tmp_path / "map.toml") as sim:
+        assert sim.port is not None
+        flood = "\n".join(f'[[device.tag]]\nname = "b{a}"\naddress = {a}\ngroup = "bulk"'
+                          for a in range(FLOOD_TAGS))
+        install(manager, sim.port, mport, commit="1s", service=f"MemoryMax={FLOOD_MEMORY_MAX}",
+                extra=f"""[[device]]
+name = "bulk"
+host = "127.0.0.1"
+port = {sim.port}
+unit = 2
+timeout = "2s"
+[device.group.bulk]
+interval = "1s"
+priority = 1
+{flood}
+[governor]
+memory_soft = "{FLOOD_SOFT >> 20}MiB"
+""")
+        with running(manager):
+            manager.ctl("start", UNIT)
+            pid = manager.prop("MainPID")
+            manager.wait(lambda: metric(mport, "edge_governor_memory_level") >= 0, "metrics (after READY)")
+            assert labeled(mport, "edge_governor_limit_bytes", 'limit="hard"') == int(FLOOD_MEMORY_MAX * 0.85)
+            assert labeled(mport, "edge_governor_limit_bytes", 'limit="soft"') == FLOOD_SOFT
+            manager.wait(lambda: metric(mport, "edge_governor_memory_level") >= 1, "governor above soft",
+                         timeout=120)
+            manager.wait(lambda: labeled(mport, "edge_poll_stretch", 'device="bulk",group="bulk"') >= 2,
+                         "the flood's group stretched", timeout=60)
+            assert labeled(mport, "edge_poll_stretch", 'device="pump",group="default"') == 1.0
+            before = labeled(mport, "edge_device_readings_total", 'device="pump"')
+            manager.wait(lambda: labeled(mport, "edge_device_readings_total", 'device="pump"') > before + 20,
+                         "priority-0 readings flowing under pressure")
+            assert manager.prop("MainPID") == pid
+            assert int(manager.prop("NRestarts")) == 0
+            hwm = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+            assert hwm and int(hwm[1]) * 1024 < FLOOD_MEMORY_MAX * 0.85
+    assert "governor: memory soft" in manager.log()
