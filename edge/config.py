@@ -125,6 +125,7 @@ class Tag:
     unit: str = ""
     deadband: float = 0.0
     deadband_percent: float = 0.0
+    heartbeat: float = 600.0  # s; with a deadband, a reading is stored at least this often (0: never)
     group: str = DEFAULT_GROUP
     barrier: bool = False
     device: str = ""  # the device's name (one shared string per device)
@@ -492,6 +493,9 @@ def _tag(r: _Reader, device: str, groups: set[str]) -> Tag | None:
     deadband_percent = r.number("deadband_percent", 0.0, lo=0.0, hi=100.0)
     if deadband and deadband_percent:
         r.fail("deadband_percent", "set deadband or deadband_percent, not both")
+    heartbeat = r.duration("heartbeat", 600.0, hi=86400.0)
+    if "heartbeat" in r.table and not (deadband or deadband_percent):
+        r.fail("heartbeat", "only with deadband or deadband_percent (without, every reading is stored)")
     group = r.text("group", DEFAULT_GROUP)
     if group not in groups:
         r.fail("group", f'unknown poll group "{group}" (defined: {", ".join(sorted(groups))})')
@@ -502,7 +506,7 @@ def _tag(r: _Reader, device: str, groups: set[str]) -> Tag | None:
     tag_id = zlib.crc32(f"{device}/{name}".encode())
     intern = sys.intern  # the same few strings in every tag: one object each, not one per tag
     return Tag(tag_id, name, intern(table), address, intern(type_), intern(order), bit, length, scale, offset,
-               intern(unit), deadband, deadband_percent, intern(group), barrier, intern(device))
+               intern(unit), deadband, deadband_percent, heartbeat, intern(group), barrier, intern(device))
 
 
 def _device(r: _Reader, buses: dict[str, Bus]) -> tuple[Device, list[int]]:

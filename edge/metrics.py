@@ -78,7 +78,9 @@ class ApplianceCollector:
         fams = {
             "requests": _counter("device_requests", "Modbus requests sent", ["device"]),
             "good": _counter("device_replies_good", "Requests answered with valid data", ["device"]),
-            "readings": _counter("device_readings", "Readings produced (any quality)", ["device"]),
+            "readings": _counter("device_readings", "Readings polled (any quality)", ["device"]),
+            "stored": _counter("device_readings_stored", "Readings passed on to the store: polled minus "
+                               "those inside their deadband (report by exception)", ["device"]),
             "skipped": _counter("device_requests_skipped", "Requests not sent: breaker open or link down",
                                 ["device"]),
         }

@@ -193,3 +193,67 @@ def test_connection_refused_gives_disconnected_readings(tmp_path: Path) -> None:
     sink = Collector()
     asyncio.run(Poller(cfg, sink).run_once())
     assert [r[2:] for r in sink.readings] == [(None, DISCONNECTED)]
+
+
+def _by_exception(raw: list[Any], band: float, heartbeat_ns: int) -> list[int]:
+    """The timestamps report-by-exception keeps out of a tag's full reading sequence (the model)."""
+    kept, last = [], None
+    for _, ts, v, q in raw:
+        if q != GOOD:
+            kept.append(ts)
+            last = None
+        elif last is None or abs(v - last[0]) >= band or abs(ts - last[1]) >= heartbeat_ns:
+            kept.append(ts)
+            last = (v, ts)
+    return kept
+
+
+def test_report_by_exception_keeps_exactly_what_moved_the_heartbeats_and_quality_changes(
+        tmp_path: Path) -> None:
+    """A ramp and a noisy constant, each read twice in the same request (a twin without a deadband
+    gives every sample): the deadband tags keep exactly the readings the model keeps, the quiet one
+    only through its heartbeat, and every bad reading plus the first good one after them."""
+    ramp = {"wave": "ramp", "amplitude": 40.0, "period": 4.0}  # 1 unit per 100 ms poll
+    noise = {"wave": "sine", "offset": 50.0, "amplitude": 0.2, "period": 0.3}
+    write_map(tmp_path / "map.toml", [{"id": 1, "points": [
+        {"table": "holding", "address": a, "type": "float32", **wave}
+        for a, wave in ((0, ramp), (2, ramp), (4, noise), (6, noise))]}])
+    control = tmp_path / "faults.json"
+    with start_sim(tmp_path / "map.toml", control=control) as sim:
+        cfg = config([{"name": "d", "host": sim.host, "port": sim.port, "interval": "100ms",
+                       "timeout": "300ms", "retries": 0, "tag": [
+                           {"name": "ramp", "address": 0, "type": "float32", "deadband": 2.5},
+                           {"name": "ramp_all", "address": 2, "type": "float32"},
+                           {"name": "quiet", "address": 4, "type": "float32", "deadband": 0.5,
+                            "heartbeat": "1s"},
+                           {"name": "quiet_all", "address": 6, "type": "float32"}]}])
+        ids = {n: tag_id(cfg, "d", n) for n in ("ramp", "ramp_all", "quiet", "quiet_all")}
+
+        async def body() -> Poller:
+            sink = Collector()
+            poller = Poller(cfg, sink)
+            task = await _background(poller)
+            try:
+                await sink.until(lambda rs: sum(r[0] == ids["quiet_all"] for r in rs) >= 35)
+                set_faults(control, {"1": {"mode": "silent"}})
+                mark = len(sink.readings)
+                await sink.until(lambda rs: any(r[0] == ids["quiet"] and r[3] != GOOD for r in rs[mark:]))
+                set_faults(control, {})
+                mark = len(sink.readings)
+                await sink.until(lambda rs: sum(r[0] == ids["quiet_all"] and r[3] == GOOD
+                                                for r in rs[mark:]) >= 3, timeout=30)
+            finally:
+                await _stop(task)
+            for name, band, heartbeat in (("ramp", 2.5, 600.0), ("quiet", 0.5, 1.0)):
+                raw = sink.of(ids[f"{name}_all"])
+                assert [r[1] for r in sink.of(ids[name])] == _by_exception(raw, band, int(heartbeat * 1e9))
+            quiet = sink.of(ids["quiet"])
+            good_run = [r for r in quiet if r[3] == GOOD][:3]
+            assert len(good_run) >= 3 and good_run[1][1] - good_run[0][1] >= 1_000_000_000  # heartbeat only
+            first_bad = next(i for i, r in enumerate(quiet) if r[3] != GOOD)
+            assert quiet[-1][3] == GOOD and any(r[3] == GOOD for r in quiet[first_bad:])  # back after bad
+            assert len(sink.of(ids["ramp"])) < len(sink.of(ids["ramp_all"])) / 2
+            return poller
+
+        stats = asyncio.run(body()).runners[0].stats
+        assert stats.stored < stats.readings

@@ -63,13 +63,13 @@ class Job:
     req: Request
     group: str
     ids: list[int]
-    deadbands: list[tuple[int, int, float, float]]  # (index, tag id, absolute, percent)
+    deadbands: list[tuple[int, int, float, float, int]]  # (index, tag id, absolute, percent, heartbeat ns)
     wire_bytes: int  # request + reply bytes on an RTU line
 
     @classmethod
     def of(cls, req: Request, group: str) -> Job:
         tags = req.decoder.tags
-        dbs = [(i, t.id, t.deadband, t.deadband_percent) for i, t in enumerate(tags)
+        dbs = [(i, t.id, t.deadband, t.deadband_percent, round(t.heartbeat * 1e9)) for i, t in enumerate(tags)
                if t.deadband or t.deadband_percent]
         reply = 5 + (-(-req.count // 8) if req.bits else 2 * req.count)
         return cls(req, group, [t.id for t in tags], dbs, 8 + reply)
@@ -81,7 +81,8 @@ class DeviceStats:
     good: int = 0
     retries: int = 0
     skipped: int = 0  # requests not sent: breaker open or link down
-    readings: int = 0
+    readings: int = 0  # polled (any quality)
+    stored: int = 0  # passed on to the store: readings minus those inside their deadband
     errors: Counter[str] = field(default_factory=Counter)
     latency_sum: float = 0.0
     latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
@@ -98,7 +99,7 @@ class DeviceRunner:
         self.filter = LatencyFilter(cap=device.timeout)
         self.breaker = Breaker()
         self.stats = DeviceStats()
-        self.last_value: dict[int, float] = {}
+        self.last_kept: dict[int, tuple[float, int]] = {}  # tag id -> (value, timestamp ns) last stored
         self.last_end = 0.0
         self.reported: set[str] = set()
 
@@ -123,18 +124,21 @@ class DeviceRunner:
         self.stats.up = True
 
     def deadband(self, job: Job, values: list[Value], readings: list[Reading]) -> list[Reading]:
-        """Drop good readings that moved less than their tag's deadband since the last one kept."""
+        """Report by exception: a good reading is stored when it moved at least its tag's deadband from
+        the last one stored, when its heartbeat passed since then, or when it follows a bad one."""
         drop = set()
-        for i, tid, absolute, pct in job.deadbands:
+        ts = readings[0][1]
+        for i, tid, absolute, pct, heartbeat in job.deadbands:
             v = values[i]
             if not isinstance(v, int | float):
                 continue
-            last = self.last_value.get(tid)
-            band = absolute or abs(last or 0.0) * pct / 100.0
-            if last is not None and abs(v - last) < band:
-                drop.add(i)
-            else:
-                self.last_value[tid] = v
+            last = self.last_kept.get(tid)
+            if last is not None:
+                band = absolute or abs(last[0]) * pct / 100.0
+                if abs(v - last[0]) < band and not (heartbeat and abs(ts - last[1]) >= heartbeat):
+                    drop.add(i)
+                    continue
+            self.last_kept[tid] = (v, ts)
         return [r for i, r in enumerate(readings) if i not in drop] if drop else readings
 
 
@@ -209,7 +213,8 @@ class Line:
                 else:
                     runner.stats.skipped += 1
                     readings = bad(job, DISCONNECTED)
-                runner.stats.readings += len(readings)
+                runner.stats.readings += len(job.ids)
+                runner.stats.stored += len(readings)
                 self.sink(readings)
                 self.beat = time.monotonic()
             self.last_cycle = time.monotonic()
@@ -294,8 +299,8 @@ class Line:
 
     def failed(self, runner: DeviceRunner, job: Job, quality: int) -> list[Reading]:
         name = runner.device.name
-        for _, tid, _, _ in job.deadbands:  # after a bad reading the next good one is always kept
-            runner.last_value.pop(tid, None)
+        for _, tid, _, _, _ in job.deadbands:  # after a bad reading the next good one is always kept
+            runner.last_kept.pop(tid, None)
         if quality & EXCEPTION:
             runner.breaker.success()  # it answered: alive, but refuses this request
             if quality == ILLEGAL_ADDRESS:
