@@ -29,6 +29,7 @@ from edge.reading import Reading
 from edge.store import READING_BYTES, Store
 from edge.supervise import Supervisor, dump_stacks, test_hooks
 from edge.uplink import Uplink
+from edge.write import Commands
 
 log = logging.getLogger("edge.app")
 
@@ -40,7 +41,8 @@ class Appliance:
         self.store = Store(config.store, config.appliance.id)
         self.commit_now = asyncio.Event()
         self.poller = Poller(config, self.sink)
-        self.uplink = Uplink(config, self.store)
+        self.commands = Commands(self.poller)
+        self.uplink = Uplink(config, self.store, self.commands)
         self.stopping = asyncio.Event()
         self.started = time.time()
         self.last_commit = time.monotonic()
@@ -178,6 +180,7 @@ class Appliance:
         await _cancel(self.tasks.pop("poll", None))
         self.config = config
         self.poller = Poller(config, self.sink)
+        self.commands.poller = self.poller
         self._start("poll", self.poller.run())
         self.governor.app = self
         uplink = self.tasks.pop("uplink", None)
@@ -185,7 +188,7 @@ class Appliance:
             self.uplink.stop()
             await asyncio.wait({uplink}, timeout=config.uplink.publish_timeout + 2)
             await _cancel(uplink)
-        self.uplink = Uplink(config, self.store)
+        self.uplink = Uplink(config, self.store, self.commands)
         if config.uplink.enabled:
             self._start("uplink", self.uplink.run())
         self.reloads += 1

@@ -25,7 +25,7 @@ from typing import Any, NoReturn, TextIO
 
 from edge import __version__
 from edge.config import TABLES, Config, ConfigError, load
-from edge.reading import GOOD, Reading, quality_name
+from edge.reading import GOOD, Reading, Value, quality_name
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
@@ -164,6 +164,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_loop(main())
 
 
+async def _write(config: Config, tag: str, value: Value, by: str) -> int:
+    from edge.poll.engine import Poller  # noqa: PLC0415
+    from edge.write import Commands  # noqa: PLC0415
+
+    poller = Poller(config, lambda readings: None)
+    try:
+        cmd = {"id": f"local-{os.getpid()}", "tag": tag, "value": value, "by": by}
+        result = await Commands(poller).handle(json.dumps(cmd).encode())
+    finally:
+        poller.close()
+    if result["ok"]:
+        print(f"{tag} = {value!r}: written")
+        return 0
+    print(f"edge: write refused: {result['error']}: {result.get('detail', '')}", file=sys.stderr)
+    return EXIT_RUNTIME
+
+
+def cmd_write(args: argparse.Namespace) -> int:
+    """Write one tag now, with the checks of a remote write (its own connection to the device)."""
+    config = load(args.config)
+    try:
+        value = json.loads(args.value)  # 42.5, true, "text"; anything else is taken as a string
+    except ValueError:
+        value = args.value
+    return run_loop(_write(config, args.tag, value, args.by))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from edge.status import status  # noqa: PLC0415
 
@@ -252,6 +279,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=Path, nargs="?",
                      default=Path(os.environ.get("EDGE_CONFIG", DEFAULT_CONFIG)))
     run.set_defaults(fn=cmd_run)
+    wr = sub.add_parser("write", help="write one writable tag now (checked like a remote write)")
+    wr.add_argument("config", type=Path)
+    wr.add_argument("tag", help="device/tag")
+    wr.add_argument("value", help="a number, true/false, or text")
+    wr.add_argument("--by", default=f"{os.environ.get('USER', 'local')}@cli", help="who writes (logged)")
+    wr.set_defaults(fn=cmd_write)
     stat = sub.add_parser("status", help="summary from the running appliance's metrics endpoint")
     stat.add_argument("--config", type=Path, default=Path(os.environ.get("EDGE_CONFIG", DEFAULT_CONFIG)))
     stat.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",

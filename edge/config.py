@@ -166,6 +166,7 @@ class Device:
     single_register_reads: bool = False
     pause: float = 0.0
     max_gap: int | None = None  # registers read across to join two tags; None: derived from request overhead
+    writable: tuple[tuple[str, float | None, float | None], ...] = ()  # (tag name, min, max) of writable tags
 
     @property
     def transport(self) -> str:
@@ -450,11 +451,13 @@ def _groups(r: _Reader, device_interval: float) -> tuple[PollGroup, ...]:
     return tuple(groups.values())
 
 
-_NUMERIC_ONLY = ("scale", "offset", "deadband", "deadband_percent")
+_NUMERIC_ONLY = ("scale", "offset", "deadband", "deadband_percent", "min", "max")
+Writable = tuple[str, float | None, float | None]
 
 
-def _tag(r: _Reader, device: str, groups: set[str]) -> Tag | None:
-    """A validated tag, or None when it has problems (recorded; kept out of the overlap checks)."""
+def _tag(r: _Reader, device: str, groups: set[str]) -> tuple[Tag, Writable | None] | None:
+    """A validated tag and, if it may be written, (name, min, max); None when it has problems (recorded;
+    kept out of the overlap checks)."""
     before = len(r.problems)
     name = r.name("name")
     table = r.text("table", "holding", choices=tuple(TABLES))
@@ -500,13 +503,26 @@ def _tag(r: _Reader, device: str, groups: set[str]) -> Tag | None:
     if group not in groups:
         r.fail("group", f'unknown poll group "{group}" (defined: {", ".join(sorted(groups))})')
     barrier = r.flag("barrier", False)
+    writable = r.flag("writable", False)
+    low, high = r.number("min", None), r.number("max", None)
+    if writable and table not in ("holding", "coil"):
+        r.fail("writable", f"the {table} table is read-only (writable tags: holding or coil)")
+    elif writable and is_bool and not is_bits:
+        r.fail("writable", "a bit inside a register cannot be written alone (it would take a read-modify-"
+                           "write racing the device)")
+    for key in ("min", "max"):
+        if key in r.table and not writable:
+            r.fail(key, "only for writable tags")
+    if low is not None and high is not None and low > high:
+        r.fail("max", f"{high} is below min ({low})")
     r.done()
     if len(r.problems) > before:
         return None
     tag_id = zlib.crc32(f"{device}/{name}".encode())
     intern = sys.intern  # the same few strings in every tag: one object each, not one per tag
-    return Tag(tag_id, name, intern(table), address, intern(type_), intern(order), bit, length, scale, offset,
-               intern(unit), deadband, deadband_percent, heartbeat, intern(group), barrier, intern(device))
+    tag = Tag(tag_id, name, intern(table), address, intern(type_), intern(order), bit, length, scale, offset,
+              intern(unit), deadband, deadband_percent, heartbeat, intern(group), barrier, intern(device))
+    return tag, ((name, low, high) if writable else None)
 
 
 def _device(r: _Reader, buses: dict[str, Bus]) -> tuple[Device, list[int]]:
@@ -540,10 +556,11 @@ def _device(r: _Reader, buses: dict[str, Bus]) -> tuple[Device, list[int]]:
     r.done()
     _unique(r.problems, [(t.key_path("name"), t.table.get("name")) for t in readers
                          if isinstance(t.table.get("name"), str)], "tag")
-    tags = tuple(t for _, t in parsed if t is not None)
+    tags = tuple(t[0] for _, t in parsed if t is not None)
     index = [i for i, t in parsed if t is not None]
+    writable = tuple(t[1] for _, t in parsed if t is not None and t[1] is not None)
     dev = Device(name, unit if unit is not None else 0, tags, groups, host, port, bus, timeout, retries,
-                 max_registers, max_bits, single, pause, max_gap)
+                 max_registers, max_bits, single, pause, max_gap, writable)
     _check_tags(r, dev, index)
     return dev, index
 

@@ -41,6 +41,7 @@ from edge.store import Block, Store
 
 if TYPE_CHECKING:
     from edge.mqtt import Client
+    from edge.write import Commands
 
 log = logging.getLogger("edge.uplink")
 
@@ -82,14 +83,17 @@ class Payloads:
 class Uplink:
     """Forwards the store's blocks while connected; reconnects with jittered, capped backoff."""
 
-    def __init__(self, config: Config, store: Store) -> None:
+    def __init__(self, config: Config, store: Store, commands: Commands | None = None) -> None:
         self.config = config
         self.cfg = config.uplink
         self.store = store
+        self.commands = commands  # remote writes: <prefix>/<id>/cmd/write -> .../cmd/result
         self.payloads = Payloads(config)
         prefix = f"{self.cfg.topic_prefix}/{config.appliance.id}"
         self.topic_data = f"{prefix}/data"
         self.topic_status = f"{prefix}/status"
+        self.topic_write = f"{prefix}/cmd/write"
+        self.topic_result = f"{prefix}/cmd/result"
         self.stats = UplinkStats()
         self.wake = asyncio.Event()  # set after each commit: new blocks to send
         self.stopping = False
@@ -104,9 +108,20 @@ class Uplink:
         while not self.stopping:
             try:
                 async with mqtt.connect(self.config, self.topic_status) as client:
-                    self._connected()
+                    commands = None
+                    if self.commands is not None:
+                        await client.subscribe(self.topic_write, qos=1)
+                        commands = asyncio.create_task(self._commands(client, self.commands),
+                                                       name="uplink:commands")
+                    self._connected()  # and listening for commands
                     await client.publish(self.topic_status, b"online", qos=1, retain=True)
-                    await self._forward(client)
+                    try:
+                        await self._forward(client)
+                    finally:
+                        if commands is not None:
+                            commands.cancel()
+                            with contextlib.suppress(asyncio.CancelledError):
+                                await commands
                     await client.publish(self.topic_status, b"offline", qos=1, retain=True)
                 if self.session_interval and not self.stopping:
                     log.info("uplink: session done (backlog drained); next in %.0f s", self.session_interval)
@@ -114,6 +129,19 @@ class Uplink:
             except mqtt.CONNECTION_ERRORS as e:
                 self._disconnected(e)
                 await self._pause(backoff(self._failures - 1, self.cfg.backoff_min, self.cfg.backoff_max))
+
+    async def _commands(self, client: Client, commands: Commands) -> None:
+        """Each write command in turn; its result published. Ends quietly when the connection drops
+        (the forwarding loop notices and reconnects)."""
+        from edge import mqtt  # noqa: PLC0415 (loaded by run())
+
+        with contextlib.suppress(*mqtt.CONNECTION_ERRORS):
+            async for message in client.messages:
+                if str(message.topic) != self.topic_write:
+                    continue
+                raw = message.payload
+                result = await commands.handle(raw if isinstance(raw, bytes) else str(raw).encode())
+                await client.publish(self.topic_result, json.dumps(result).encode(), qos=1)
 
     async def _pause(self, seconds: float) -> None:
         """Wait (beating every second) until `seconds` passed or stop() was called."""

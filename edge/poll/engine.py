@@ -111,6 +111,11 @@ class DeviceRunner:
     def wire_time(self, job: Job) -> float:
         return 0.0 if self.bus is None else self.bus.wire_time(job.wire_bytes)
 
+    def wire_time_of(self, value: list[int] | bool) -> float:
+        """Request and reply of a write on an RTU line (FC 16 request: 9 + 2 per register; replies 8)."""
+        n = 1 if isinstance(value, bool) else len(value)
+        return 0.0 if self.bus is None else self.bus.wire_time(9 + 2 * n + 8)
+
     def report(self, kind: str, message: str, *args: object) -> None:
         """Log a failure kind once at WARNING, then at DEBUG until recovery."""
         level = logging.DEBUG if kind in self.reported else logging.WARNING
@@ -218,6 +223,19 @@ class Line:
                 self.sink(readings)
                 self.beat = time.monotonic()
             self.last_cycle = time.monotonic()
+
+    async def write(self, runner: DeviceRunner, table: str, address: int, value: list[int] | bool) -> None:
+        """A write to one of this line's devices, between two poll cycles (never inside another
+        transaction on the bus); raises ReadError."""
+        async with self.lock:
+            if not await self.ensure_connected():
+                raise ReadError(DISCONNECTED, f"{self.name}: not connected")
+            await self.wait_gap(runner)
+            try:
+                await self.link.write(runner.device.unit, table, address, value,
+                                      runner.device.timeout + runner.wire_time_of(value))
+            finally:
+                self.last_end = runner.last_end = time.monotonic()
 
     async def ensure_connected(self) -> bool:
         if self.link.connected:
@@ -354,6 +372,9 @@ class Poller:
     @property
     def runners(self) -> list[DeviceRunner]:
         return [r for line in self.lines for r in line.runners]
+
+    def line_of(self, device: str) -> tuple[Line, DeviceRunner]:
+        return next((line, r) for line in self.lines for r in line.runners if r.device.name == device)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import struct
 import termios
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from pymodbus import FramerType
@@ -112,12 +112,29 @@ class Link:
     async def read(self, unit: int, function: int, start: int, count: int,
                    timeout: float) -> Sequence[int] | Sequence[bool]:
         """One read; returns registers (or bits, padded to a multiple of 8) or raises ReadError."""
+        rr = await self._request(timeout, lambda: self._readers[function](start, count=count, device_id=unit))
+        values: Sequence[int] | Sequence[bool] = rr.bits if function <= 2 else rr.registers
+        return values
+
+    async def write(self, unit: int, table: str, address: int, value: list[int] | bool,
+                    timeout: float) -> None:
+        """One write: a coil (FC 5), one register (FC 6) or several (FC 16); raises ReadError as read()."""
+        c = self.client
+        if table == "coil":
+            await self._request(timeout, lambda: c.write_coil(address, bool(value), device_id=unit))
+        elif isinstance(value, list) and len(value) == 1:
+            await self._request(timeout, lambda: c.write_register(address, value[0], device_id=unit))
+        else:
+            await self._request(timeout, lambda: c.write_registers(address, value, device_id=unit))
+
+    async def _request(self, timeout: float, send: Callable[[], Awaitable[Any]]) -> Any:
+        """The reply to one request, or ReadError with the quality that describes the failure."""
         if not self.connected:
             raise ReadError(DISCONNECTED, f"{self.name}: not connected")
         self.client.ctx.comm_params.timeout_connect = timeout
         self.rx_bytes = 0
         try:  # pymodbus times the reply itself (timeout_connect, set above)
-            rr = await self._readers[function](start, count=count, device_id=unit)
+            rr = await send()
         except ConnectionException as e:
             raise ReadError(DISCONNECTED, f"{self.name}: {e}") from e
         except (ModbusException, TimeoutError) as e:
@@ -127,8 +144,7 @@ class Link:
         if rr.isError():
             code = int(getattr(rr, "exception_code", 4)) & 0x3F
             raise ReadError(EXCEPTION | code, f"{self.name}: exception {code}")
-        values: Sequence[int] | Sequence[bool] = rr.bits if function <= 2 else rr.registers
-        return values
+        return rr
 
 
 def tcp_link(device: Device) -> Link:

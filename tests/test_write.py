@@ -1,0 +1,210 @@
+"""Writes to tags: checks, refusals, duplicates, over MQTT through the whole appliance, from the CLI, and on
+a shared RS-485 bus while it is polled. Real peers: simulated devices (pymodbus servers), mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pymodbus.client import ModbusTcpClient
+
+from edge.poll.engine import Poller
+from edge.reading import GOOD
+from edge.write import Commands
+from tests.peers import Subscriber, pty_pair, set_faults, start_broker, start_sim, write_map
+from tests.pollkit import Collector, config, tag_id
+from tests.test_pipeline import run_app, until, write_config
+from tests.test_poll_rtu import LINE
+
+ROOT = Path(__file__).resolve().parent.parent
+MAP = [{"id": 1, "invalid": [[500, 510]], "points": [
+    {"table": "holding", "address": 0, "type": "float32", "value": 0.0},
+    {"table": "holding", "address": 2, "type": "uint16", "value": 0},
+    {"table": "holding", "address": 10, "type": "uint16", "value": 5},
+    {"table": "coil", "address": 0, "type": "bool", "value": False}]}]
+TAGS = [
+    {"name": "setpoint", "address": 0, "type": "float32", "writable": True, "min": 0, "max": 100},
+    {"name": "level", "address": 2, "type": "uint16", "scale": 0.1, "writable": True},
+    {"name": "fixed", "address": 10, "type": "uint16"},
+    {"name": "pump", "table": "coil", "address": 0, "writable": True},
+    {"name": "ghost", "address": 500, "type": "uint16", "writable": True},  # the device refuses 500..510
+]
+
+
+def device(sim: Any, **kw: Any) -> dict[str, Any]:
+    return {"name": "d", "host": sim.host, "port": sim.port, "interval": "100ms", "timeout": "300ms",
+            "retries": 0, "tag": TAGS, **kw}
+
+
+def holding(sim: Any, address: int, count: int) -> list[int]:
+    """Registers read back from the simulated device by a client of its own."""
+    with ModbusTcpClient(sim.host, port=sim.port, timeout=2) as c:
+        rr = c.read_holding_registers(address, count=count, device_id=1)
+        assert not rr.isError(), rr
+        return list(rr.registers)
+
+
+def coil(sim: Any, address: int) -> bool:
+    with ModbusTcpClient(sim.host, port=sim.port, timeout=2) as c:
+        rr = c.read_coils(address, count=1, device_id=1)
+        assert not rr.isError(), rr
+        return bool(rr.bits[0])
+
+
+def cmd(cid: str, tag: str, value: Any, **extra: Any) -> bytes:
+    return json.dumps({"id": cid, "tag": tag, "value": value, **extra}).encode()
+
+
+def test_writes_land_every_refusal_is_reported_and_a_duplicate_runs_once(tmp_path: Path) -> None:
+    write_map(tmp_path / "map.toml", MAP)
+    control = tmp_path / "faults.json"
+    with start_sim(tmp_path / "map.toml", control=control) as sim:
+        cfg = config([device(sim)])
+
+        async def body() -> dict[str, dict[str, Any]]:
+            sink = Collector()
+            poller = Poller(cfg, sink)
+            task = asyncio.create_task(poller.run())  # polling goes on while writes take their turn
+            commands = Commands(poller)
+            out = {}
+            try:
+                await sink.until(lambda rs: len(rs) >= 4)
+                for cid, tag, value, extra in [
+                        ("w1", "d/setpoint", 42.5, {}), ("w2", "d/level", 12.3, {}),
+                        ("w3", "d/pump", True, {}),
+                        ("r-unknown", "d/nothing", 1, {}), ("r-ro", "d/fixed", 1, {}),
+                        ("r-range", "d/setpoint", 100.5, {}), ("r-type", "d/setpoint", "high", {}),
+                        ("r-steps", "d/level", 1.25, {}), ("r-fit", "d/level", 7000.0, {}),
+                        ("r-bool", "d/pump", 1, {}),
+                        ("r-expired", "d/setpoint", 1.0, {"expires": time.time() - 1}),
+                        ("r-exception", "d/ghost", 1, {})]:
+                    out[cid] = await commands.handle(cmd(cid, tag, value, **extra))
+                out["bad"] = await commands.handle(b"{not json")
+                set_faults(control, {"1": {"mode": "silent"}})
+                out["r-timeout"] = await commands.handle(cmd("r-timeout", "d/setpoint", 3.0))
+                set_faults(control, {})
+                out["d1"] = await commands.handle(cmd("d1", "d/setpoint", 1.0))
+                out["d2"] = await commands.handle(cmd("d2", "d/setpoint", 2.0))
+                out["d1-again"] = await commands.handle(cmd("d1", "d/setpoint", 1.0))
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                poller.close()
+            assert commands.executed == 5 and commands.refused == 11
+            return out
+
+        out = asyncio.run(body())
+        assert all(out[c]["ok"] for c in ("w1", "w2", "w3", "d1", "d2"))
+        assert out["d1-again"] == out["d1"]  # the redelivered command is answered, not written again
+        assert holding(sim, 0, 2) == [0x4000, 0]  # 2.0 as float32 ABCD: d1 did not run twice
+        assert holding(sim, 2, 1) == [123]  # 12.3 / scale 0.1
+        assert coil(sim, 0) is True
+        reasons = {c: (out[c]["ok"], out[c]["error"]) for c in out if c.startswith("r-") or c == "bad"}
+        assert reasons == {
+            "r-unknown": (False, "unknown tag"), "r-ro": (False, "not writable"),
+            "r-range": (False, "out of range"), "r-type": (False, "bad value"),
+            "r-steps": (False, "bad value"),
+            "r-fit": (False, "out of range"), "r-bool": (False, "bad value"), "r-expired": (False, "expired"),
+            "r-exception": (False, "device exception"), "bad": (False, "bad command"),
+            "r-timeout": (False, "timeout")}
+        assert holding(sim, 10, 1) == [5]  # the read-only tag's register is untouched
+
+
+def test_remote_write_over_mqtt_through_the_appliance(tmp_path: Path) -> None:
+    """cmd/write in, cmd/result out, through mosquitto and `edge run`'s uplink; a redelivered id is
+    answered with its first result and not written again."""
+    write_map(tmp_path / "map.toml", MAP)
+    with start_broker(tmp_path / "mqtt") as broker, start_sim(tmp_path / "map.toml") as sim:
+        cfg = {"appliance": {"id": "w1", "state_dir": str(tmp_path / "state")}, "device": [device(sim)],
+               "uplink": {"host": "127.0.0.1", "port": broker.port, "backoff_min": "100ms"},
+               "metrics": {"enabled": False}}
+        results = Subscriber(broker.port, "edge/w1/cmd/result")  # upstream: commands out, results in
+        try:
+            async def body(app: Any) -> None:
+                await until(lambda: app.uplink.stats.connected)  # connected and subscribed
+                for c in (cmd("m1", "d/setpoint", 55.0, by="scada"), cmd("m2", "d/fixed", 1),
+                          cmd("m3", "d/setpoint", 60.0), cmd("m1", "d/setpoint", 55.0, by="scada")):
+                    sent = results.client.publish("edge/w1/cmd/write", c, qos=1)
+                    await asyncio.to_thread(sent.wait_for_publish, 10)
+                await asyncio.to_thread(results.wait, lambda s: len(s.messages) >= 4)
+
+            run_app(cfg, body)
+            got = [json.loads(p) for _, p in results.messages]
+            after = holding(sim, 0, 2)
+        finally:
+            results.close()
+    assert [(r["id"], r["ok"], r.get("error")) for r in got] == [
+        ("m1", True, None), ("m2", False, "not writable"), ("m3", True, None), ("m1", True, None)]
+    assert after == [0x4270, 0]  # 60.0: m3 landed and the redelivered m1 (55.0) did not run again
+
+
+def test_edge_write_cli(tmp_path: Path) -> None:
+    write_map(tmp_path / "map.toml", MAP)
+    with start_sim(tmp_path / "map.toml") as sim:
+        conf = tmp_path / "config.toml"
+        write_config(conf, {"appliance": {"id": "cli", "state_dir": str(tmp_path / "state")},
+                            "device": [{"name": "d", "host": sim.host, "port": sim.port, "tag": [
+                                {"name": "setpoint", "address": 0, "type": "float32", "writable": True,
+                                 "max": 100},
+                                {"name": "fixed", "address": 10}]}],
+                            "store": {}, "uplink": {}, "metrics": {}})
+
+        def edge(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "edge", "write", str(conf), *args], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=60, check=False)
+
+        ok = edge("d/setpoint", "12.5")
+        assert ok.returncode == 0, ok.stderr
+        assert holding(sim, 0, 2) == [0x4148, 0]  # 12.5
+        assert "write local-" in ok.stderr and "d/setpoint = 12.5" in ok.stderr  # logged, with who
+        for args, reason in ((("d/setpoint", "101"), "out of range"), (("d/fixed", "1"), "not writable"),
+                             (("d/none", "1"), "unknown tag")):
+            r = edge(*args)
+            assert r.returncode == 1 and f"write refused: {reason}" in r.stderr, r.stderr
+        assert holding(sim, 0, 2) == [0x4148, 0]
+
+
+def test_writes_on_a_shared_rtu_bus_do_not_disturb_its_polls(tmp_path: Path) -> None:
+    """Two units on one RS-485 line (socat ptys, wire time emulated at 19200 baud) polled as fast as the
+    line allows while one of them gets a stream of writes: every poll reading stays good and exact, and
+    every write lands."""
+    units = [{"id": u, "points": [{"table": "holding", "address": 0, "type": "uint16", "value": 100 + u},
+                                  {"table": "holding", "address": 1, "type": "uint16", "value": 0}]}
+             for u in (1, 2)]
+    write_map(tmp_path / "map.toml", units)
+    with pty_pair(tmp_path) as (client, server), \
+            start_sim(tmp_path / "map.toml", tcp=False, rtu_path=server, baud=19200,
+                      extra_args=["--parity", "N", "--stopbits", "2"]):
+        cfg = config([{"name": f"u{u}", "bus": "rs485", "unit": u, "interval": "20ms", "timeout": "300ms",
+                       "retries": 0, "tag": [{"name": "n", "address": 0, "type": "uint16"},
+                                             {"name": "w", "address": 1, "type": "uint16", "writable": True}]}
+                      for u in (1, 2)], [{"name": "rs485", "port": client, "baud": 19200, **LINE}])
+
+        async def body() -> tuple[list[dict[str, Any]], list[Any]]:
+            sink = Collector()
+            poller = Poller(cfg, sink)
+            task = asyncio.create_task(poller.run())
+            commands = Commands(poller)
+            try:
+                await sink.until(lambda rs: len(rs) >= 8)
+                results = [await commands.handle(cmd(f"b{i}", "u2/w", i)) for i in range(1, 21)]
+                mark = len(sink.readings)
+                await sink.until(lambda rs: len(rs) >= mark + 8)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                poller.close()
+            return results, sink.readings
+
+        results, readings = asyncio.run(body())
+    assert all(r["ok"] for r in results), results
+    n = {tag_id(cfg, f"u{u}", "n"): 100 + u for u in (1, 2)}
+    polled = [r for r in readings if r[0] in n]
+    assert len(polled) > 20 and all(r[3] == GOOD and r[2] == n[r[0]] for r in polled)
+    w2 = tag_id(cfg, "u2", "w")
+    assert [r[2] for r in readings if r[0] == w2][-1] == 20  # the last write, read back by the poll
