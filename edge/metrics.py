@@ -57,6 +57,10 @@ class ApplianceCollector:
         lp.add_metric([], float(getattr(self.app, "low_power", False)))
         yield lp
         yield from self._governor()
+        writes = _counter("writes", "Write commands (cmd/write, edge write) by outcome", ["result"])
+        writes.add_metric(["ok"], self.app.commands.executed)
+        writes.add_metric(["refused"], self.app.commands.refused)
+        yield writes
 
     def _governor(self) -> Iterator[Metric]:
         g = self.app.governor

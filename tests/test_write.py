@@ -133,7 +133,7 @@ def test_remote_write_over_mqtt_through_the_appliance(tmp_path: Path) -> None:
                     await asyncio.to_thread(sent.wait_for_publish, 10)
                 await asyncio.to_thread(results.wait, lambda s: len(s.messages) >= 4)
 
-            run_app(cfg, body)
+            app = run_app(cfg, body)
             got = [json.loads(p) for _, p in results.messages]
             after = holding(sim, 0, 2)
         finally:
@@ -141,6 +141,7 @@ def test_remote_write_over_mqtt_through_the_appliance(tmp_path: Path) -> None:
     assert [(r["id"], r["ok"], r.get("error")) for r in got] == [
         ("m1", True, None), ("m2", False, "not writable"), ("m3", True, None), ("m1", True, None)]
     assert after == [0x4270, 0]  # 60.0: m3 landed and the redelivered m1 (55.0) did not run again
+    assert (app.commands.executed, app.commands.refused) == (2, 1)  # edge_writes_total{result=...}
 
 
 def test_edge_write_cli(tmp_path: Path) -> None:
