@@ -62,6 +62,23 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
+def _is_tables(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def toml_text(doc: dict[str, Any], prefix: str = "") -> str:
+    """A TOML document from nested dicts and lists of dicts (arrays of tables)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in doc.items()
+             if not isinstance(v, dict) and not _is_tables(v)]
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{prefix}{k}]", toml_text(v, f"{prefix}{k}.")]
+        elif _is_tables(v):
+            for item in v:
+                lines += ["", f"[[{prefix}{k}]]", toml_text(item, f"{prefix}{k}.")]
+    return "\n".join(lines)
+
+
 def _toml_table(header: str, entries: dict[str, Any]) -> list[str]:
     return [header] + [f"{k} = {_toml_value(v)}" for k, v in entries.items()]
 

@@ -223,6 +223,10 @@ class Subscriber:
             self.messages.append((msg.topic, msg.payload))
             self.cond.notify_all()
 
+    def seqs(self) -> set[int]:
+        """The distinct sequence numbers of the data messages received."""
+        return {m["seq"] for m in self.data()}
+
     def data(self) -> list[dict[str, Any]]:
         with self.cond:
             return [json.loads(p) for t, p in self.messages if t.endswith("/data")]

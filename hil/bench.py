@@ -1,0 +1,388 @@
+"""The bench: run the appliance against devices and a broker through scenarios, check every reading arrived
+(from the broker's side, by sequence numbers), and write a report.
+
+    python -m hil.bench BENCH.toml [--out results/] [--short]
+
+A bench file (hil/benches/*.toml):
+
+    [bench]
+    name = "demo"
+    config = "../../config.toml"   # the appliance's config (relative to the bench file)
+    edge = "auto"                  # "auto": dist/edge when built, else `python -m edge`; or a command
+    simulate = true                # serve the config's TCP devices with hil.sim (their map from hil.mapgen)
+    broker = "local"               # "local": a mosquitto of the bench's own on 127.0.0.1; or "host:port"
+
+    [[scenario]]                   # in order; `short` values replace the others with --short (CI)
+    kind = "steady"                # steady | outage | power_cut | low_power | reload
+    seconds = 60
+    short = { seconds = 10 }
+
+Scenarios and what passes:
+
+    steady     polling and forwarding for `seconds`: every reading stored in that time is delivered (within
+               30 s more), >= 99 % of them good
+    outage     the broker stopped for `seconds` (local broker only), then back: the backlog drains within
+               `drain` seconds (default 120)
+    power_cut  `kills` SIGKILLs of the appliance at random moments `every` seconds apart, each followed by
+               a restart: nothing committed before a kill is missing afterwards
+    low_power  SIGUSR2: edge_low_power goes to 1, readings keep arriving in the uplink's sessions; SIGUSR2
+               again returns to normal
+    reload     SIGHUP: the config is reloaded (edge_config_reloads_total + 1) and readings keep flowing
+
+and, over the whole run: the data messages' sequence numbers have no gap (a message seen twice is
+counted, not a failure: delivery is at least once), and at the end nothing committed is left unsent.
+The report goes to OUT/<name>-<time>/: report.md, report.json, and timeline.png (rates, backlog and RSS
+over time; needs matplotlib) from metrics sampled every 0.5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+import tomllib
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edge.config import parse  # noqa: E402
+from edge.store import dump  # noqa: E402
+from hil.mapgen import map_from_device, toml_text, write_map  # noqa: E402
+from tests.peers import BrokerHandle, Subscriber, free_port, start_broker, start_sim  # noqa: E402
+from tests.test_pipeline import EdgeProcess  # noqa: E402
+
+KINDS = ("steady", "outage", "power_cut", "low_power", "reload")
+
+
+@dataclass
+class Sample:
+    t: float
+    appended: float
+    delivered: float
+    backlog: float
+    rss_mib: float
+
+
+@dataclass
+class Run:
+    """What one bench run knows: the processes, the subscriber, the timeline, the scenario results."""
+
+    out: Path
+    cfg: dict[str, Any]
+    config_path: Path
+    edge_cmd: list[str]
+    sub: Subscriber
+    broker: BrokerHandle | None = None
+    edge: EdgeProcess | None = None
+    samples: list[Sample] = field(default_factory=list)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    t0: float = field(default_factory=time.monotonic)
+    stop_sampling: threading.Event = field(default_factory=threading.Event)
+    later: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # peers started mid-run
+
+    @property
+    def port(self) -> int:
+        return int(self.cfg["metrics"]["port"])
+
+    def m(self, name: str) -> float:
+        """A metric summed over its labels; -1 while the endpoint does not answer (a restart)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return -1.0
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith((name + " ", name + "{")))
+
+    def start_edge(self) -> None:
+        self.edge = EdgeProcess(self.config_path, self.edge_cmd)
+        self.wait(lambda: self.m("edge_store_commits_total") > 0, 60, "the appliance committing")
+
+    def wait(self, cond: Any, timeout: float, what: str) -> float:
+        t = time.monotonic()
+        while not cond():
+            if time.monotonic() - t > timeout:
+                raise TimeoutError(f"{what}: not within {timeout:g} s")
+            time.sleep(0.2)
+        return time.monotonic() - t
+
+    def rss(self) -> float:
+        if self.edge is None or self.edge.proc.poll() is not None:
+            return 0.0
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(self.edge.proc.pid)
+            return sum(q.memory_info().rss for q in [p, *p.children()]) / 2**20
+        return 0.0
+
+    def sample_forever(self) -> None:
+        while not self.stop_sampling.wait(0.5):
+            self.samples.append(Sample(time.monotonic() - self.t0,
+                                       self.m("edge_store_readings_appended_total"),
+                                       self.m("edge_uplink_readings_delivered_total"),
+                                       self.m("edge_store_backlog_readings"), self.rss()))
+
+    def drained(self, timeout: float) -> float:
+        return self.wait(lambda: 0 <= self.m("edge_store_backlog_readings") <= self._window(), timeout,
+                         "backlog drained")
+
+    def _window(self) -> float:
+        """About two seconds of readings: what is normally committed but not yet acknowledged."""
+        return max(20.0, 2 * self.m("edge_store_readings_appended_total") / max(1.0, self.uptime()))
+
+    def uptime(self) -> float:
+        return max(1.0, self.m("edge_uptime_seconds"))
+
+
+# --------------------------------------------------------------------------------------------- scenarios
+
+def steady(run: Run, p: dict[str, Any]) -> dict[str, Any]:
+    """Polling and forwarding for `seconds`; then what was stored in that time must be delivered (within
+    30 s more: the last windows are still being committed and acknowledged)."""
+    seconds = float(p.get("seconds", 60))
+    polled0, stored0 = run.m("edge_device_readings_total"), run.m("edge_store_readings_appended_total")
+    delivered0, msgs0 = run.m("edge_uplink_readings_delivered_total"), len(run.sub.data())
+    time.sleep(seconds)
+    polled = run.m("edge_device_readings_total") - polled0
+    stored = run.m("edge_store_readings_appended_total") - stored0
+    lag = run.wait(lambda: run.m("edge_uplink_readings_delivered_total") - delivered0 >= stored, 30,
+                   "the readings stored in the period delivered")
+    readings = [r for m in run.sub.data()[msgs0:] for r in m["readings"]]
+    good = sum(r["quality"] == "good" for r in readings) / max(1, len(readings))
+    return {"polled_per_s": polled / seconds, "stored_per_s": stored / seconds, "delivered_lag_s": lag,
+            "good_share": good, "pass": stored > 0 and good >= 0.99}
+
+
+def outage(run: Run, p: dict[str, Any]) -> dict[str, Any]:
+    if run.broker is None:
+        return {"pass": None, "skipped": "the broker is not the bench's own"}
+    seconds = float(p.get("seconds", 600))
+    port = run.broker.port
+    run.broker.proc.terminate()
+    run.broker.proc.wait(10)
+    time.sleep(seconds)
+    peak = run.m("edge_store_backlog_readings")
+    run.broker = run.later.enter_context(start_broker(run.out / "mqtt", port))  # stopped when the run ends
+    drain = run.drained(float(p.get("drain", 120)))
+    return {"outage_s": seconds, "backlog_peak_readings": peak, "drain_s": drain, "pass": peak > 0}
+
+
+def power_cut(run: Run, p: dict[str, Any]) -> dict[str, Any]:
+    """SIGKILLs at random moments; after each, the blocks in the store (committed, not yet acknowledged)
+    are read directly: every one of them must reach the subscriber once the appliance is back."""
+    kills, every = int(p.get("kills", 5)), float(p.get("every", 5))
+    rng = random.Random(int(p.get("seed", 7)))
+    store = parse(run.cfg).store
+    pending: set[int] = set()
+    restarts = []
+    for _ in range(kills):
+        time.sleep(every * rng.uniform(0.5, 1.5))
+        assert run.edge is not None
+        main = psutil.Process(run.edge.proc.pid)
+        for proc in [*main.children(), main]:  # the binary: its Python child, then the bootloader
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGKILL)
+        run.edge.proc.wait(10)
+        pending |= {seq for seq, _ in dump(store.path, store.map_size, 0, 10**6)}
+        t = time.monotonic()
+        run.start_edge()
+        restarts.append(time.monotonic() - t)
+    drain = run.drained(float(p.get("drain", 120)))
+    run.wait(lambda: pending <= run.sub.seqs(), 30, "every block committed before a kill delivered")
+    return {"kills": kills, "restart_s_max": max(restarts), "drain_s": drain,
+            "blocks_in_store_at_kills": len(pending), "missing": len(pending - run.sub.seqs()),
+            "pass": pending <= run.sub.seqs()}
+
+
+def low_power(run: Run, p: dict[str, Any]) -> dict[str, Any]:
+    assert run.edge is not None
+    run.edge.proc.send_signal(signal.SIGUSR2)
+    on = run.wait(lambda: run.m("edge_low_power") == 1.0, 15, "low-power mode on")
+    time.sleep(float(p.get("seconds", 30)))
+    appended = run.m("edge_store_readings_appended_total")
+    run.edge.proc.send_signal(signal.SIGUSR2)
+    run.wait(lambda: run.m("edge_low_power") == 0.0, 15, "low-power mode off")
+    flowing = run.wait(lambda: run.m("edge_store_readings_appended_total") > appended, 30, "readings")
+    return {"switch_s": on, "readings_again_s": flowing, "pass": True}
+
+
+def reload(run: Run, p: dict[str, Any]) -> dict[str, Any]:
+    assert run.edge is not None
+    before, appended = run.m("edge_config_reloads_total"), run.m("edge_store_readings_appended_total")
+    run.edge.proc.send_signal(signal.SIGHUP)
+    took = run.wait(lambda: run.m("edge_config_reloads_total") > before, 30, "config reloaded")
+    run.wait(lambda: run.m("edge_store_readings_appended_total") > appended + 1, 30, "readings after reload")
+    return {"reload_s": took, "pass": True}
+
+
+SCENARIOS = {"steady": steady, "outage": outage, "power_cut": power_cut, "low_power": low_power,
+             "reload": reload}
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+def sequence_check(sub: Subscriber) -> dict[str, Any]:
+    seqs = [m["seq"] for m in sub.data()]
+    unique = sorted(set(seqs))
+    gaps = [(a, b) for a, b in pairwise(unique) if b != a + 1]
+    return {"messages": len(seqs), "repeated": len(seqs) - len(unique),
+            "first": unique[0] if unique else None, "last": unique[-1] if unique else None,
+            "gaps": gaps[:20], "pass": bool(unique) and not gaps}
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def plot(run: Run, path: Path) -> str:
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return "timeline.png not drawn: matplotlib is not installed (pip install '.[bench]')"
+    s = run.samples
+    t = [x.t for x in s]
+    rate = [0.0] + [(b.appended - a.appended) / (b.t - a.t) if b.appended >= a.appended else 0.0
+                    for a, b in pairwise(s)]
+    sent = [0.0] + [(b.delivered - a.delivered) / (b.t - a.t) if b.delivered >= a.delivered else 0.0
+                    for a, b in pairwise(s)]
+    fig, ax = plt.subplots(3, 1, sharex=True, figsize=(10, 7))
+    ax[0].plot(t, rate, label="stored /s")
+    ax[0].plot(t, sent, label="delivered /s")
+    ax[0].legend()
+    ax[1].plot(t, [x.backlog for x in s])
+    ax[1].set_ylabel("backlog (readings)")
+    ax[2].plot(t, [x.rss_mib for x in s])
+    ax[2].set_ylabel("RSS (MiB)")
+    ax[2].set_xlabel("s")
+    for r in run.results:
+        for a in ax:
+            a.axvline(r["start_s"], color="grey", lw=0.5)
+        ax[0].annotate(r["kind"], (r["start_s"], 0), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    return "timeline.png"
+
+
+def report(run: Run, name: str, seq: dict[str, Any], plot_note: str, verdict: bool) -> str:
+    lines = [f"# Bench {name}: {'PASS' if verdict else 'FAIL'}", "",
+             f"Appliance: `{' '.join(run.edge_cmd)}`; {len(run.samples)} samples over "
+             f"{run.samples[-1].t if run.samples else 0:.0f} s.", "",
+             "| scenario | pass | figures |", "|---|---|---|"]
+    for r in run.results:
+        figures = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in r.items() if k not in ("kind", "pass", "start_s"))
+        lines.append(f"| {r['kind']} | {r['pass']} | {figures} |")
+    lines += ["", f"Sequence numbers seen by the subscriber: {seq['messages']} messages, "
+              f"first {seq['first']}, last {seq['last']}, repeated {seq['repeated']}, "
+              f"gaps {seq['gaps'] or 'none'}: "
+              f"{'PASS' if seq['pass'] else 'FAIL'}.", "", plot_note, ""]
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+def edge_command(spec: str) -> list[str]:
+    if spec != "auto":
+        return spec.split()
+    binary = ROOT / "dist" / "edge"
+    return [str(binary)] if binary.exists() else [sys.executable, "-m", "edge"]
+
+
+@contextlib.contextmanager
+def peers(bench: dict[str, Any], cfg: dict[str, Any], out: Path) -> Iterator[BrokerHandle | None]:
+    """The simulated devices and the local broker, as the bench file asks; fills in their ports."""
+    with contextlib.ExitStack() as stack:
+        if bench.get("simulate", True):
+            probe = parse({**cfg, "appliance": {"id": "x", "state_dir": str(out)}})
+            tcp = [d for d in probe.devices if d.host is not None]
+            if tcp:
+                write_map(out / "map.toml", [map_from_device(d) for d in tcp])
+                sim = stack.enter_context(start_sim(out / "map.toml"))
+                for d in cfg["device"]:
+                    if "host" in d:
+                        d["host"], d["port"] = "127.0.0.1", sim.port
+        broker = None
+        if bench.get("broker", "local") == "local":
+            broker = stack.enter_context(start_broker(out / "mqtt"))
+            cfg.setdefault("uplink", {}).update(host="127.0.0.1", port=broker.port)
+        else:
+            host, _, port = str(bench["broker"]).rpartition(":")
+            cfg.setdefault("uplink", {}).update(host=host, port=int(port))
+        yield broker
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hil.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("bench", type=Path)
+    ap.add_argument("--out", type=Path, default=ROOT / "results")
+    ap.add_argument("--short", action="store_true", help="the scenarios' short values (CI)")
+    args = ap.parse_args(argv)
+    doc = tomllib.loads(args.bench.read_text())
+    bench = doc.get("bench", {})
+    name = str(bench.get("name", args.bench.stem))
+    with open((args.bench.parent / bench.get("config", "config.toml")).resolve(), "rb") as f:
+        cfg = tomllib.load(f)
+    out = args.out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True)
+    cfg.setdefault("appliance", {})["state_dir"] = str(out / "state")
+    cfg.setdefault("store", {})
+    cfg["metrics"] = {**cfg.get("metrics", {}), "listen": "127.0.0.1", "port": free_port()}
+    prefix = cfg.get("uplink", {}).get("topic_prefix", "edge")
+    with peers(bench, cfg, out) as broker:
+        config_path = out / "config.toml"
+        config_path.write_text(toml_text(cfg) + "\n")
+        uplink = cfg["uplink"]
+        sub = Subscriber(int(uplink["port"]), f"{prefix}/{cfg['appliance']['id']}/data")
+        run = Run(out, cfg, config_path, edge_command(str(bench.get("edge", "auto"))), sub, broker)
+        sampler = threading.Thread(target=run.sample_forever, daemon=True)
+        try:
+            run.start_edge()
+            sampler.start()
+            for sc in doc.get("scenario", []):
+                kind = sc["kind"]
+                if kind not in KINDS:
+                    raise SystemExit(f"hil.bench: scenario kind {kind!r} not in {KINDS}")
+                params = {**sc, **(sc.get("short", {}) if args.short else {})}
+                start = time.monotonic() - run.t0
+                print(f"hil.bench: {kind} ...", file=sys.stderr, flush=True)
+                result = SCENARIOS[kind](run, params)
+                run.results.append({"kind": kind, "start_s": start, **result})
+                shown = "FAIL" if result["pass"] is False else "PASS"
+                print(f"hil.bench: {kind}: {shown}", file=sys.stderr)
+            end_drain = run.drained(120)
+        finally:
+            run.stop_sampling.set()
+            if run.edge is not None and run.edge.proc.poll() is None:
+                run.edge.proc.send_signal(signal.SIGTERM)
+                run.edge.proc.wait(60)
+            time.sleep(1.0)  # the last PUBACKed messages reach the subscriber
+            seq = sequence_check(sub)
+            sub.close()
+            run.later.close()
+    verdict = seq["pass"] and all(r["pass"] is not False for r in run.results)
+    note = plot(run, out / "timeline.png")
+    (out / "report.md").write_text(report(run, name, seq, note, verdict))
+    (out / "report.json").write_text(json.dumps({
+        "name": name, "pass": verdict, "edge": run.edge_cmd, "scenarios": run.results, "sequence": seq,
+        "end_drain_s": end_drain, "samples": [s.__dict__ for s in run.samples]}, indent=1))
+    shutil.rmtree(out / "state", ignore_errors=True)
+    print(f"hil.bench: {'PASS' if verdict else 'FAIL'}: {out / 'report.md'}")
+    return 0 if verdict else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
