@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     name = str(bench.get("name", args.bench.stem))
     with open((args.bench.parent / bench.get("config", "config.toml")).resolve(), "rb") as f:
         cfg = tomllib.load(f)
-    out = args.out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = (args.out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()  # state_dir: absolute
     out.mkdir(parents=True)
     cfg.setdefault("appliance", {})["state_dir"] = str(out / "state")
     cfg.setdefault("store", {})
