@@ -22,7 +22,8 @@ Scenarios and what passes:
     steady     polling and forwarding for `seconds`: every reading stored in that time is delivered (within
                30 s more), >= 99 % of them good
     outage     the broker stopped for `seconds` (local broker only), then back: the backlog drains within
-               `drain` seconds (default 120)
+               `drain` seconds (default: [uplink] backoff_max, the longest wait between two connection
+               attempts, 300 s by default, plus 120 s)
     power_cut  `kills` SIGKILLs of the appliance at random moments `every` seconds apart, each followed by
                a restart: nothing committed before a kill is missing afterwards
     low_power  SIGUSR2: edge_low_power goes to 1, readings keep arriving in the uplink's sessions; SIGUSR2
@@ -143,6 +144,11 @@ class Run:
         """About two seconds of readings: what is normally committed but not yet acknowledged."""
         return max(20.0, 2 * self.m("edge_store_readings_appended_total") / max(1.0, self.uptime()))
 
+    def reconnect_bound(self) -> float:
+        """Seconds the uplink may wait before its next connection attempt ([uplink] backoff_max, capped
+        exponential backoff), plus two minutes to drain."""
+        return float(parse(self.cfg).uplink.backoff_max) + 120.0
+
     def uptime(self) -> float:
         return max(1.0, self.m("edge_uptime_seconds"))
 
@@ -176,7 +182,7 @@ def outage(run: Run, p: dict[str, Any]) -> dict[str, Any]:
     time.sleep(seconds)
     peak = run.m("edge_store_backlog_readings")
     run.broker = run.later.enter_context(start_broker(run.out / "mqtt", port))  # stopped when the run ends
-    drain = run.drained(float(p.get("drain", 120)))
+    drain = run.drained(float(p.get("drain", run.reconnect_bound())))
     return {"outage_s": seconds, "backlog_peak_readings": peak, "drain_s": drain, "pass": peak > 0}
 
 
@@ -359,11 +365,19 @@ def main(argv: list[str] | None = None) -> int:
                 params = {**sc, **(sc.get("short", {}) if args.short else {})}
                 start = time.monotonic() - run.t0
                 print(f"hil.bench: {kind} ...", file=sys.stderr, flush=True)
-                result = SCENARIOS[kind](run, params)
+                try:
+                    result = SCENARIOS[kind](run, params)
+                except (TimeoutError, RuntimeError, OSError) as e:  # a FAIL in the report, not a crash
+                    result = {"pass": False, "error": str(e)}
                 run.results.append({"kind": kind, "start_s": start, **result})
                 shown = "FAIL" if result["pass"] is False else "PASS"
                 print(f"hil.bench: {kind}: {shown}", file=sys.stderr)
-            end_drain = run.drained(120)
+            try:
+                end_drain: float | str = run.drained(run.reconnect_bound())
+            except TimeoutError as e:
+                end_drain = str(e)
+                run.results.append({"kind": "end", "start_s": time.monotonic() - run.t0, "pass": False,
+                                    "error": str(e)})
         finally:
             run.stop_sampling.set()
             if run.edge is not None and run.edge.proc.poll() is None:
