@@ -760,7 +760,7 @@ def load(path: str | Path) -> Config:
 
     A large file is parsed in a forked child that sends back the result pickled: the parse's peak (the
     TOML tree, the strings, the validation) never touches this process's heap, which keeps only the
-    compact result (10,000 tags: 8 -> 4 MiB RSS, see docs/performance.md)."""
+    compact result (10,000 tags: 8.0 -> 6.1 MiB RSS after the load, see docs/performance.md)."""
     try:
         big = os.stat(path).st_size > FORK_ABOVE
     except OSError as e:

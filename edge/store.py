@@ -200,9 +200,6 @@ class Window:
         for column in (self.tags, self.stamps, self.values, self.qualities):
             del column[:n]
 
-    def readings(self) -> list[Reading]:
-        return list(zip(self.tags, self.stamps, self.values, self.qualities, strict=True))
-
 
 def encode_block(readings: Sequence[Reading] | Window, codec: int = ZSTD, compressor: Any = None) -> bytes:
     """One block value from readings (at least one).

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from edge.write import Commands
 
 log = logging.getLogger("edge.uplink")
+UNKNOWN_TAG = Tag(0, "?", "", 0, "", device="?")  # a reading of a tag no longer in the config
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Payloads:
         self.tags: dict[int, Tag] = {t.id: t for d in config.devices for t in d.tags}
 
     def encode(self, block: Block) -> bytes:
-        tags, unknown = self.tags, Tag(0, "?", "", 0, "", device="?")
+        tags, unknown = self.tags, UNKNOWN_TAG
         rows = []
         for tag, ts, value, quality in block.readings():
             t = tags.get(tag, unknown)

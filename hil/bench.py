@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import json
 import random
+import re
 import shutil
 import signal
 import sys
@@ -100,14 +101,8 @@ class Run:
         return int(self.cfg["metrics"]["port"])
 
     def m(self, name: str) -> float:
-        """A metric summed over its labels; -1 while the endpoint does not answer (a restart)."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-                text = r.read().decode()
-        except OSError:
-            return -1.0
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith((name + " ", name + "{")))
+        """A metric summed over its labels (0 if absent); -1 while the endpoint is down (a restart)."""
+        return _value(scrape(self.port), name)
 
     def start_edge(self) -> None:
         self.edge = EdgeProcess(self.config_path, self.edge_cmd)
@@ -131,26 +126,53 @@ class Run:
 
     def sample_forever(self) -> None:
         while not self.stop_sampling.wait(0.5):
+            d = scrape(self.port)
             self.samples.append(Sample(time.monotonic() - self.t0,
-                                       self.m("edge_store_readings_appended_total"),
-                                       self.m("edge_uplink_readings_delivered_total"),
-                                       self.m("edge_store_backlog_readings"), self.rss()))
+                                       _value(d, "edge_store_readings_appended_total"),
+                                       _value(d, "edge_uplink_readings_delivered_total"),
+                                       _value(d, "edge_store_backlog_readings"), self.rss()))
 
     def drained(self, timeout: float) -> float:
-        return self.wait(lambda: 0 <= self.m("edge_store_backlog_readings") <= self._window(), timeout,
-                         "backlog drained")
-
-    def _window(self) -> float:
-        """About two seconds of readings: what is normally committed but not yet acknowledged."""
-        return max(20.0, 2 * self.m("edge_store_readings_appended_total") / max(1.0, self.uptime()))
+        """Seconds until the backlog is down to about two seconds of readings (what is normally committed
+        but not yet acknowledged)."""
+        def done() -> bool:
+            d = scrape(self.port)
+            rate = (d.get("edge_store_readings_appended_total", 0.0)
+                    / max(1.0, d.get("edge_uptime_seconds", 0.0)))
+            return bool(d) and 0 <= d.get("edge_store_backlog_readings", 0.0) <= max(20.0, 2 * rate)
+        return self.wait(done, timeout, "backlog drained")
 
     def reconnect_bound(self) -> float:
         """Seconds the uplink may wait before its next connection attempt ([uplink] backoff_max, capped
         exponential backoff), plus two minutes to drain."""
         return float(parse(self.cfg).uplink.backoff_max) + 120.0
 
-    def uptime(self) -> float:
-        return max(1.0, self.m("edge_uptime_seconds"))
+
+
+def _value(scraped: dict[str, float], name: str) -> float:
+    return scraped.get(name, 0.0) if scraped else -1.0
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Prometheus text -> {family name: value summed over its label sets}; {} when it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)", line)
+        if m:
+            out[m[1]] = out.get(m[1], 0.0) + float(m[3])
+            if m[1] == "edge_poll_stretch":
+                out["edge_poll_stretch_max"] = max(out.get("edge_poll_stretch_max", 0.0), float(m[3]))
+            if m[1] == "edge_device_errors_total" and (kind := re.search(r'kind="([^"]*)"', m[2] or "")):
+                key = f"errors:{kind[1]}"
+                out[key] = out.get(key, 0.0) + float(m[3])
+    return out
 
 
 # --------------------------------------------------------------------------------------------- scenarios
