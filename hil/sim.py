@@ -24,8 +24,9 @@ Faults come from the JSON control file, re-read whenever its (st_ino, st_mtime_n
 
 Modes: ok; silent (no reply, ever); slow (reply `delay` s late, default 1); exception (reply `code`);
 crc (RTU: CRC bytes of the reply flipped, with probability `rate`); drop (TCP: close the connection; on
-RTU it is silent). A unit's own entry wins over "*". `count` limits any mode to that unit's next `count`
-requests after the file changed; `delay` adds seconds to any mode that replies.
+RTU it is silent); short (a register read answered with one register fewer than asked, in a frame that is
+otherwise valid: a confused device or gateway). A unit's own entry wins over "*". `count` limits any mode
+to that unit's next `count` requests after the file changed; `delay` adds seconds to any mode that replies.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from pymodbus.constants import ExcCodes
-from pymodbus.framer import FramerType
+from pymodbus.framer import FramerRTU, FramerType
 from pymodbus.pdu import ModbusPDU
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
@@ -88,14 +89,15 @@ BIT_FCS = frozenset({1, 2, 5, 15})
 WRITE_FCS = frozenset({5, 6, 15, 16, 22, 23})
 
 WAVES = ("sine", "ramp", "counter", "square")
-MODES = frozenset({"ok", "silent", "slow", "exception", "crc", "drop"})
+MODES = frozenset({"ok", "silent", "slow", "exception", "crc", "drop", "short"})
 NO_REPLY = frozenset({"silent", "drop"})
 
 # (function code, address, count) of the request being served. Set by trace_pdu while the frame is decoded;
 # pymodbus then schedules the request with call_soon, which copies the context, so the action hook sees it.
 _REQUEST: contextvars.ContextVar[tuple[int, int, int] | None] = contextvars.ContextVar("request",
                                                                                        default=None)
-# What to do with the reply of the request served by the current task: None, "silent", "drop" or "crc".
+# What to do with the reply of the request served by the current task: None, "silent", "drop", "crc" or
+# "short".
 _VERDICT: contextvars.ContextVar[str | None] = contextvars.ContextVar("verdict", default=None)
 
 
@@ -509,6 +511,8 @@ class Sim:
             await asyncio.sleep(delay)
         if fault.mode == "crc" and self.rtu and random.random() < fault.rate:
             _VERDICT.set("crc")
+        if fault.mode == "short" and error is None and req.fc in (3, 4):
+            _VERDICT.set("short")
         return error
 
     def error(self, req: Request, fault: Fault) -> ExcCodes | None:
@@ -543,9 +547,23 @@ class Sim:
             return packet
         if verdict == "crc":
             return packet[:-2] + bytes(b ^ 0xA5 for b in packet[-2:])
+        if verdict == "short":
+            return short_reply(packet, self.rtu)
         if verdict == "drop":
             conn.loop.call_soon(conn.close)
         return b""
+
+
+def short_reply(packet: bytes, rtu: bool) -> bytes:
+    """A register-read reply with its last register cut off, byte count, MBAP length or CRC made to fit."""
+    if rtu:  # unit, fc, byte count, data, CRC
+        body = bytearray(packet[:-4])
+        body[2] -= 2
+        return bytes(body) + FramerRTU.compute_CRC(bytes(body)).to_bytes(2, "big")
+    body = bytearray(packet[:-2])  # MBAP (tid, protocol, length, unit), fc, byte count, data
+    body[4:6] = (int.from_bytes(body[4:6], "big") - 2).to_bytes(2, "big")
+    body[8] -= 2
+    return bytes(body)
 
 
 def exact_count(req: Request) -> int:

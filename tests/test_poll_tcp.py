@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from edge.poll.engine import Poller
-from edge.reading import BREAKER_OPEN, DISCONNECTED, GOOD, TIMEOUT
+from edge.reading import BAD_FRAME, BREAKER_OPEN, DISCONNECTED, GOOD, TIMEOUT
 from tests.peers import set_faults, start_sim, write_map
 from tests.pollkit import Collector, config, tag_id
 
@@ -167,6 +167,29 @@ def test_illegal_address_names_the_tag_once_and_neighbours_flow(
                 r.getMessage()]
     assert len(warnings) == 1 and "illegal address" in warnings[0]
     assert len(poller.runners[0].jobs["default"]) == 3  # the rejected request was split per tag
+
+
+def test_a_reply_of_the_wrong_length_is_a_bad_frame_not_a_crash(tmp_path: Path) -> None:
+    """A well-formed reply with one register fewer than asked (hil.sim's "short" fault) must not reach the
+    decoder: the read is a bad frame, retried, and the device's next cycle is good again."""
+    write_map(tmp_path / "map.toml", [{"id": 1, "points": [
+        {"table": "holding", "address": 0, "type": "uint16", "value": 7},
+        {"table": "holding", "address": 1, "type": "float32", "value": 2.5}]}])
+    control = tmp_path / "faults.json"
+    with start_sim(tmp_path / "map.toml", control=control) as sim:
+        set_faults(control, {"1": {"mode": "short", "count": 3}})
+        cfg = config([{"name": "d", "host": sim.host, "port": sim.port, "retries": 1, "tag": [
+            {"name": "a", "address": 0, "type": "uint16"}, {"name": "f", "address": 1, "type": "float32"}]}])
+        sink = Collector()
+        poller = Poller(cfg, sink)
+
+        async def two_cycles() -> None:
+            await poller.run_once()  # the first try and its retry: both short
+            await poller.run_once()  # the third short reply, then its retry: good
+
+        asyncio.run(two_cycles())
+    assert [r[2:] for r in sink.readings] == [(None, BAD_FRAME)] * 2 + [(7, GOOD), (2.5, GOOD)]
+    assert poller.runners[0].stats.errors["bad_frame"] == 3
 
 
 def test_busy_device_is_asked_again(tmp_path: Path) -> None:

@@ -114,6 +114,10 @@ class Link:
         """One read; returns registers (or bits, padded to a multiple of 8) or raises ReadError."""
         rr = await self._request(timeout, lambda: self._readers[function](start, count=count, device_id=unit))
         values: Sequence[int] | Sequence[bool] = rr.bits if function <= 2 else rr.registers
+        if len(values) != count if function > 2 else not count <= len(values) < count + 8:
+            # a valid frame with the wrong amount of data: a confused device, or on a shared line a reply
+            # that was not the one asked for; decoding it would put values on the wrong tags
+            raise ReadError(BAD_FRAME, f"{self.name}: {len(values)} values in the reply to a read of {count}")
         return values
 
     async def write(self, unit: int, table: str, address: int, value: list[int] | bool,
