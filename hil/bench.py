@@ -9,11 +9,13 @@ A bench file (hil/benches/*.toml):
     name = "demo"
     config = "../../config.toml"   # the appliance's config (relative to the bench file)
     edge = "auto"                  # "auto": dist/edge when built, else `python -m edge`; or a command
-    simulate = true                # serve the config's TCP devices with hil.sim (their map from hil.mapgen)
+    simulate = true                # serve the config's devices with hil.sim (their map from hil.mapgen):
+                                   # TCP devices on 127.0.0.1, each RS-485 bus on a socat pty pair
     broker = "local"               # "local": a mosquitto of the bench's own on 127.0.0.1; or "host:port"
 
     [[scenario]]                   # in order; `short` values replace the others with --short (CI)
-    kind = "steady"                # steady | outage | power_cut | low_power | reload
+    kind = "steady"                # steady | outage | power_cut | low_power | reload | device_faults
+                                   # | memory_pressure
     seconds = 60
     short = { seconds = 10 }
 
@@ -29,6 +31,22 @@ Scenarios and what passes:
     low_power  SIGUSR2: edge_low_power goes to 1, readings keep arriving in the uplink's sessions; SIGUSR2
                again returns to normal
     reload     SIGHUP: the config is reloaded (edge_config_reloads_total + 1) and readings keep flowing
+    device_faults
+               on a simulated RS-485 `bus` (default: the first), `faults` (hil.sim's control file; default:
+               unit 2 dead, unit 3 slow by 0.2 s, CRC noise at 5 % on the others) for `seconds` after a
+               baseline of `seconds`: counted from the broker by the readings' timestamps, every healthy
+               device keeps >= `keep` (0.9) of its baseline rate of good readings (less the CRC noise),
+               the dead one delivers bad-quality readings only, the slow one still good ones, the noise
+               shows as bad frames; then, faults cleared, every device is good again within `recover`
+               seconds (default: the breaker's longest pause, 60 s, plus 30 s)
+    memory_pressure
+               the appliance restarted inside a memory cgroup of `limit_mib` MiB (default 160; hil.cgroup)
+               with a flood of `tags` (20000) low-priority tags on an extra simulated device and
+               [governor] memory_soft = `soft_mib` MiB (28): the governor stretches the flood (x2 or more)
+               and never the priority-0 groups, whose tags without a deadband deliver >= 90 % of their
+               polls over `seconds` (counted at the broker); no OOM kill, no restart, RSS under the
+               governor's hard limit; then the normal appliance is started again. Skipped where no
+               memory cgroup can be made (not root, neither a v1 memory controller nor systemd on v2)
 
 and, over the whole run: the data messages' sequence numbers have no gap (a message seen twice is
 counted, not a failure: delivery is at least once), and at the end nothing committed is left unsent.
@@ -50,6 +68,7 @@ import threading
 import time
 import tomllib
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -63,11 +82,20 @@ sys.path.insert(0, str(ROOT))
 
 from edge.config import parse  # noqa: E402
 from edge.store import dump  # noqa: E402
+from hil.cgroup import Group, Unavailable, limited  # noqa: E402
 from hil.mapgen import map_from_device, toml_text, write_map  # noqa: E402
-from tests.peers import BrokerHandle, Subscriber, free_port, start_broker, start_sim  # noqa: E402
+from tests.peers import (  # noqa: E402
+    BrokerHandle,
+    Subscriber,
+    free_port,
+    pty_pair,
+    set_faults,
+    start_broker,
+    start_sim,
+)
 from tests.test_pipeline import EdgeProcess  # noqa: E402
 
-KINDS = ("steady", "outage", "power_cut", "low_power", "reload")
+KINDS = ("steady", "outage", "power_cut", "low_power", "reload", "device_faults", "memory_pressure")
 
 
 @dataclass
@@ -95,6 +123,7 @@ class Run:
     t0: float = field(default_factory=time.monotonic)
     stop_sampling: threading.Event = field(default_factory=threading.Event)
     later: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # peers started mid-run
+    controls: dict[str, Path] = field(default_factory=dict)  # simulated bus -> hil.sim's fault control
 
     @property
     def port(self) -> int:
@@ -104,9 +133,35 @@ class Run:
         """A metric summed over its labels (0 if absent); -1 while the endpoint is down (a restart)."""
         return _value(scrape(self.port), name)
 
-    def start_edge(self) -> None:
-        self.edge = EdgeProcess(self.config_path, self.edge_cmd)
-        self.wait(lambda: self.m("edge_store_commits_total") > 0, 60, "the appliance committing")
+    def start_edge(self, config: Path | None = None, prefix: tuple[str, ...] | list[str] = ()) -> None:
+        self.edge = EdgeProcess(config or self.config_path, [*prefix, *self.edge_cmd])
+        self.wait(lambda: self.m("edge_store_commits_total") > 0, 120, "the appliance committing")
+
+    def stop_edge(self) -> None:
+        if self.edge is not None and self.edge.proc.poll() is None:
+            self.edge.proc.send_signal(signal.SIGTERM)
+            self.edge.proc.wait(60)
+
+    def window(self, seconds: float) -> tuple[int, int]:
+        """The next `seconds`, as (t0, t1) in ns; returns once everything stored by its end is delivered."""
+        t0 = time.time_ns()
+        time.sleep(seconds)  # the measuring period itself
+        t1 = time.time_ns()
+        stored = self.m("edge_store_readings_appended_total")
+        self.wait(lambda: self.m("edge_uplink_readings_delivered_total") >= stored, 60,
+                  "the readings stored in the window delivered")
+        return t0, t1
+
+    def readings(self, t0: int, t1: int) -> Iterator[dict[str, Any]]:
+        """The readings the subscriber received whose timestamps fall in [t0, t1)."""
+        for msg in self.sub.data():
+            yield from (r for r in msg["readings"] if t0 <= r["ts"] < t1)
+
+    def per_device(self, t0: int, t1: int) -> dict[str, Counter[str]]:
+        counts: dict[str, Counter[str]] = {}
+        for r in self.readings(t0, t1):
+            counts.setdefault(r["device"], Counter())[r["quality"]] += 1
+        return counts
 
     def wait(self, cond: Any, timeout: float, what: str) -> float:
         t = time.monotonic()
@@ -167,6 +222,8 @@ def scrape(port: int) -> dict[str, float]:
         m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)", line)
         if m:
             out[m[1]] = out.get(m[1], 0.0) + float(m[3])
+            if m[2]:
+                out[m[1] + m[2]] = float(m[3])
             if m[1] == "edge_poll_stretch":
                 out["edge_poll_stretch_max"] = max(out.get("edge_poll_stretch_max", 0.0), float(m[3]))
             if m[1] == "edge_device_errors_total" and (kind := re.search(r'kind="([^"]*)"', m[2] or "")):
@@ -256,8 +313,111 @@ def reload(run: Run, p: dict[str, Any]) -> dict[str, Any]:
     return {"reload_s": took, "pass": True}
 
 
+DEFAULT_FAULTS = {"2": {"mode": "silent"}, "3": {"mode": "slow", "delay": 0.2},
+                  "*": {"mode": "crc", "rate": 0.05}}
+BREAKER_CAP = 60.0  # edge.poll.health.Breaker: the longest pause between probes of a dead device
+
+
+def device_faults(run: Run, p: dict[str, Any]) -> dict[str, Any]:
+    if not run.controls:
+        return {"pass": None, "skipped": "no simulated RS-485 bus in the config"}
+    bus = str(p.get("bus", next(iter(run.controls))))
+    faults = {str(k): v for k, v in p.get("faults", DEFAULT_FAULTS).items()}
+    seconds, keep = float(p.get("seconds", 60)), float(p.get("keep", 0.9))
+    units = {d["name"]: str(d["unit"]) for d in run.cfg["device"] if d.get("bus") == bus}
+    mode = {name: faults.get(u, faults.get("*", {})).get("mode", "ok") for name, u in units.items()}
+    noise = max((float(f.get("rate", 1.0)) for f in faults.values() if f.get("mode") == "crc"), default=0.0)
+    base = run.per_device(*run.window(seconds))
+    frames0 = run.m("errors:bad_frame")
+    set_faults(run.controls[bus], faults)
+    time.sleep(float(p.get("settle", 3)))  # the dead unit's first timeouts, until its breaker opens
+    hit = run.per_device(*run.window(seconds))
+    frames = run.m("errors:bad_frame") - frames0
+    cleared = time.time_ns()
+    set_faults(run.controls[bus], {})
+
+    def good(counts: dict[str, Counter[str]], dev: str) -> int:
+        return counts.get(dev, Counter())["good"]
+
+    def recovered() -> bool:
+        fresh = {r["device"] for m in run.sub.data()[-200:] for r in m["readings"]
+                 if r["ts"] > cleared and r["quality"] == "good"}
+        return set(units) <= fresh
+
+    recover = run.wait(recovered, float(p.get("recover", BREAKER_CAP + 30)), "every device good again")
+    checks = {}
+    for dev, m in mode.items():
+        if m in ("ok", "crc"):
+            need = keep * good(base, dev) * (1 - (noise if m == "crc" else 0.0))
+            checks[dev] = good(hit, dev) >= need > 0
+        elif m in ("silent", "drop"):
+            checks[dev] = sum(hit.get(dev, Counter()).values()) > 0 and good(hit, dev) == 0
+        else:
+            checks[dev] = good(hit, dev) > 0
+    return {"faults": {d: mode[d] for d in units},
+            "good_per_s_before": {d: round(good(base, d) / seconds, 2) for d in units},
+            "good_per_s_faulty": {d: round(good(hit, d) / seconds, 2) for d in units},
+            "bad_frames": frames, "recover_s": recover, "checks": checks,
+            "pass": all(checks.values()) and (frames > 0 or noise == 0)}
+
+
+def memory_pressure(run: Run, p: dict[str, Any]) -> dict[str, Any]:
+    limit = int(p.get("limit_mib", 160)) << 20
+    try:
+        with limited(limit, "edge-bench") as group:
+            try:
+                return _flooded(run, p, group, limit)
+            finally:
+                run.stop_edge()  # out of the group before it is removed
+    except Unavailable as e:
+        return {"pass": None, "skipped": str(e)}
+    finally:
+        run.start_edge()  # the normal appliance again, outside the group
+
+
+def _flooded(run: Run, p: dict[str, Any], group: Group, limit: int) -> dict[str, Any]:
+    n, seconds = int(p.get("tags", 20000)), float(p.get("seconds", 60))
+    cfg = json.loads(json.dumps(run.cfg))
+    write_map(run.out / "flood-map.toml", [{"id": 1, "points": [
+        {"table": "holding", "address": a, "type": "uint16", "value": 7.0} for a in range(n)]}])
+    with start_sim(run.out / "flood-map.toml") as sim:
+        cfg["device"].append({"name": "flood", "host": "127.0.0.1", "port": sim.port, "unit": 1,
+                              "timeout": "2s", "interval": "1s",
+                              "group": {"bulk": {"interval": "1s", "priority": 1}},
+                              "tag": [{"name": f"b{a}", "address": a, "group": "bulk"} for a in range(n)]})
+        cfg.setdefault("governor", {})["memory_soft"] = f"{int(p.get('soft_mib', 28))}MiB"
+        flood_path = run.out / "config-flood.toml"
+        flood_path.write_text(toml_text(cfg) + "\n")
+        run.stop_edge()
+        run.start_edge(flood_path, group.prefix)
+        assert run.edge is not None
+        pid, since = run.edge.proc.pid, time.monotonic() - run.t0
+        flood = 'edge_poll_stretch{device="flood",group="bulk"}'
+        run.wait(lambda: run.m("edge_governor_memory_level") >= 1, 120, "the governor above its soft limit")
+        run.wait(lambda: run.m(flood) >= 2, 60, "the flood stretched")
+        t0, t1 = run.window(seconds)
+        scraped = scrape(run.port)
+        alive = run.edge.proc.poll() is None
+        run.stop_edge()
+    counts = Counter(f"{r['device']}/{r['tag']}" for r in run.readings(t0, t1))
+    config = parse(run.cfg)  # the priority-0 devices: everything but the flood
+    expected = {f"{d.name}/{t.name}": (t1 - t0) / 1e9 / g.interval for d in config.devices for t in d.tags
+                for g in d.groups if g.name == t.group and not (t.deadband or t.deadband_percent)}
+    short = {k: counts[k] for k, e in expected.items() if counts[k] < 0.9 * e - 1}
+    stretched = {k: v for k, v in scraped.items()
+                 if k.startswith("edge_poll_stretch{") and k != flood and v != 1}
+    rss = max((s.rss_mib for s in run.samples if s.t >= since), default=0.0)
+    hard = scraped.get('edge_governor_limit_bytes{limit="hard"}', limit * 0.85) / 2**20
+    result = {"limit_mib": limit >> 20, "flood_tags": n, "flood_stretch": scraped.get(flood),
+              "peak_rss_mib": rss, "hard_limit_mib": hard, "cgroup_peak_mib": (group.peak() or 0) / 2**20,
+              "oom_kills": group.oom_kills(), "same_pid": alive and run.edge.proc.pid == pid,
+              "priority0_stretched": stretched, "priority0_tags_short": short}
+    result["pass"] = (alive and result["oom_kills"] == 0 and rss < hard and not stretched and not short
+                      and bool(expected))
+    return result
+
 SCENARIOS = {"steady": steady, "outage": outage, "power_cut": power_cut, "low_power": low_power,
-             "reload": reload}
+             "reload": reload, "device_faults": device_faults, "memory_pressure": memory_pressure}
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -291,8 +451,10 @@ def plot(run: Run, path: Path) -> str:
     ax[0].plot(t, rate, label="stored /s")
     ax[0].plot(t, sent, label="delivered /s")
     ax[0].legend()
+    ax[0].set_yscale("symlog")  # a few readings/s beside a flood of tens of thousands
     ax[1].plot(t, [x.backlog for x in s])
     ax[1].set_ylabel("backlog (readings)")
+    ax[1].set_yscale("symlog")
     ax[2].plot(t, [x.rss_mib for x in s])
     ax[2].set_ylabel("RSS (MiB)")
     ax[2].set_xlabel("s")
@@ -331,8 +493,11 @@ def edge_command(spec: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def peers(bench: dict[str, Any], cfg: dict[str, Any], out: Path) -> Iterator[BrokerHandle | None]:
-    """The simulated devices and the local broker, as the bench file asks; fills in their ports."""
+def peers(bench: dict[str, Any], cfg: dict[str, Any], out: Path) -> Iterator[tuple[BrokerHandle | None,
+                                                                                   dict[str, Path]]]:
+    """The simulated devices and the local broker, as the bench file asks; fills in their ports. Yields
+    the broker (None when it is not the bench's own) and each simulated bus's fault-control file."""
+    controls: dict[str, Path] = {}
     with contextlib.ExitStack() as stack:
         if bench.get("simulate", True):
             probe = parse({**cfg, "appliance": {"id": "x", "state_dir": str(out)}})
@@ -343,6 +508,17 @@ def peers(bench: dict[str, Any], cfg: dict[str, Any], out: Path) -> Iterator[Bro
                 for d in cfg["device"]:
                     if "host" in d:
                         d["host"], d["port"] = "127.0.0.1", sim.port
+            for bus in probe.buses:  # one pty pair per bus: the appliance on one end, hil.sim on the other
+                here = out / f"bus-{bus.name}"
+                here.mkdir()
+                write_map(here / "map.toml", [map_from_device(d) for d in probe.devices if d.bus == bus.name])
+                controls[bus.name] = here / "faults.json"
+                client, server = stack.enter_context(pty_pair(here))
+                stack.enter_context(start_sim(
+                    here / "map.toml", tcp=False, rtu_path=server, baud=bus.baud, control=controls[bus.name],
+                    extra_args=["--parity", bus.parity, "--stopbits", str(bus.stop_bits),
+                                "--bytesize", str(bus.byte_size)]))
+                next(b for b in cfg["bus"] if b["name"] == bus.name)["port"] = client
         broker = None
         if bench.get("broker", "local") == "local":
             broker = stack.enter_context(start_broker(out / "mqtt"))
@@ -350,7 +526,7 @@ def peers(bench: dict[str, Any], cfg: dict[str, Any], out: Path) -> Iterator[Bro
         else:
             host, _, port = str(bench["broker"]).rpartition(":")
             cfg.setdefault("uplink", {}).update(host=host, port=int(port))
-        yield broker
+        yield broker, controls
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,12 +546,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg.setdefault("store", {})
     cfg["metrics"] = {**cfg.get("metrics", {}), "listen": "127.0.0.1", "port": free_port()}
     prefix = cfg.get("uplink", {}).get("topic_prefix", "edge")
-    with peers(bench, cfg, out) as broker:
+    with peers(bench, cfg, out) as (broker, controls):
         config_path = out / "config.toml"
         config_path.write_text(toml_text(cfg) + "\n")
         uplink = cfg["uplink"]
         sub = Subscriber(int(uplink["port"]), f"{prefix}/{cfg['appliance']['id']}/data")
-        run = Run(out, cfg, config_path, edge_command(str(bench.get("edge", "auto"))), sub, broker)
+        run = Run(out, cfg, config_path, edge_command(str(bench.get("edge", "auto"))), sub, broker,
+                  controls=controls)
         sampler = threading.Thread(target=run.sample_forever, daemon=True)
         try:
             run.start_edge()
@@ -391,9 +568,15 @@ def main(argv: list[str] | None = None) -> int:
                     result = SCENARIOS[kind](run, params)
                 except (TimeoutError, RuntimeError, OSError) as e:  # a FAIL in the report, not a crash
                     result = {"pass": False, "error": str(e)}
+                if run.edge is None or run.edge.proc.poll() is not None:  # died on its own: FAIL, restart
+                    log = run.edge.log.splitlines()[-20:] if run.edge else []
+                    result = {**result, "pass": False, "exited": "\n".join(log)}
+                    run.start_edge()
                 run.results.append({"kind": kind, "start_s": start, **result})
                 shown = "FAIL" if result["pass"] is False else "PASS"
                 print(f"hil.bench: {kind}: {shown}", file=sys.stderr)
+                if result["pass"] is False:
+                    print(json.dumps(result, indent=1, default=str), file=sys.stderr)
             try:
                 end_drain: float | str = run.drained(run.reconnect_bound())
             except TimeoutError as e:
