@@ -44,7 +44,7 @@ Scenarios and what passes:
                with a flood of `tags` (20000) low-priority tags on an extra simulated device and
                [governor] memory_soft = `soft_mib` MiB (28): the governor stretches the flood (x2 or more)
                and never the priority-0 groups, whose tags without a deadband deliver >= 90 % of their
-               polls over `seconds` (counted at the broker); no OOM kill, no restart, RSS under the
+               polls over `seconds` (counted at the broker); no OOM kill, still running, RSS under the
                governor's hard limit; then the normal appliance is started again. Skipped where no
                memory cgroup can be made (not root, neither a v1 memory controller nor systemd on v2)
 
@@ -340,9 +340,7 @@ def device_faults(run: Run, p: dict[str, Any]) -> dict[str, Any]:
         return counts.get(dev, Counter())["good"]
 
     def recovered() -> bool:
-        fresh = {r["device"] for m in run.sub.data()[-200:] for r in m["readings"]
-                 if r["ts"] > cleared and r["quality"] == "good"}
-        return set(units) <= fresh
+        return set(units) <= {r["device"] for r in run.readings(cleared, 2**63) if r["quality"] == "good"}
 
     recover = run.wait(recovered, float(p.get("recover", BREAKER_CAP + 30)), "every device good again")
     checks = {}
@@ -391,7 +389,7 @@ def _flooded(run: Run, p: dict[str, Any], group: Group, limit: int) -> dict[str,
         run.stop_edge()
         run.start_edge(flood_path, group.prefix)
         assert run.edge is not None
-        pid, since = run.edge.proc.pid, time.monotonic() - run.t0
+        since = time.monotonic() - run.t0
         flood = 'edge_poll_stretch{device="flood",group="bulk"}'
         run.wait(lambda: run.m("edge_governor_memory_level") >= 1, 120, "the governor above its soft limit")
         run.wait(lambda: run.m(flood) >= 2, 60, "the flood stretched")
@@ -410,11 +408,12 @@ def _flooded(run: Run, p: dict[str, Any], group: Group, limit: int) -> dict[str,
     hard = scraped.get('edge_governor_limit_bytes{limit="hard"}', limit * 0.85) / 2**20
     result = {"limit_mib": limit >> 20, "flood_tags": n, "flood_stretch": scraped.get(flood),
               "peak_rss_mib": rss, "hard_limit_mib": hard, "cgroup_peak_mib": (group.peak() or 0) / 2**20,
-              "oom_kills": group.oom_kills(), "same_pid": alive and run.edge.proc.pid == pid,
+              "oom_kills": group.oom_kills(), "alive": alive,
               "priority0_stretched": stretched, "priority0_tags_short": short}
     result["pass"] = (alive and result["oom_kills"] == 0 and rss < hard and not stretched and not short
                       and bool(expected))
     return result
+
 
 SCENARIOS = {"steady": steady, "outage": outage, "power_cut": power_cut, "low_power": low_power,
              "reload": reload, "device_faults": device_faults, "memory_pressure": memory_pressure}
@@ -585,9 +584,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "error": str(e)})
         finally:
             run.stop_sampling.set()
-            if run.edge is not None and run.edge.proc.poll() is None:
-                run.edge.proc.send_signal(signal.SIGTERM)
-                run.edge.proc.wait(60)
+            run.stop_edge()
             time.sleep(1.0)  # the last PUBACKed messages reach the subscriber
             seq = sequence_check(sub)
             sub.close()
