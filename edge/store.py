@@ -90,7 +90,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lmdb
 import zstandard
@@ -132,6 +132,9 @@ def _value_column(values: Sequence[Value | None]) -> tuple[bytes, bytes, bytes]:
     n = len(values)
     if types == {float}:
         return bytes([FLOAT]) * n, array("d", values).tobytes(), b""  # type: ignore[type-var]
+    ints = cast("Sequence[int]", values)
+    if types == {int} and min(ints) >= -I64_MAX - 1 and max(ints) <= I64_MAX:
+        return bytes([INT]) * n, array("q", ints).tobytes(), b""
     kinds = bytearray(n)
     nums: list[bytes] = []
     strings: list[bytes] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -15,12 +16,17 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from edge.app import Appliance
-from edge.config import parse
-from edge.store import dump, inspect
+from edge.config import load, parse
+from edge.reading import quality_name
+from edge.store import Block, dump, encode_block, inspect
+from edge.uplink import Payloads
 from tests.peers import Subscriber, free_port, make_ca, start_broker, start_sim, write_map
 
 ROOT = Path(__file__).resolve().parent.parent
+T0 = 1_790_000_000_000_000_000
 MAP = [{"id": 1, "points": [
     {"table": "holding", "address": 0, "type": "uint32", "wave": "counter", "step": 100.0},
     {"table": "holding", "address": 2, "type": "float32", "value": 21.5},
@@ -113,6 +119,23 @@ def check_delivery(sub: Subscriber) -> dict[int, dict[str, Any]]:
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # contiguous: no block skipped
     check_values_and_order(msgs)
     return msgs
+
+
+
+@pytest.mark.parametrize("n", [1, Payloads.ROWS - 1, Payloads.ROWS, Payloads.ROWS + 1, 3 * Payloads.ROWS + 7])
+def test_payload_is_the_documented_json_whatever_the_block_size(n: int) -> None:
+    config = load(ROOT / "config.toml")
+    tags = [t for d in config.devices for t in d.tags]
+    values: list[Any] = [1.5, None, True, False, -7, 2**64 - 1, 'q"\\ü', math.inf, math.nan]
+    rs = [(tags[i % len(tags)].id if i % 11 else 0xDEAD, T0 + i, values[i % len(values)], i % 3 * 0x21)
+          for i in range(n)]
+    block = Block(77, n, encode_block(rs))
+    names = {t.id: t for t in tags}
+    rows = [{"device": names[t].device if t in names else "?", "tag": names[t].name if t in names else "?",
+             "unit": names[t].unit if t in names else "", "ts": ts, "value": v,
+             "quality": quality_name(q) if q else "good"} for t, ts, v, q in rs]
+    expected = {"appliance": config.appliance.id, "seq": 77, "count": n, "readings": rows}
+    assert Payloads(config).encode(block) == json.dumps(expected, separators=(",", ":")).encode()
 
 
 def test_end_to_end_every_sequence_arrives(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -47,6 +47,15 @@ def test_every_value_kind_round_trips_exactly() -> None:
     assert decode_block(encode_block(rs)) == rs
     nan = decode_block(encode_block([(1, T0, math.nan, 0)]))[0][2]
     assert isinstance(nan, float) and math.isnan(nan)
+
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=-(2**63), max_value=2**64 - 1), min_size=1, max_size=300))
+def test_integer_only_windows_round_trip_as_integers(values: list[int]) -> None:
+    rs: list[Reading] = [(i, T0 + i, v, 0) for i, v in enumerate(values)]
+    back = decode_block(encode_block(rs))
+    assert back == rs and all(type(v) is int for _, _, v, _ in back)
 
 
 def test_one_transaction_per_window_and_blocks_fit_a_page(tmp_path: Path) -> None:

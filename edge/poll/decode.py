@@ -24,6 +24,7 @@ bytes between them, so decoding costs one unpack_from per request and group, not
 
 from __future__ import annotations
 
+import functools
 import operator
 import struct
 from collections.abc import Callable, Sequence
@@ -31,6 +32,9 @@ from dataclasses import dataclass
 
 from edge.config import ORDERS, Tag
 from edge.reading import Value
+
+# Requests of the same layout share one compiled format (a Struct holds about 33 B per field).
+_struct = functools.cache(struct.Struct)
 
 # type -> (struct code, size in bytes)
 CODES: dict[str, tuple[str, int]] = {
@@ -102,12 +106,12 @@ def compile_block(tags: Sequence[Tag], start: int, count: int, bit_table: bool) 
             fmt += f"{size}s" if code == "s" else code
             pos = offset + size
             ordered.append(t)
-        steps.append((little, struct.Struct(fmt)))
+        steps.append((little, _struct(fmt)))
     bit_refs = [(t.address - start, t.bit or 0) for t in bit_tags]
     ordered.extend(bit_tags)
     fixups = _fixups(ordered)
-    fmt_big = struct.Struct(f">{count}H")
-    fmt_little = struct.Struct(f"<{count}H")
+    fmt_big = _struct(f">{count}H")
+    fmt_little = _struct(f"<{count}H")
     need_little = any(little for little, _ in steps)
 
     def decode(regs: Sequence[int]) -> list[Value]:
