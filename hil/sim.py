@@ -23,10 +23,11 @@ Faults come from the JSON control file, re-read whenever its (st_ino, st_mtime_n
      "3": {"mode": "exception", "code": 6, "count": 2}, "*": {"mode": "crc", "rate": 0.5}}
 
 Modes: ok; silent (no reply, ever); slow (reply `delay` s late, default 1); exception (reply `code`);
-crc (RTU: CRC bytes of the reply flipped, with probability `rate`); drop (TCP: close the connection; on
+crc (RTU: CRC bytes of the reply flipped); drop (TCP: close the connection; on
 RTU it is silent); short (a register read answered with one register fewer than asked, in a frame that is
 otherwise valid: a confused device or gateway). A unit's own entry wins over "*". `count` limits any mode
-to that unit's next `count` requests after the file changed; `delay` adds seconds to any mode that replies.
+to that unit's next `count` requests after the file changed; `rate` makes it hit each request with that
+probability (default 1); `delay` adds seconds to any mode that replies.
 """
 
 from __future__ import annotations
@@ -381,14 +382,15 @@ class FaultControl:
         self.left: dict[int, int] = {}
 
     def take(self, unit: int) -> Fault:
-        """The fault of one request to `unit`, spending one of its `count`."""
+        """The fault of one request to `unit` (with probability `rate`), spending one of its `count`."""
         self._refresh()
         fault = self.faults.get(str(unit)) or self.faults.get("*") or OK
-        if fault.count is None:
-            return fault
-        left = self.left.get(unit, fault.count)
-        self.left[unit] = left - 1
-        return fault if left > 0 else OK
+        if fault.count is not None:
+            left = self.left.get(unit, fault.count)
+            self.left[unit] = left - 1
+            if left <= 0:
+                return OK
+        return fault if fault.rate >= 1.0 or random.random() < fault.rate else OK
 
     def _refresh(self) -> None:
         if self.path is None:
@@ -509,7 +511,7 @@ class Sim:
         delay = fault.delay + (self.line.exchange(req.fc, req.count, error is not None) if self.line else 0.0)
         if delay > 0:
             await asyncio.sleep(delay)
-        if fault.mode == "crc" and self.rtu and random.random() < fault.rate:
+        if fault.mode == "crc" and self.rtu:
             _VERDICT.set("crc")
         if fault.mode == "short" and error is None and req.fc in (3, 4):
             _VERDICT.set("short")

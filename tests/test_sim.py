@@ -18,7 +18,7 @@ from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
-from hil.sim import Line, Point, coerce, encode, load_map
+from hil.sim import FaultControl, Line, Point, coerce, encode, load_map
 from tests.peers import SimHandle, pty_pair, set_faults, start_sim, write_map
 
 # ------------------------------------------------------------------------------------------------ encode
@@ -433,3 +433,13 @@ def test_rtu_silent_and_unknown_units_never_answer(rtu: RtuBus) -> None:
     silent, unknown, live = asyncio.run(body())
     assert isinstance(silent, ModbusException) and isinstance(unknown, ModbusException)
     assert live.registers == [100]
+
+
+def test_fault_rate_and_count_apply_to_any_mode(tmp_path: Path) -> None:
+    control = tmp_path / "faults.json"
+    set_faults(control, {"1": {"mode": "silent", "rate": 0.3}, "2": {"mode": "slow", "count": 3}})
+    faults = FaultControl(control)
+    hits = sum(faults.take(1).mode == "silent" for _ in range(2000))
+    assert 480 <= hits <= 720  # 600 expected, sd 20.5: outside is a < 1e-8 chance
+    assert [faults.take(2).mode for _ in range(5)] == ["slow"] * 3 + ["ok"] * 2
+    assert faults.take(3).mode == "ok"

@@ -7,7 +7,9 @@ device's own `pause` workaround. Readings go to the sink per request, as soon as
 
 Failure handling, per request (see health.py for the timeout and breaker):
 
-    timeout / bad frame  -> retry up to `retries`, then TIMEOUT/BAD_FRAME readings; breaker counts it
+    timeout / bad frame  -> retry up to `retries`, then TIMEOUT/BAD_FRAME readings; breaker counts it;
+                            after a timeout on a serial bus, the next request waits until the late
+                            reply has come (or the device's configured timeout has passed): Link.settle
     busy (6) / ack (5)   -> wait (jittered backoff from 50 ms) and ask again, at most 3 times
     illegal address (2)  -> a multi-tag request is split into one request per tag, so the one bad tag is
                             found and named once in the log while its neighbours keep flowing
@@ -265,18 +267,32 @@ class Line:
             await asyncio.sleep(delay)
 
     async def execute(self, runner: DeviceRunner, job: Job) -> list[Reading]:
+        readings, settle_by = await self.attempts(runner, job)
+        if settle_by is not None:
+            await self.link.settle(settle_by)
+            self.last_end = runner.last_end = time.monotonic()
+        return readings
+
+    async def attempts(self, runner: DeviceRunner, job: Job) -> tuple[list[Reading], float | None]:
+        """The job's readings and, on a serial line where an attempt had no reply in time, until when a
+        late reply may still come (RTU frames carry no transaction id: a late reply taken as the reply to
+        the next request of the same size would put its values on that request's tags)."""
         dev, stats, req = runner.device, runner.stats, job.req
         if not runner.breaker.allow(time.monotonic()):
             stats.skipped += 1
-            return bad(job, BREAKER_OPEN)
+            return bad(job, BREAKER_OPEN), None
         attempts = 1 if runner.breaker.is_open else 1 + dev.retries
         busy_left = BUSY_RETRIES
         quality = TIMEOUT
         attempt = 0
+        settle_by: float | None = None
+        self.link.unanswered = 0  # every earlier request was answered, garbled, or settled
         while attempt < attempts:
             await self.wait_gap(runner)
             stats.requests += 1
             t0 = time.monotonic()
+            if settle_by is not None:  # a retry: its own reply may come late too
+                settle_by = t0 + runner.wire_time(job) + dev.timeout
             try:
                 regs = await self.link.read(dev.unit, req.function, req.start, req.count, runner.timeout(job))
             except ReadError as e:
@@ -287,17 +303,21 @@ class Line:
                     runner.filter.on_timeout()
                     attempt += 1
                     stats.retries += attempt < attempts
+                    if quality == TIMEOUT and runner.bus is not None:  # (a bad frame was its reply)
+                        settle_by = t0 + runner.wire_time(job) + dev.timeout
                 elif quality in BUSY and busy_left:
                     busy_left -= 1
                     await asyncio.sleep(backoff(BUSY_RETRIES - busy_left, 0.05, 1.0))
                 elif quality == ILLEGAL_ADDRESS and len(req.tags) > 1:
-                    return await self.split(runner, job)
+                    if settle_by is not None:
+                        await self.link.settle(settle_by)
+                    return await self.split(runner, job), None
                 else:
                     break
                 continue
             end = self.last_end = runner.last_end = time.monotonic()
-            return self.decoded(runner, job, regs, end - t0)
-        return self.failed(runner, job, quality)
+            return self.decoded(runner, job, regs, end - t0), settle_by
+        return self.failed(runner, job, quality), settle_by
 
     def decoded(self, runner: DeviceRunner, job: Job, regs: Sequence[int] | Sequence[bool],
                 latency: float) -> list[Reading]:

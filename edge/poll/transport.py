@@ -15,9 +15,11 @@ belong to the poller, which knows the bus and the schedule.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import termios
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -73,12 +75,16 @@ class Link:
         self.rx_bytes = 0
         self.last_error = ""
         self._readers: dict[int, Any] = {}
+        self.unanswered = 0  # requests sent whose reply has not come (yet): see settle()
+        self._answer = asyncio.Event()
 
     def _create(self) -> Any:
         client = self.make_client()
         client.register(_HoldingResponse)
         client.register(_InputResponse)
         client.ctx.trace_packet = self._trace
+        client.ctx.trace_pdu = self._trace_pdu
+        self._answer = asyncio.Event()  # of this event loop, like the client
         self._readers = {
             1: client.read_coils, 2: client.read_discrete_inputs,
             3: client.read_holding_registers, 4: client.read_input_registers,
@@ -90,6 +96,34 @@ class Link:
             self.rx_bytes += len(data)
         return data
 
+    def _trace_pdu(self, sending: bool, pdu: Any) -> Any:
+        # every request sent, and every valid frame from the unit last asked, taken or not (pymodbus
+        # drops one that comes when no request is waiting: a late reply)
+        if sending:
+            self.unanswered += 1
+        else:
+            self.unanswered = max(0, self.unanswered - 1)
+            self._answer.set()
+        return pdu
+
+    async def settle(self, deadline: float) -> None:
+        """Wait until every request sent has had its reply, or until `deadline` (monotonic).
+
+        After a timeout on a serial line the reply may still come, and an RTU frame cannot say which
+        request it answers: taken as the reply to the next request of the same unit and size, it would
+        put one block's values on another block's tags, as good readings. So the line is held until the
+        late replies came (pymodbus drops them: no request waits) or the device's configured timeout
+        passed; then the count starts afresh."""
+        while self.unanswered > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._answer.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._answer.wait()
+        self.unanswered = 0
+
     @property
     def connected(self) -> bool:
         return self.client is not None and bool(self.client.connected)
@@ -98,6 +132,7 @@ class Link:
         if self.client is None:
             self.client = self._create()
         self.client.ctx.comm_params.timeout_connect = timeout
+        self.unanswered = 0
         try:
             async with asyncio.timeout(timeout + 1.0):  # not wait_for: in 3.11 it can swallow a cancel
                 return bool(await self.client.connect())
@@ -114,10 +149,13 @@ class Link:
         """One read; returns registers (or bits, padded to a multiple of 8) or raises ReadError."""
         rr = await self._request(timeout, lambda: self._readers[function](start, count=count, device_id=unit))
         values: Sequence[int] | Sequence[bool] = rr.bits if function <= 2 else rr.registers
-        if len(values) != count if function > 2 else not count <= len(values) < count + 8:
-            # a valid frame with the wrong amount of data: a confused device, or on a shared line a reply
-            # that was not the one asked for; decoding it would put values on the wrong tags
-            raise ReadError(BAD_FRAME, f"{self.name}: {len(values)} values in the reply to a read of {count}")
+        if rr.function_code != function or (
+                len(values) != count if function > 2 else not count <= len(values) < count + 8):
+            # a valid frame of another function or with the wrong amount of data: a confused device, or
+            # on a shared line a reply that was not the one asked for; decoded, its values would land on
+            # the wrong tags
+            raise ReadError(BAD_FRAME, f"{self.name}: function {rr.function_code} with {len(values)} values "
+                            f"in the reply to a read of {count} (function {function})")
         return values
 
     async def write(self, unit: int, table: str, address: int, value: list[int] | bool,
