@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from edge.config import ORDERS, Tag
 from edge.reading import Value
 
-# Requests of the same layout share one compiled format (a Struct holds about 33 B per field).
-_struct = functools.cache(struct.Struct)
+# Requests of the same layout share one compiled format (a Struct holds about 33 B per field); bounded,
+# as reloads of changed configs add formats over the years.
+_struct = functools.lru_cache(maxsize=4096)(struct.Struct)
 
 # type -> (struct code, size in bytes)
 CODES: dict[str, tuple[str, int]] = {
