@@ -23,11 +23,12 @@ Faults come from the JSON control file, re-read whenever its (st_ino, st_mtime_n
      "3": {"mode": "exception", "code": 6, "count": 2}, "*": {"mode": "crc", "rate": 0.5}}
 
 Modes: ok; silent (no reply, ever); slow (reply `delay` s late, default 1); exception (reply `code`);
-crc (RTU: CRC bytes of the reply flipped); drop (TCP: close the connection; on
-RTU it is silent); short (a register read answered with one register fewer than asked, in a frame that is
-otherwise valid: a confused device or gateway). A unit's own entry wins over "*". `count` limits any mode
-to that unit's next `count` requests after the file changed; `rate` makes it hit each request with that
-probability (default 1); `delay` adds seconds to any mode that replies.
+crc (RTU: CRC bytes of the reply flipped); drop (TCP: close the connection; on RTU it is silent); short (a
+register read answered with one register fewer than asked, in a frame that is otherwise valid: a confused
+device or gateway); function (a read's reply, or exception, sent with the function code of the other
+table's read: 4 for 3, 2 for 1; a gateway mixing up replies). A unit's own entry wins over "*". `count`
+limits any mode to that unit's next `count` requests after the file changed; `rate` makes it hit each
+request with that probability (default 1); `delay` adds seconds to any mode that replies.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ BIT_FCS = frozenset({1, 2, 5, 15})
 WRITE_FCS = frozenset({5, 6, 15, 16, 22, 23})
 
 WAVES = ("sine", "ramp", "counter", "square")
-MODES = frozenset({"ok", "silent", "slow", "exception", "crc", "drop", "short"})
+MODES = frozenset({"ok", "silent", "slow", "exception", "crc", "drop", "short", "function"})
 NO_REPLY = frozenset({"silent", "drop"})
 
 # (function code, address, count) of the request being served. Set by trace_pdu while the frame is decoded;
@@ -515,6 +516,8 @@ class Sim:
             _VERDICT.set("crc")
         if fault.mode == "short" and error is None and req.fc in (3, 4):
             _VERDICT.set("short")
+        if fault.mode == "function" and req.fc in OTHER_READ:
+            _VERDICT.set("function")
         return error
 
     def error(self, req: Request, fault: Fault) -> ExcCodes | None:
@@ -551,6 +554,8 @@ class Sim:
             return packet[:-2] + bytes(b ^ 0xA5 for b in packet[-2:])
         if verdict == "short":
             return short_reply(packet, self.rtu)
+        if verdict == "function":
+            return other_function_reply(packet, self.rtu)
         if verdict == "drop":
             conn.loop.call_soon(conn.close)
         return b""
@@ -565,6 +570,19 @@ def short_reply(packet: bytes, rtu: bool) -> bytes:
     body = bytearray(packet[:-2])  # MBAP (tid, protocol, length, unit), fc, byte count, data
     body[4:6] = (int.from_bytes(body[4:6], "big") - 2).to_bytes(2, "big")
     body[8] -= 2
+    return bytes(body)
+
+
+OTHER_READ = {1: 2, 2: 1, 3: 4, 4: 3}  # the read whose reply has the same layout
+
+
+def other_function_reply(packet: bytes, rtu: bool) -> bytes:
+    """A read's reply (or exception) sent as the one of the other table's read, e.g. FC 4 for FC 3."""
+    body = bytearray(packet[:-2] if rtu else packet)
+    at = 1 if rtu else 7  # RTU: unit, fc; TCP: MBAP (7 bytes), fc
+    body[at] = OTHER_READ[body[at] & 0x7F] | body[at] & 0x80
+    if rtu:
+        return bytes(body) + FramerRTU.compute_CRC(bytes(body)).to_bytes(2, "big")
     return bytes(body)
 
 

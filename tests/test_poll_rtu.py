@@ -89,10 +89,10 @@ def test_dead_unit_costs_only_its_bounded_timeouts(tmp_path: Path) -> None:
     assert dead_requests < 12  # breaker: probes only, not one timeout per cycle
 
 
-@pytest.mark.parametrize("mode", ["crc", "short"])
-def test_crc_corruption_or_a_short_reply_is_bad_frame_and_bus_recovers(tmp_path: Path, mode: str) -> None:
-    """crc: the reply's CRC flipped; short: a valid frame with one register fewer than asked, which must
-    never reach the decoder."""
+@pytest.mark.parametrize("mode", ["crc", "short", "function"])
+def test_a_garbled_or_foreign_reply_is_bad_frame_and_the_bus_recovers(tmp_path: Path, mode: str) -> None:
+    """crc: the reply's CRC flipped; short: a valid frame with one register fewer than asked; function: a
+    valid frame of the other table's read (FC 4 for FC 3). The last two must never reach the decoder."""
     control = tmp_path / "faults.json"
     with bus(tmp_path, 115200, control) as port:
         cfg = _config(port, 115200, timeout="200ms")

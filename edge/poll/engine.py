@@ -8,7 +8,7 @@ device's own `pause` workaround. Readings go to the sink per request, as soon as
 Failure handling, per request (see health.py for the timeout and breaker):
 
     timeout / bad frame  -> retry up to `retries`, then TIMEOUT/BAD_FRAME readings; breaker counts it;
-                            after a timeout on a serial bus, the next request waits until the late
+                            after a timeout on a serial bus, no other request goes out until the late
                             reply has come (or the device's configured timeout has passed): Link.settle
     busy (6) / ack (5)   -> wait (jittered backoff from 50 ms) and ask again, at most 3 times
     illegal address (2)  -> a multi-tag request is split into one request per tag, so the one bad tag is
@@ -268,7 +268,7 @@ class Line:
 
     async def execute(self, runner: DeviceRunner, job: Job) -> list[Reading]:
         readings, settle_by = await self.attempts(runner, job)
-        if settle_by is not None:
+        if settle_by is not None and self.link.connected:
             await self.link.settle(settle_by)
             self.last_end = runner.last_end = time.monotonic()
         return readings
@@ -303,7 +303,7 @@ class Line:
                     runner.filter.on_timeout()
                     attempt += 1
                     stats.retries += attempt < attempts
-                    if quality == TIMEOUT and runner.bus is not None:  # (a bad frame was its reply)
+                    if e.pending and runner.bus is not None:
                         settle_by = t0 + runner.wire_time(job) + dev.timeout
                 elif quality in BUSY and busy_left:
                     busy_left -= 1
@@ -316,18 +316,20 @@ class Line:
                     break
                 continue
             end = self.last_end = runner.last_end = time.monotonic()
-            return self.decoded(runner, job, regs, end - t0), settle_by
+            # after a timeout the reply may be the late one of an earlier attempt: no latency sample
+            return self.decoded(runner, job, regs, end - t0, settle_by is None), settle_by
         return self.failed(runner, job, quality), settle_by
 
     def decoded(self, runner: DeviceRunner, job: Job, regs: Sequence[int] | Sequence[bool],
-                latency: float) -> list[Reading]:
+                latency: float, sample: bool = True) -> list[Reading]:
         stats = runner.stats
         stats.good += 1
         stats.latency_sum += latency
         bucket = bisect_left(LATENCY_BUCKETS, latency)
         if bucket < len(LATENCY_BUCKETS):
             stats.latency_buckets[bucket] += 1
-        runner.filter.update(max(0.0, latency - runner.wire_time(job)))
+        if sample:
+            runner.filter.update(max(0.0, latency - runner.wire_time(job)))
         if runner.breaker.success() or not stats.up:
             runner.recovered()
         values = job.req.decoder.decode(regs)

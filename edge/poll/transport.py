@@ -57,9 +57,10 @@ class _InputResponse(_HoldingResponse):
 
 
 class ReadError(Exception):
-    def __init__(self, quality: int, detail: str = "") -> None:
+    def __init__(self, quality: int, detail: str = "", *, pending: bool = False) -> None:
         super().__init__(detail or f"quality {quality:#x}")
         self.quality = quality
+        self.pending = pending  # the request's own reply may still come (see settle)
 
 
 class Link:
@@ -147,15 +148,13 @@ class Link:
     async def read(self, unit: int, function: int, start: int, count: int,
                    timeout: float) -> Sequence[int] | Sequence[bool]:
         """One read; returns registers (or bits, padded to a multiple of 8) or raises ReadError."""
-        rr = await self._request(timeout, lambda: self._readers[function](start, count=count, device_id=unit))
+        rr = await self._request(timeout, function,
+                                 lambda: self._readers[function](start, count=count, device_id=unit))
         values: Sequence[int] | Sequence[bool] = rr.bits if function <= 2 else rr.registers
-        if rr.function_code != function or (
-                len(values) != count if function > 2 else not count <= len(values) < count + 8):
-            # a valid frame of another function or with the wrong amount of data: a confused device, or
-            # on a shared line a reply that was not the one asked for; decoded, its values would land on
-            # the wrong tags
-            raise ReadError(BAD_FRAME, f"{self.name}: function {rr.function_code} with {len(values)} values "
-                            f"in the reply to a read of {count} (function {function})")
+        if len(values) != count if function > 2 else not count <= len(values) < count + 8:
+            # a valid frame with the wrong amount of data: a confused device, or on a shared line a reply
+            # that was not the one asked for; decoded, its values would land on the wrong tags
+            raise self._foreign(f"{len(values)} values in the reply to a read of {count}")
         return values
 
     async def write(self, unit: int, table: str, address: int, value: list[int] | bool,
@@ -163,14 +162,20 @@ class Link:
         """One write: a coil (FC 5), one register (FC 6) or several (FC 16); raises ReadError as read()."""
         c = self.client
         if table == "coil":
-            await self._request(timeout, lambda: c.write_coil(address, bool(value), device_id=unit))
+            await self._request(timeout, 5, lambda: c.write_coil(address, bool(value), device_id=unit))
         elif isinstance(value, list) and len(value) == 1:
-            await self._request(timeout, lambda: c.write_register(address, value[0], device_id=unit))
+            await self._request(timeout, 6, lambda: c.write_register(address, value[0], device_id=unit))
         else:
-            await self._request(timeout, lambda: c.write_registers(address, value, device_id=unit))
+            await self._request(timeout, 16, lambda: c.write_registers(address, value, device_id=unit))
 
-    async def _request(self, timeout: float, send: Callable[[], Awaitable[Any]]) -> Any:
-        """The reply to one request, or ReadError with the quality that describes the failure."""
+    def _foreign(self, what: str) -> ReadError:
+        """A valid frame that does not answer the request: this request's own reply may still come."""
+        self.unanswered += 1  # the frame counted as its reply was not
+        return ReadError(BAD_FRAME, f"{self.name}: {what}", pending=True)
+
+    async def _request(self, timeout: float, function: int, send: Callable[[], Awaitable[Any]]) -> Any:
+        """The reply to one request of `function`, or ReadError with the quality that describes the
+        failure."""
         if not self.connected:
             raise ReadError(DISCONNECTED, f"{self.name}: not connected")
         self.client.ctx.comm_params.timeout_connect = timeout
@@ -182,7 +187,11 @@ class Link:
         except (ModbusException, TimeoutError) as e:
             if not self.client.connected:
                 raise ReadError(DISCONNECTED, f"{self.name}: connection lost") from e
-            raise ReadError(BAD_FRAME if self.rx_bytes else TIMEOUT, f"{self.name}: {e}") from e
+            if self.rx_bytes:  # bytes came, never a valid frame: the garbled reply
+                raise ReadError(BAD_FRAME, f"{self.name}: {e}") from e
+            raise ReadError(TIMEOUT, f"{self.name}: {e}", pending=True) from e
+        if rr.function_code & 0x7F != function:  # exception replies: function | 0x80
+            raise self._foreign(f"function {rr.function_code:#04x} in the reply to function {function}")
         if rr.isError():
             code = int(getattr(rr, "exception_code", 4)) & 0x3F
             raise ReadError(EXCEPTION | code, f"{self.name}: exception {code}")
