@@ -267,16 +267,21 @@ class Line:
             await asyncio.sleep(delay)
 
     async def execute(self, runner: DeviceRunner, job: Job) -> list[Reading]:
-        readings, settle_by = await self.attempts(runner, job)
-        if settle_by is not None and self.link.connected:
-            await self.link.settle(settle_by)
-            self.last_end = runner.last_end = time.monotonic()
+        readings, late_since = await self.attempts(runner, job)
+        if late_since is not None and self.link.connected:
+            await self.settle(runner, job, late_since)
         return readings
 
+    async def settle(self, runner: DeviceRunner, job: Job, sent: float) -> None:
+        """Hold the line until the late replies came, or the device's configured timeout (the longest it
+        may take) passed since `sent`: RTU frames carry no transaction id, and a late reply taken as the
+        reply to the next request of the same size would put its values on that request's tags."""
+        await self.link.settle(sent + runner.wire_time(job) + runner.device.timeout)
+        self.last_end = runner.last_end = time.monotonic()
+
     async def attempts(self, runner: DeviceRunner, job: Job) -> tuple[list[Reading], float | None]:
-        """The job's readings and, on a serial line where an attempt had no reply in time, until when a
-        late reply may still come (RTU frames carry no transaction id: a late reply taken as the reply to
-        the next request of the same size would put its values on that request's tags)."""
+        """The job's readings and, on a serial line where an attempt had no reply in time, when its last
+        attempt was sent (the replies to settle)."""
         dev, stats, req = runner.device, runner.stats, job.req
         if not runner.breaker.allow(time.monotonic()):
             stats.skipped += 1
@@ -285,14 +290,12 @@ class Line:
         busy_left = BUSY_RETRIES
         quality = TIMEOUT
         attempt = 0
-        settle_by: float | None = None
+        late = False  # an attempt's reply may still come, and so may those of the attempts after it
         self.link.unanswered = 0  # every earlier request was answered, garbled, or settled
         while attempt < attempts:
             await self.wait_gap(runner)
             stats.requests += 1
             t0 = time.monotonic()
-            if settle_by is not None:  # a retry: its own reply may come late too
-                settle_by = t0 + runner.wire_time(job) + dev.timeout
             try:
                 regs = await self.link.read(dev.unit, req.function, req.start, req.count, runner.timeout(job))
             except ReadError as e:
@@ -303,22 +306,21 @@ class Line:
                     runner.filter.on_timeout()
                     attempt += 1
                     stats.retries += attempt < attempts
-                    if e.pending and runner.bus is not None:
-                        settle_by = t0 + runner.wire_time(job) + dev.timeout
+                    late = late or (e.pending and runner.bus is not None)
                 elif quality in BUSY and busy_left:
                     busy_left -= 1
                     await asyncio.sleep(backoff(BUSY_RETRIES - busy_left, 0.05, 1.0))
                 elif quality == ILLEGAL_ADDRESS and len(req.tags) > 1:
-                    if settle_by is not None:
-                        await self.link.settle(settle_by)
+                    if late:
+                        await self.settle(runner, job, t0)
                     return await self.split(runner, job), None
                 else:
                     break
                 continue
             end = self.last_end = runner.last_end = time.monotonic()
             # after a timeout the reply may be the late one of an earlier attempt: no latency sample
-            return self.decoded(runner, job, regs, end - t0, settle_by is None), settle_by
-        return self.failed(runner, job, quality), settle_by
+            return self.decoded(runner, job, regs, end - t0, not late), t0 if late else None
+        return self.failed(runner, job, quality), t0 if late else None
 
     def decoded(self, runner: DeviceRunner, job: Job, regs: Sequence[int] | Sequence[bool],
                 latency: float, sample: bool = True) -> list[Reading]:
