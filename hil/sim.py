@@ -98,8 +98,8 @@ NO_REPLY = frozenset({"silent", "drop"})
 # pymodbus then schedules the request with call_soon, which copies the context, so the action hook sees it.
 _REQUEST: contextvars.ContextVar[tuple[int, int, int] | None] = contextvars.ContextVar("request",
                                                                                        default=None)
-# What to do with the reply of the request served by the current task: None, "silent", "drop", "crc" or
-# "short".
+# What to do with the reply of the request served by the current task: None, "silent", "drop", "crc",
+# "short" or "function".
 _VERDICT: contextvars.ContextVar[str | None] = contextvars.ContextVar("verdict", default=None)
 
 
@@ -566,7 +566,7 @@ def short_reply(packet: bytes, rtu: bool) -> bytes:
     if rtu:  # unit, fc, byte count, data, CRC
         body = bytearray(packet[:-4])
         body[2] -= 2
-        return bytes(body) + FramerRTU.compute_CRC(bytes(body)).to_bytes(2, "big")
+        return _with_crc(body)
     body = bytearray(packet[:-2])  # MBAP (tid, protocol, length, unit), fc, byte count, data
     body[4:6] = (int.from_bytes(body[4:6], "big") - 2).to_bytes(2, "big")
     body[8] -= 2
@@ -581,9 +581,12 @@ def other_function_reply(packet: bytes, rtu: bool) -> bytes:
     body = bytearray(packet[:-2] if rtu else packet)
     at = 1 if rtu else 7  # RTU: unit, fc; TCP: MBAP (7 bytes), fc
     body[at] = OTHER_READ[body[at] & 0x7F] | body[at] & 0x80
-    if rtu:
-        return bytes(body) + FramerRTU.compute_CRC(bytes(body)).to_bytes(2, "big")
-    return bytes(body)
+    return _with_crc(body) if rtu else bytes(body)
+
+
+def _with_crc(body: bytearray) -> bytes:
+    """An RTU frame: the body and its CRC."""
+    return bytes(body) + FramerRTU.compute_CRC(bytes(body)).to_bytes(2, "big")
 
 
 def exact_count(req: Request) -> int:
