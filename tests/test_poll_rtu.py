@@ -21,11 +21,14 @@ LINE = {"parity": "N", "stop_bits": 2}
 
 
 @contextlib.contextmanager
-def bus(tmp_path: Path, baud: int, control: Path | None = None) -> Iterator[str]:
-    """Three units with a counter at 0 and a float at 10, on one line; yields the client's pty."""
-    units = [{"id": u, "points": [
-        {"table": "holding", "address": 0, "type": "uint16", "value": 100 + u},
-        {"table": "holding", "address": 10, "type": "float32", "value": u + 0.5}]} for u in UNITS]
+def bus(tmp_path: Path, baud: int, control: Path | None = None,
+        units: list[dict[str, Any]] | None = None) -> Iterator[str]:
+    """`units` (default: three with a counter at 0 and a float at 10) on one line; yields the client's
+    pty."""
+    if units is None:
+        units = [{"id": u, "points": [
+            {"table": "holding", "address": 0, "type": "uint16", "value": 100 + u},
+            {"table": "holding", "address": 10, "type": "float32", "value": u + 0.5}]} for u in UNITS]
     write_map(tmp_path / "map.toml", units)
     with pty_pair(tmp_path) as (client, server), \
             start_sim(tmp_path / "map.toml", tcp=False, rtu_path=server, baud=baud, control=control,
@@ -124,18 +127,15 @@ def test_a_late_reply_never_puts_its_values_on_another_request(tmp_path: Path) -
     units = [{"id": 1, "points": [
         *({"table": "holding", "address": a, "type": "uint16", "value": 1000 + a} for a in range(10)),
         *({"table": "holding", "address": 100 + a, "type": "uint16", "value": 2000 + a} for a in range(10))]}]
-    write_map(tmp_path / "map.toml", units)
     control = tmp_path / "faults.json"
     set_faults(control, {"1": {"mode": "slow", "delay": 0.12, "rate": 0.25}})
     tags = [{"name": f"{block}{a}", "address": base + a, "type": "uint16"}
             for block, base in (("a", 0), ("b", 100)) for a in range(10)]
     sink = Collector()
-    with pty_pair(tmp_path) as (client, server), \
-            start_sim(tmp_path / "map.toml", tcp=False, rtu_path=server, baud=115200, control=control,
-                      extra_args=["--parity", "N", "--stopbits", "2"]):
+    with bus(tmp_path, 115200, control, units) as port:
         meter = {"name": "meter", "bus": "rs485", "unit": 1, "interval": "100ms", "timeout": "500ms",
                  "retries": 1, "tag": tags}
-        cfg = config([meter], [{"name": "rs485", "port": client, "baud": 115200, **LINE}])
+        cfg = config([meter], [{"name": "rs485", "port": port, "baud": 115200, **LINE}])
         poller = Poller(cfg, sink)
 
         async def body() -> None:
