@@ -22,6 +22,7 @@ import socket
 import sys
 import tomllib
 import zlib
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,15 +131,6 @@ class Tag:
     barrier: bool = False
     device: str = ""  # the device's name (one shared string per device)
 
-    def __getstate__(self) -> list[Any]:
-        return [getattr(self, name) for name in self.__slots__]
-
-    def __setstate__(self, state: list[Any]) -> None:
-        # pickle makes one float object per tag and field; equal ones share one here (10,000 tags: -1 MB)
-        for name, value in zip(self.__slots__, state, strict=True):
-            shared = _FLOATS.setdefault(value, value) if type(value) is float else value
-            object.__setattr__(self, name, shared)
-
     @property
     def registers(self) -> int:
         """Addresses this tag occupies in its table (bits for coil/discrete)."""
@@ -171,6 +163,30 @@ class Device:
     @property
     def transport(self) -> str:
         return "tcp" if self.host is not None else "rtu"
+
+    # Pickled (the forked load) with its tags as columns, one per field, each column as its distinct
+    # values and an array of indices. Unpickling then makes no per-tag state list and no per-tag copy of
+    # a float (pickle does not share floats) that the unpickler's memo keeps alive until the end of the
+    # load, leaving holes among the tags (10,000 tags: 2.2 MB of free blocks that were never reused).
+    def __getstate__(self) -> list[Any]:
+        state = [getattr(self, name) for name in self.__slots__]
+        columns: list[Any] = []
+        for f in Tag.__slots__:
+            column = [getattr(t, f) for t in self.tags]
+            keys: dict[tuple[type, Any], int] = {}
+            codes = [keys.setdefault((type(v), v), len(keys)) for v in column]
+            columns.append((tuple(v for _, v in keys), array("B" if len(keys) <= 256 else "I", codes)))
+        state[2] = columns
+        return state
+
+    def __setstate__(self, state: list[Any]) -> None:
+        columns = []
+        for values, codes in state[2]:
+            shared = [_FLOATS.setdefault(v, v) if type(v) is float else v for v in values]  # across devices
+            columns.append(map(shared.__getitem__, codes))
+        state[2] = tuple(map(Tag, *columns))
+        for name, value in zip(self.__slots__, state, strict=True):
+            object.__setattr__(self, name, value)
 
 
 @dataclass(frozen=True, slots=True)

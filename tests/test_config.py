@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from edge import config as config_module
 from edge.cli import main
 from edge.config import (
     ORDER_ALIASES,
@@ -301,6 +302,39 @@ def test_load_invalid_toml(tmp_path: Path) -> None:
         load(path)
     (problem,) = info.value.problems
     assert problem.startswith(f"{path}: invalid TOML: ")
+
+
+def test_a_large_config_loads_the_same_through_the_forked_parse(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above FORK_ABOVE the file is parsed in a child and the result pickled back, a device's tags as
+    columns: the result is the in-process parse's, and equal floats are one object."""
+    lines = []
+    for d in range(2):
+        lines += ["[[device]]", f'name = "dev{d}"', 'host = "127.0.0.1"', f"unit = {d + 1}"]
+        for i in range(1500):
+            lines += ["[[device.tag]]", f'name = "t{i}"', f"address = {i * 2}"]
+            if i % 3 == 0:
+                lines += ['type = "float32"', f"scale = {1 + i % 400 / 8}", 'order = "CDAB"', 'unit = "kW"',
+                          f"deadband = {1 + i % 5 / 4}", f'heartbeat = "{60 + i % 3}s"']
+            elif i % 3 == 1:
+                lines += ['type = "bool"', f"bit = {i % 16}"]
+            else:
+                lines += ['type = "string"', "length = 4"]
+    path = tmp_path / "big.toml"
+    path.write_text("\n".join(lines) + "\n")
+    assert path.stat().st_size > config_module.FORK_ABOVE
+    forked = []
+    real = config_module._load_forked
+    monkeypatch.setattr(config_module, "_load_forked", lambda p: forked.append(real(p)) or forked[-1])
+    config = load(path)
+    assert forked and forked[0] is not None  # the child's answer was used
+    monkeypatch.setattr(config_module, "FORK_ABOVE", 1 << 30)
+    assert config == load(path)
+    tags = [t for d in config.devices for t in d.tags]
+    assert len(tags) == 3000
+    assert len({t.scale for t in tags}) > 256  # more values than one byte indexes
+    for field in ("scale", "deadband", "heartbeat"):
+        assert len({id(getattr(t, field)) for t in tags}) == len({getattr(t, field) for t in tags}), field
 
 
 # --------------------------------------------------------------------------------------------------
