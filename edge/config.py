@@ -14,6 +14,7 @@ The schema covers every stage; see docs/config.md for the reference with default
 from __future__ import annotations
 
 import math
+import operator
 import os
 import pickle
 import re
@@ -24,9 +25,9 @@ import tomllib
 import zlib
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -111,15 +112,12 @@ class PollGroup:
     priority: int = 0  # 0 is most important; the governor stretches/sheds higher numbers first
 
 
-@dataclass(frozen=True, slots=True)
-class Tag:
-    id: int  # u32, crc32 of "device/tag": stable across reordering of the config
-    name: str
+class Kind(NamedTuple):
+    """What a tag has that most tags share: one interned object for all the tags alike."""
+
     table: str
-    address: int
     type: str
     order: str = "ABCD"
-    bit: int | None = None
     length: int | None = None
     scale: float = 1.0
     offset: float = 0.0
@@ -129,7 +127,73 @@ class Tag:
     heartbeat: float = 600.0  # s; with a deadband, a reading is stored at least this often (0: never)
     group: str = DEFAULT_GROUP
     barrier: bool = False
-    device: str = ""  # the device's name (one shared string per device)
+    device: str = ""  # the device's name
+
+
+_KINDS: dict[Kind, Kind] = {}  # the kinds of the config being read (emptied after each parse and load)
+
+
+class Tag:
+    """A configured tag, immutable. Its own fields are id, name, address and bit; the others are read from
+    its `kind`, shared with the tags alike: 80 B a tag instead of 176 B (10,000 tags: -0.9 MiB)."""
+
+    __slots__ = ("address", "bit", "id", "kind", "name")
+    FIELDS = ("id", "name", "table", "address", "type", "order", "bit", "length", "scale", "offset", "unit",
+              "deadband", "deadband_percent", "heartbeat", "group", "barrier", "device")
+    id: int  # u32, crc32 of "device/tag": stable across reordering of the config
+    name: str
+    address: int
+    bit: int | None
+    kind: Kind
+    # read from kind (properties set below the class)
+    table: str
+    type: str
+    order: str
+    length: int | None
+    scale: float
+    offset: float
+    unit: str
+    deadband: float
+    deadband_percent: float
+    heartbeat: float
+    group: str
+    barrier: bool
+    device: str
+
+    def __init__(self, id: int, name: str, table: str, address: int, type: str,  # noqa: PLR0917
+                 order: str = "ABCD", bit: int | None = None, length: int | None = None, scale: float = 1.0,
+                 offset: float = 0.0, unit: str = "", deadband: float = 0.0, deadband_percent: float = 0.0,
+                 heartbeat: float = 600.0, group: str = DEFAULT_GROUP, barrier: bool = False,
+                 device: str = "") -> None:
+        kind = Kind(table, type, order, length, scale, offset, unit, deadband, deadband_percent, heartbeat,
+                    group, barrier, device)
+        set_ = object.__setattr__
+        set_(self, "id", id)
+        set_(self, "name", name)
+        set_(self, "address", address)
+        set_(self, "bit", bit)
+        set_(self, "kind", _KINDS.setdefault(kind, kind))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.id, self.name, self.address, self.bit, self.kind)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tag) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"Tag({', '.join(f'{f}={getattr(self, f)!r}' for f in self.FIELDS)})"
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return Tag, tuple(getattr(self, f) for f in self.FIELDS)
 
     @property
     def registers(self) -> int:
@@ -140,6 +204,10 @@ class Tag:
     @property
     def end(self) -> int:
         return self.address + self.registers
+
+
+for _field in Kind._fields:
+    setattr(Tag, _field, property(operator.attrgetter(f"kind.{_field}")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +239,7 @@ class Device:
     def __getstate__(self) -> list[Any]:
         state = [getattr(self, name) for name in self.__slots__]
         columns: list[Any] = []
-        for f in Tag.__slots__:
+        for f in Tag.FIELDS:
             column = [getattr(t, f) for t in self.tags]
             keys: dict[tuple[type, Any], int] = {}
             codes = [keys.setdefault((type(v), v), len(keys)) for v in column]
@@ -745,6 +813,7 @@ def parse(data: dict[str, Any], base: Path | None = None) -> Config:
     bus_map = {b.name: b for b in buses}
     dev_readers = list(root.table_list("device"))
     parsed = [_device(d, bus_map) for d in dev_readers]
+    _KINDS.clear()  # the tags are made: their kinds are shared, and no longer looked up
     devices = [d for d, _ in parsed]
     _unique(problems, [(f"{d.path}.name", x.name) for d, x in zip(dev_readers, devices, strict=True)],
             "device")
@@ -832,4 +901,5 @@ def _load_forked(path: str | Path) -> Config | ConfigError | None:
     if status != 0 or not packed:
         return None
     answer = pickle.loads(packed)
+    _KINDS.clear()
     return ConfigError(answer) if isinstance(answer, list) else answer

@@ -83,7 +83,8 @@ class Payloads:
             rows = []
             for tag, ts, value, quality in readings[i:i + self.ROWS]:
                 t = tags.get(tag, unknown)
-                rows.append({"device": t.device, "tag": t.name, "unit": t.unit, "ts": ts, "value": value,
+                k = t.kind  # device and unit read from it directly: a tag's property costs 50 ns
+                rows.append({"device": k.device, "tag": t.name, "unit": k.unit, "ts": ts, "value": value,
                              "quality": quality_name(quality) if quality else "good"})
             parts.append(dumps(rows)[1:-1])
         return (parts[0] + ",".join(parts[1:]) + "]}").encode()

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import subprocess
 import sys
 import zlib
+from dataclasses import FrozenInstanceError
 from pathlib import Path
 from typing import Any
 
@@ -302,6 +304,20 @@ def test_load_invalid_toml(tmp_path: Path) -> None:
         load(path)
     (problem,) = info.value.problems
     assert problem.startswith(f"{path}: invalid TOML: ")
+
+
+def test_tags_alike_share_one_kind_and_tags_are_immutable() -> None:
+    tags = [{"name": f"t{i}", "address": i} for i in range(50)]
+    tags.append({"name": "x", "address": 60, "type": "float32", "scale": 2.0})
+    (device,) = parse({"device": [tcp_device(tag=tags)]}).devices
+    assert len({id(t.kind) for t in device.tags}) == 2
+    x = device.tags[-1]
+    assert (x.name, x.address, x.type, x.scale, x.device) == ("x", 60, "float32", 2.0, "d")
+    assert device.tags[0].scale == 1.0
+    with pytest.raises(FrozenInstanceError):
+        x.address = 1  # type: ignore[misc]
+    assert pickle.loads(pickle.dumps(x)) == x
+    assert hash(pickle.loads(pickle.dumps(x))) == hash(x)
 
 
 def test_a_large_config_loads_the_same_through_the_forked_parse(tmp_path: Path,
