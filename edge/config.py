@@ -63,7 +63,6 @@ MAX_ADDRESS = 65535
 MAX_REGISTERS_PER_READ = 125
 MAX_BITS_PER_READ = 2000
 DEFAULT_GROUP = "default"
-_FLOATS: dict[float, float] = {}
 
 
 class ConfigError(Exception):
@@ -248,11 +247,7 @@ class Device:
         return state
 
     def __setstate__(self, state: list[Any]) -> None:
-        columns = []
-        for values, codes in state[2]:
-            shared = [_FLOATS.setdefault(v, v) if type(v) is float else v for v in values]  # across devices
-            columns.append(map(shared.__getitem__, codes))
-        state[2] = tuple(map(Tag, *columns))
+        state[2] = tuple(map(Tag, *(map(values.__getitem__, codes) for values, codes in state[2])))
         for name, value in zip(self.__slots__, state, strict=True):
             object.__setattr__(self, name, value)
 
