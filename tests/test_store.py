@@ -17,7 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from edge.config import Store as StoreConfig
 from edge.reading import Reading
-from edge.store import MAX_VALUE, Store, decode_block, encode_block, parse_key, queue_items
+from edge.store import MAX_VALUE, Store, Window, decode_block, encode_block, parse_key, queue_items
 
 T0 = 1_790_000_000_000_000_000
 
@@ -56,6 +56,34 @@ def test_integer_only_windows_round_trip_as_integers(values: list[int]) -> None:
     rs: list[Reading] = [(i, T0 + i, v, 0) for i, v in enumerate(values)]
     back = decode_block(encode_block(rs))
     assert back == rs and all(type(v) is int for _, _, v, _ in back)
+
+
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**64 - 1),
+                  st.floats(allow_nan=False), st.text(max_size=5))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(VALUES, max_size=60), st.lists(st.integers(0, 60), max_size=4), st.data())
+def test_a_window_holds_values_encoded_and_cuts_them_anywhere(values: list[object], chunks: list[int],
+                                                              data: st.DataObject) -> None:
+    rs: list[Reading] = [(i, T0 + i, v, i % 3) for i, v in enumerate(values)]  # type: ignore[misc]
+    w, at = Window(), 0
+    for n in [*chunks, len(rs)]:  # appended as the poller does: a request's readings at a time
+        w.extend(rs[at:at + n])
+        at += len(rs[at:at + n])
+    assert len(w) == len(rs) and w.values() == values
+    i = data.draw(st.integers(0, len(rs)))
+    j = data.draw(st.integers(i, len(rs)))
+    assert w.slice(i, j).values() == values[i:j]
+    if j > i:
+        assert decode_block(encode_block(w.slice(i, j))) == rs[i:j]
+    rest = w.slice(0, len(rs))
+    rest.drop_oldest(i)
+    assert rest.values() == values[i:]
+    rest.prepend(w.slice(0, i))
+    assert rest.values() == values
+    if rs:
+        assert decode_block(encode_block(rest)) == rs
 
 
 def test_one_transaction_per_window_and_blocks_fit_a_page(tmp_path: Path) -> None:
