@@ -77,6 +77,17 @@ def tune_allocator() -> None:
     _libc = libc
 
 
+def _median(values: list[int]) -> float:
+    """statistics.median, without importing statistics: with decimal and fractions it costs 0.4 MiB of RAM.
+
+    >>> _median([3, 1, 2]), _median([4, 1, 3, 2])
+    (2, 2.5)
+    """
+    s = sorted(values)
+    m = len(s) // 2
+    return s[m] if len(s) % 2 else (s[m - 1] + s[m]) / 2
+
+
 def release_memory() -> None:
     """Collect cycles, then hand the allocator's free pages back to the system (glibc malloc_trim)."""
     gc.collect()
