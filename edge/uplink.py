@@ -77,7 +77,7 @@ class Payloads:
     def encode(self, block: Block) -> bytes:
         tags, unknown, dumps = self.tags, UNKNOWN_TAG, self.dumps
         head = dumps({"appliance": self.appliance, "seq": block.seq, "count": block.n, "readings": []})
-        parts = [head[:-2]]  # without the closing "]}"
+        parts: list[bytes | memoryview] = [head[:-2].encode()]  # without the closing "]}"
         readings = block.readings()
         for i in range(0, len(readings), self.ROWS):
             rows = []
@@ -86,8 +86,12 @@ class Payloads:
                 k = t.kind  # device and unit read from it directly: a tag's property costs 50 ns
                 rows.append({"device": k.device, "tag": t.name, "unit": k.unit, "ts": ts, "value": value,
                              "quality": quality_name(quality) if quality else "good"})
-            parts.append(dumps(rows)[1:-1])
-        return (parts[0] + ",".join(parts[1:]) + "]}").encode()
+            if i:
+                parts.append(b",")
+            parts.append(memoryview(dumps(rows).encode())[1:-1])  # the slice's rows, without "[" and "]"
+        parts.append(b"]}")
+        # One join of small pieces: the message is built once, not as three full-size copies on the way
+        return b"".join(parts)
 
 
 class Uplink:
@@ -202,6 +206,9 @@ class Uplink:
                                                name=f"uplink:block-{block.seq}")
                     pending.add(task)
                     task.add_done_callback(pending.discard)
+                    # One block encoded and queued per turn of the loop, so its packet is written before
+                    # the next is built: not max_inflight payloads and their packets in RAM at once
+                    await asyncio.sleep(0)
                 self.stats.last_progress = time.monotonic()  # heartbeat: the forwarding loop is alive
                 if blocks:
                     continue
