@@ -82,9 +82,8 @@ class Payloads:
         for i in range(0, len(readings), self.ROWS):
             rows = []
             for tag, ts, value, quality in readings[i:i + self.ROWS]:
-                t = tags.get(tag, unknown)
-                k = t.kind  # device and unit read from it directly: a tag's property costs 50 ns
-                rows.append({"device": k.device, "tag": t.name, "unit": k.unit, "ts": ts, "value": value,
+                k, name = tags.get(tag, unknown).kind_and_name()
+                rows.append({"device": k.device, "tag": name, "unit": k.unit, "ts": ts, "value": value,
                              "quality": quality_name(quality) if quality else "good"})
             if i:
                 parts.append(b",")

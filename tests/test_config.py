@@ -26,6 +26,7 @@ from edge.config import (
     ORDER_ALIASES,
     Config,
     ConfigError,
+    Tag,
     default_frame_gap,
     load,
     parse,
@@ -318,12 +319,18 @@ def test_tags_alike_share_one_kind_and_tags_are_immutable() -> None:
         x.address = 1
     assert pickle.loads(pickle.dumps(x)) == x
     assert hash(pickle.loads(pickle.dumps(x))) == hash(x)
+    assert x != device.tags[0] and x != bytes(x) and str(x) == repr(x) == (
+        f"Tag(id={x.id}, name='x', table='holding', address=60, type='float32', order='ABCD', bit=None, "
+        "length=None, scale=2.0, offset=0.0, unit='', deadband=0.0, deadband_percent=0.0, heartbeat=600.0, "
+        "group='default', barrier=False, device='d')")
+    assert sys.getsizeof(x) < 80  # one object: id, address, bit, kind and name packed
 
 
 def test_a_large_config_loads_the_same_through_the_forked_parse(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above FORK_ABOVE the file is parsed in a child and the result pickled back, a device's tags as
-    columns: the result is the in-process parse's, and a device's equal floats are one object."""
+    """Above FORK_ABOVE the file is parsed in a child and the result pickled back, a device's tags as their
+    packed bytes and the kinds they use: the result is the in-process parse's, tags alike share one kind,
+    and no float is held by a tag of its own."""
     lines = []
     for d in range(2):
         lines += ["[[device]]", f'name = "dev{d}"', 'host = "127.0.0.1"', f"unit = {d + 1}"]
@@ -349,10 +356,29 @@ def test_a_large_config_loads_the_same_through_the_forked_parse(tmp_path: Path,
     tags = [t for d in config.devices for t in d.tags]
     assert len(tags) == 3000
     assert len({t.scale for t in tags}) > 256  # more values than one byte indexes
-    for device in config.devices:
-        for field in ("scale", "deadband", "heartbeat"):
-            values = [getattr(t, field) for t in device.tags]
-            assert len({id(v) for v in values}) == len(set(values)), field
+    kinds = {t.kind for t in tags}
+    assert len({id(t.kind) for t in tags}) == len(kinds) < 1000
+    for field in ("scale", "deadband", "heartbeat"):
+        assert len({id(getattr(t, field)) for t in tags}) <= len(kinds), field
+
+
+def test_tags_pickled_by_another_process_keep_their_kinds() -> None:
+    """A kind's index is the process's own: a device pickled where the kinds were made in another order
+    (and some are new here) unpickles to the same tags."""
+    script = (
+        "import pickle, sys\n"
+        "from edge.config import parse\n"
+        "tags = [{'name': f't{i}', 'address': i, 'type': 'uint16', 'scale': 0.5 + i % 7}\n"
+        "        for i in range(20)]\n"
+        "tags.append({'name': 'other', 'address': 30, 'type': 'int32', 'unit': 'elsewhere', 'scale': 3.25})\n"
+        "doc = {'device': [{'name': 'd', 'host': '127.0.0.1', 'unit': 1, 'tag': tags[::-1]}]}\n"
+        "(device,) = parse(doc).devices\n"
+        "sys.stdout.buffer.write(pickle.dumps((device, [repr(t) for t in device.tags])))\n")
+    Tag(1, "here", "coil", 0, "bool", unit="a kind this process made first")  # index 0 is taken here
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, check=True).stdout
+    device, reprs = pickle.loads(out)
+    assert [repr(t) for t in device.tags] == reprs
+    assert device.tags[0].unit == "elsewhere" and device.tags[0].scale == 3.25
 
 
 # --------------------------------------------------------------------------------------------------

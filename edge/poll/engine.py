@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from array import array
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -64,7 +65,7 @@ class Job:
 
     req: Request
     group: str
-    ids: list[int]
+    ids: array[int]  # u32 tag ids in decode order: 4 B a tag, not an int object each
     deadbands: list[tuple[int, int, float, float, int]]  # (index, tag id, absolute, percent, heartbeat ns)
     wire_bytes: int  # request + reply bytes on an RTU line
 
@@ -74,7 +75,7 @@ class Job:
         dbs = [(i, t.id, t.deadband, t.deadband_percent, round(t.heartbeat * 1e9)) for i, t in enumerate(tags)
                if t.deadband or t.deadband_percent]
         reply = 5 + (-(-req.count // 8) if req.bits else 2 * req.count)
-        return cls(req, group, [t.id for t in tags], dbs, 8 + reply)
+        return cls(req, group, array("I", [t.id for t in tags]), dbs, 8 + reply)
 
 
 @dataclass

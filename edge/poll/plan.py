@@ -74,26 +74,32 @@ def coalesce(tags: Sequence[Tag], limit: int, max_gap: int) -> list[list[Tag]]:
     [[0, 1, 5], [30]]
     """
     runs: list[list[Tag]] = []
-    end = -1
-    for t in sorted(tags, key=lambda t: (t.address, t.bit or 0)):
-        run = runs[-1] if runs else None
-        if (run is not None and not t.barrier and not run[-1].barrier
-                and t.address - end <= max_gap and max(end, t.end) - run[0].address <= limit):
-            run.append(t)
-            end = max(end, t.end)
+    start = end = -1
+    last_barrier = False
+    spans = sorted((t.address, t.bit or 0, i, t.end, t.barrier) for i, t in enumerate(tags))
+    for address, _, i, t_end, barrier in spans:  # each tag's fields read once: they are properties
+        if (runs and not barrier and not last_barrier and address - end <= max_gap
+                and max(end, t_end) - start <= limit):
+            runs[-1].append(tags[i])
+            end = max(end, t_end)
         else:
-            runs.append([t])
-            end = t.end
+            runs.append([tags[i]])
+            start, end = address, t_end
+        last_barrier = barrier
     return runs
 
 
 def plan_device(device: Device) -> dict[str, tuple[Request, ...]]:
     """Requests per poll group name (config validation guarantees every tag fits in one request)."""
     plan: dict[str, tuple[Request, ...]] = {}
+    by_group_table: dict[tuple[str, str], list[Tag]] = {}
+    for t in device.tags:
+        k = t.kind
+        by_group_table.setdefault((k.group, k.table), []).append(t)
     for group in device.groups:
         requests: list[Request] = []
         for table, (_fc, bits) in TABLES.items():
-            tags = [t for t in device.tags if t.group == group.name and t.table == table]
+            tags = by_group_table.get((group.name, table), [])
             limit = device.max_bits if bits else device.max_registers
             if device.single_register_reads:
                 runs = [[t] for t in sorted(tags, key=lambda t: t.address)]
