@@ -41,8 +41,8 @@ Scenarios and what passes:
                seconds (default: the breaker's longest pause, 60 s, plus 30 s)
     memory_pressure
                the appliance restarted inside a memory cgroup of `limit_mib` MiB (default 160; hil.cgroup)
-               with a flood of `tags` (20000) low-priority tags on an extra simulated device and
-               [governor] memory_soft = `soft_mib` MiB (28): the governor stretches the flood (x2 or more)
+               with a flood of `tags` (30000) low-priority tags on an extra simulated device and
+               [governor] memory_soft = `soft_mib` MiB (26): the governor stretches the flood (x2 or more)
                and never the priority-0 groups, whose tags without a deadband deliver >= 90 % of their
                polls over `seconds` (counted at the broker); no OOM kill, still running, RSS under the
                governor's hard limit; then the normal appliance is started again. Skipped where no
@@ -374,7 +374,7 @@ def memory_pressure(run: Run, p: dict[str, Any]) -> dict[str, Any]:
 
 
 def _flooded(run: Run, p: dict[str, Any], group: Group, limit: int) -> dict[str, Any]:
-    n, seconds = int(p.get("tags", 20000)), float(p.get("seconds", 60))
+    n, seconds = int(p.get("tags", 30000)), float(p.get("seconds", 60))
     cfg = json.loads(json.dumps(run.cfg))
     write_map(run.out / "flood-map.toml", [{"id": 1, "points": [
         {"table": "holding", "address": a, "type": "uint16", "value": 7.0} for a in range(n)]}])
@@ -383,7 +383,7 @@ def _flooded(run: Run, p: dict[str, Any], group: Group, limit: int) -> dict[str,
                               "timeout": "2s", "interval": "1s",
                               "group": {"bulk": {"interval": "1s", "priority": 1}},
                               "tag": [{"name": f"b{a}", "address": a, "group": "bulk"} for a in range(n)]})
-        cfg.setdefault("governor", {})["memory_soft"] = f"{int(p.get('soft_mib', 28))}MiB"
+        cfg.setdefault("governor", {})["memory_soft"] = f"{int(p.get('soft_mib', 26))}MiB"
         flood_path = run.out / "config-flood.toml"
         flood_path.write_text(toml_text(cfg) + "\n")
         run.stop_edge()

@@ -251,9 +251,9 @@ def test_stop_commits_the_open_window_and_exits_cleanly(manager: Manager, device
         assert max(ts for _, ts, _, _ in readings) > stopped_at - 1_000_000_000
 
 
-FLOOD_TAGS = 30_000  # ~33 MiB of anonymous RSS running; parsing the config takes ~35 MiB more for a while
+FLOOD_TAGS = 30_000  # ~30 MiB of anonymous RSS running; parsing the config takes ~35 MiB more for a while
 FLOOD_MEMORY_MAX = 96 << 20  # the hard limit is 85 % of it, read from the cgroup
-FLOOD_SOFT = 28 << 20  # [governor] memory_soft: above the 2-tag appliance (~22 MiB), below the flood
+FLOOD_SOFT = 26 << 20  # [governor] memory_soft: above the 2-tag appliance (~22 MiB), below the flood
 
 
 def labeled(port: int, name: str, labels: str) -> float:
