@@ -197,11 +197,11 @@ class Window:
     def values(self) -> list[Value | None]:
         return _values(self.kinds, self.nums, self.strings)
 
-    def _cut(self, i: int) -> int:
-        """Offset in `strings` where reading i's string would start."""
-        pos = 0
+    def _cut(self, i: int, start: int = 0, pos: int = 0) -> int:
+        """Offset in `strings` where reading i's string would start, walking on from reading `start`,
+        whose string starts at `pos`."""
         if self.strings:
-            for _ in range(self.kinds.count(STRING, 0, i)):
+            for _ in range(self.kinds.count(STRING, start, i)):
                 pos += 2 + _U16.unpack_from(self.strings, pos)[0]
         return pos
 
@@ -210,7 +210,8 @@ class Window:
         w.tags, w.stamps, w.qualities, w.kinds = self.tags[i:j], self.stamps[i:j], self.qualities[i:j], \
             self.kinds[i:j]
         w.nums = self.nums[8 * i:8 * j]
-        w.strings = self.strings[self._cut(i):self._cut(j)]
+        a = self._cut(i)
+        w.strings = self.strings[a:self._cut(j, i, a)]
         return w
 
     def prepend(self, older: Window) -> None:
@@ -316,7 +317,7 @@ def _values(kinds: bytes | bytearray, nums: bytes | bytearray,
         elif k in (TRUE, FALSE):
             out.append(k == TRUE)
         elif k == STRING:
-            (length,) = struct.unpack_from("<H", strings, pos)
+            (length,) = _U16.unpack_from(strings, pos)
             out.append(strings[pos + 2: pos + 2 + length].decode("utf-8", "replace"))
             pos += 2 + length
         else:
