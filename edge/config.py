@@ -137,8 +137,9 @@ _KIND_LIST: list[Kind] = []
 _KIND_INDEX: dict[Kind, int] = {}
 _PACKED = struct.Struct("<IHbI")  # id, address, bit (-1: none), kind index; then the name in UTF-8
 _U32 = struct.Struct("<I")
-_ID, _ADDRESS, _BIT, _KIND = (struct.Struct(f"<{pad}{code}") for pad, code in
-                              (("", "I"), ("4x", "H"), ("6x", "b"), ("7x", "I")))
+_KIND_AT = _PACKED.size - _U32.size  # offset of the kind index
+_ID, _ADDRESS, _BIT, _KIND = (struct.Struct(f"<{at}x{code}") for at, code in
+                              ((0, "I"), (4, "H"), (6, "b"), (_KIND_AT, "I")))
 
 
 class Tag(bytes):
@@ -292,7 +293,7 @@ class Device:
             if moved:
                 old = int(_KIND.unpack_from(raw)[0])
                 if old in moved:
-                    raw = raw[:7] + moved[old] + raw[11:]
+                    raw = raw[:_KIND_AT] + moved[old] + raw[_KIND_AT + _U32.size:]
             tags.append(bytes.__new__(Tag, raw))
             start = end
         state[2] = tuple(tags)
