@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge.app import Appliance
 from edge.config import load, parse
@@ -136,6 +138,23 @@ def test_payload_is_the_documented_json_whatever_the_block_size(n: int) -> None:
              "quality": quality_name(q) if q else "good"} for t, ts, v, q in rs]
     expected = {"appliance": config.appliance.id, "seq": 77, "count": n, "readings": rows}
     assert Payloads(config).encode(block) == json.dumps(expected, separators=(",", ":")).encode()
+
+
+@settings(max_examples=60, deadline=None)
+@given(names=st.sets(st.text("abcdefghij0123456789_", min_size=1, max_size=6), min_size=1, max_size=40),
+       shifts=st.lists(st.integers(1, 0xFFFF), max_size=8))
+def test_payload_finds_every_tag_by_id_and_no_other(names: set[str], shifts: list[int]) -> None:
+    """The encoder's table of tags by id: every configured id is found however their slots collide; an id
+    in the same slot as a configured one, or next to it, is an unknown tag (written as "?")."""
+    tag = [{"name": n, "table": "input", "address": a, "type": "uint16"} for a, n in enumerate(sorted(names))]
+    config = parse({"appliance": {"id": "a"}, "device": [{"name": "d", "host": "127.0.0.1", "tag": tag}]})
+    tags = {t.id: t.name for t in config.devices[0].tags}
+    stray = {(i ^ (s << 16)) & 0xFFFFFFFF for i in tags for s in shifts}
+    stray |= {(i + 1) & 0xFFFFFFFF for i in tags}
+    ids = list(tags) + sorted(stray - set(tags))
+    block = Block(1, len(ids), encode_block([(i, T0, 0, 0) for i in ids]))
+    got = [r["tag"] for r in json.loads(Payloads(config).encode(block))["readings"]]
+    assert got == [tags.get(i, "?") for i in ids]
 
 
 def test_end_to_end_every_sequence_arrives(tmp_path: Path) -> None:
