@@ -56,6 +56,12 @@ instead of two).
 sync=False or map_async saves nothing measurable and corrupted the database under simulated power cuts:
 never.
 
+Mapped pages: LMDB reads through a shared read-only map of the file, and the kernel maps the cached pages
+around each page read (fault-around), among them the ones each commit has just written. The process's RSS
+would grow with the backlog: +0.9 MiB in 6 minutes of low power offline at 10,000 tags. After each commit
+the store drops its page-table entries of the map (madvise MADV_DONTNEED: the pages stay in the page cache,
+no longer counted in RSS, and the first the kernel reclaims), and pages still in use fault back in.
+
 Full store: before appending, if pages in use would pass high_watermark (80 %) of map_size, the oldest
 blocks are dropped, inside the same transaction, down to low_watermark (70 %): counted exactly (blocks
 and readings, persisted in meta), logged once. MapFullError is therefore not expected; if the file
@@ -79,9 +85,12 @@ Refused blocks kept in `rejected` may use 10 % of the map; beyond that the oldes
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import mmap
 import operator
+import os
 import struct
 import threading
 import time
@@ -427,6 +436,34 @@ def write_bytes() -> int:
     return 0
 
 
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None)
+        libc.madvise  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_libc = _load_libc()
+
+
+def _map_of(file: Path) -> tuple[int, int]:
+    """Address and length of this process's map of file (Linux /proc/self/maps; (0, 0) if none)."""
+    st = os.stat(file)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                span, _, _, at, inode, *_ = line.split()
+                if int(inode) == st.st_ino and at == dev:
+                    start, end = (int(x, 16) for x in span.split("-"))
+                    return start, end - start
+    except (OSError, ValueError):
+        pass
+    return 0, 0
+
+
 def open_env(path: Path, map_size: int, readonly: bool = False) -> lmdb.Environment:
     return lmdb.open(str(path), map_size=map_size, max_dbs=4, sync=True, metasync=True, writemap=False,
                      readahead=False, meminit=False, readonly=readonly, lock=True, max_readers=64,
@@ -456,6 +493,7 @@ class Store:
         self._commit_lock = threading.Lock()
         self._settling: set[int] = set()
         self.env = self._open()
+        self._mapped: tuple[lmdb.Environment, int, int] | None = None  # env, address, length of its map
 
     # -- opening and recovery ---------------------------------------------------------------------
 
@@ -684,7 +722,16 @@ class Store:
         c.backlog_readings += (sum(n for n, _ in blocks) - sum(b.n for b in acked)
                                - sum(b.n for b, _ in rejecting) - dropped[1])
         self._logged.discard("commit")
+        self._unmap()
         return len(blocks)
+
+    def _unmap(self) -> None:
+        """Drop this process's page-table entries of the map (module docstring, "Mapped pages")."""
+        if self._mapped is None or self._mapped[0] is not self.env:
+            self._mapped = (self.env, *_map_of(self.path / "data.mdb"))
+        _, address, length = self._mapped
+        if length and _libc is not None:
+            _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), mmap.MADV_DONTNEED)
 
     def _write(self, blocks: list[tuple[int, bytes]], acked: list[Block],
                rejecting: list[tuple[Block, str]]) -> tuple[int, int]:
