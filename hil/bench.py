@@ -265,6 +265,16 @@ def outage(run: Run, p: dict[str, Any]) -> dict[str, Any]:
     return {"outage_s": seconds, "backlog_peak_readings": peak, "drain_s": drain, "pass": peak > 0}
 
 
+def unpacked_dirs(main: psutil.Process) -> set[Path]:
+    """Where the single binary (main, or its Python child) unpacked itself: the _MEI* directories of the
+    files it maps. None for the package."""
+    out = set()
+    for proc in [main, *main.children()]:
+        with contextlib.suppress(psutil.Error):
+            out |= {d for m in proc.memory_maps() for d in Path(m.path).parents if d.name.startswith("_MEI")}
+    return out
+
+
 def power_cut(run: Run, p: dict[str, Any]) -> dict[str, Any]:
     """SIGKILLs at random moments; after each, the blocks in the store (committed, not yet acknowledged)
     are read directly: every one of them must reach the subscriber once the appliance is back."""
@@ -277,10 +287,13 @@ def power_cut(run: Run, p: dict[str, Any]) -> dict[str, Any]:
         time.sleep(every * rng.uniform(0.5, 1.5))
         assert run.edge is not None
         main = psutil.Process(run.edge.proc.pid)
+        ram = unpacked_dirs(main)  # the binary's: a power cut empties RAM, /dev/shm with it
         for proc in [*main.children(), main]:  # the binary: its Python child, then the bootloader
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(signal.SIGKILL)
         run.edge.proc.wait(10)
+        for d in ram:
+            shutil.rmtree(d, ignore_errors=True)
         pending |= {seq for seq, _ in dump(store.path, store.map_size, 0, 10**6)}
         t = time.monotonic()
         run.start_edge()
