@@ -493,8 +493,8 @@ class Store:
         self._logged: set[str] = set()
         self._commit_lock = threading.Lock()
         self._settling: set[int] = set()
-        self.env = self._open()
         self._mapped: tuple[lmdb.Environment, int, int] | None = None  # env, address, length of its map
+        self.env = self._open()
 
     # -- opening and recovery ---------------------------------------------------------------------
 
