@@ -913,8 +913,22 @@ def _load(path: str | Path) -> Config | ConfigError:
         return ConfigError([f"{path}: cannot read: {e.strerror}"])
     except tomllib.TOMLDecodeError as e:
         return ConfigError([f"{path}: invalid TOML: {e}"])
+    except UnicodeDecodeError as e:
+        line = e.object.count(b"\n", 0, e.start) + 1
+        return ConfigError([f"{path}: not UTF-8 text: byte 0x{e.object[e.start]:02x} on line {line}"])
+    except RecursionError:
+        return ConfigError([f"{path}: invalid TOML: arrays or tables nested too deeply"])
     except ConfigError as e:
         return e
+
+
+def load_for_run(path: str | Path) -> Config:
+    """load(), and a config that would poll nothing (no [[device]]: an empty or truncated file) refused."""
+    config = load(path)
+    if not config.devices:
+        raise ConfigError([f"{path}: no device configured (a [[device]] table with its tags): nothing to "
+                           "poll"])
+    return config
 
 
 def _load_forked(path: str | Path) -> Config | ConfigError | None:

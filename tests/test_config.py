@@ -80,6 +80,28 @@ def test_check_subprocess_exits_2_on_bad_config() -> None:
     assert proc.stderr.startswith("edge: device[1].tag[2].type: unknown type \"flaot32\"")
 
 
+@pytest.mark.parametrize("name", ["bad_not_utf8", "bad_nested_too_deeply", "bad_empty", "bad_no_device"])
+def test_run_refuses_what_check_refuses_with_exit_2_and_no_traceback(name: str) -> None:
+    """Bytes that are not UTF-8, nesting deeper than the parser's stack, a file truncated to nothing:
+    `edge run` exits 2 with the one line `edge check` prints."""
+    case = CASES / name
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, "-m", "edge", "run", "config.toml"], cwd=case, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert (proc.returncode, proc.stderr) == (2, (case / "error.txt").read_text())
+
+
+def test_a_large_deeply_nested_config_is_refused_from_the_forked_loader(tmp_path: Path) -> None:
+    """Above FORK_ABOVE bytes the parse runs in a child process: its refusal arrives the same way."""
+    conf = tmp_path / "config.toml"
+    padding = "".join(f"# {'x' * 70}\n" for _ in range(config_module.FORK_ABOVE // 70))
+    conf.write_text(padding + "extra = " + "[" * 3000 + "]" * 3000 + "\n")
+    with pytest.raises(ConfigError) as info:
+        config_module.load(conf)
+    assert info.value.problems == [f"{conf}: invalid TOML: arrays or tables nested too deeply"]
+
+
 def test_check_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
