@@ -1,15 +1,26 @@
-"""`edge run`: the appliance. One asyncio loop (uvloop where available), named tasks in one TaskGroup:
+"""`edge run`: the appliance. It wires the stages together and owns only that wiring (which stage is the
+current one) and the reload; each stage owns its state and its loop. One asyncio loop (uvloop where
+available), named tasks in one TaskGroup:
 
-    poll:<line>   edge.poll    readings -> store.add (RAM window)
-    store         commits the window every commit_interval (or commit_bytes) in a worker thread, so a
-                  slow flash fsync never stalls polling; wakes the uplink after each commit
-    uplink        edge.uplink  oldest blocks -> MQTT -> accept / reject / keep
-    metrics       Prometheus text and /health on 127.0.0.1 (edge.metrics)
+    poll:<line>   edge.poll     readings -> store.add (the open window, in RAM)
+    store         edge.store    the commit loop: writes the window in a worker thread when it is due
+                                (a slow flash fsync never stalls polling); wakes the uplink after each
+    uplink        edge.uplink   oldest blocks -> MQTT -> accept / reject / keep
+    govern        edge.govern   computes the policy (stretches, commit interval, uplink sessions) that
+                                poll, store and uplink read at each turn of their loops
+    metrics       edge.metrics  Prometheus text and /health on 127.0.0.1, from the stages' snapshots
+    supervise     edge.supervise  READY / WATCHDOG / STATUS to systemd, from the stages' heartbeats
+    reload        a SIGHUP's reload, one at a time
+
+Observers (metrics, supervise) get narrow read-only views: snapshot() and beats() below, built from each
+stage's own snapshot()/progress(), never this object.
 
 Signals: SIGTERM / SIGINT stop polling, commit the open window, let in-flight publishes finish within
 publish_timeout, publish "offline", exit 0. SIGHUP reloads the config: validated first, a bad one is
-refused (logged) and the running one kept; a good one restarts polling and the uplink with it (store
-settings other than the commit window take effect at the next start).
+refused (logged, counted in edge_config_reloads_refused_total) and the running one kept; a good one
+builds new poll and uplink stages from it and the governor's current policy (low power and stretches
+carry over, and so do their counters). Store settings other than the commit windows take effect at the
+next start. SIGUSR2 toggles low-power mode; SIGUSR1 dumps every stack.
 """
 
 from __future__ import annotations
@@ -20,16 +31,20 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from edge.config import Config, ConfigError, load
+from edge.config import Config, ConfigError, load_for_run
 from edge.govern import Governor
 from edge.poll.engine import Poller
-from edge.reading import Reading
-from edge.store import READING_BYTES, Store
+from edge.store import Store
 from edge.supervise import Supervisor, dump_stacks, test_hooks
 from edge.uplink import Uplink
 from edge.write import Commands
+
+if TYPE_CHECKING:
+    from edge.metrics import MetricsServer, Snapshot
 
 log = logging.getLogger("edge.app")
 
@@ -38,107 +53,84 @@ class Appliance:
     def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
         self.config_path = config_path
+        self.governor = Governor(config)
         self.store = Store(config.store, config.appliance.id)
-        self.commit_now = asyncio.Event()
-        self.poller = Poller(config, self.sink)
-        self.commands = Commands(self.poller)
-        self.uplink = Uplink(config, self.store, self.commands)
-        self.stopping = asyncio.Event()
-        self.started = time.time()
-        self.last_commit = time.monotonic()
-        self.store_beat = time.monotonic()
-        self.governor = Governor(self, config.governor)
+        self.poller = Poller(config, self.store.add, self.governor.current)
+        self.commands = Commands(lambda: self.poller)
+        self.uplink = Uplink(config, self.store, self.commands, self.governor.current)
         self.supervisor = Supervisor(self.beats, self.status_line)
+        self.metrics: MetricsServer | None = None
+        self.stopping = asyncio.Event()
+        self.reload_wanted = asyncio.Event()
+        self.started = time.time()
         self.reloads = 0
+        self.reloads_refused = 0
         self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.metrics: object | None = None
-        self.low_power = False
         self._tg: asyncio.TaskGroup | None = None
 
-    def sink(self, readings: list[Reading]) -> None:
-        self.store.add(readings)
-        if len(self.store.buffer) * READING_BYTES >= self.config.store.commit_bytes:
-            self.commit_now.set()
-
-    async def committer(self) -> None:
-        store = self.store
-        while True:
-            self.store_beat = time.monotonic()
-            remaining = store.window_start + store.commit_interval - time.monotonic()
-            if remaining > 0 and not self.commit_now.is_set():
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(remaining, 1.0)):
-                        await self.commit_now.wait()
-                if not self.commit_now.is_set() and remaining > 1.0:
-                    continue  # beat once a second through a long (low-power) window
-            self.commit_now.clear()
-            await self.commit()
+    # -- views for observers ------------------------------------------------------------------------
 
     def beats(self) -> dict[str, float]:
-        """Heartbeat of each stage, for the watchdog (monotonic seconds)."""
-        out = {"poll": min((line.beat for line in self.poller.lines), default=time.monotonic()),
-               "store": self.store_beat}
+        """Heartbeat of each stage (monotonic seconds): the watchdog's and /health's input."""
+        out = {"poll": self.poller.progress(), "store": self.store.beat}
         if self.config.uplink.enabled:
-            out["uplink"] = self.uplink.stats.last_progress
+            out["uplink"] = self.uplink.progress()
         return out
 
+    def snapshot(self) -> Snapshot:
+        from edge.metrics import Snapshot  # noqa: PLC0415 (loaded with the metrics, after READY=1)
+
+        return Snapshot(self.started, self.reloads, self.reloads_refused, self.governor.current(),
+                        self.poller.snapshot(), self.store.snapshot(), self.uplink.snapshot(),
+                        self.governor.snapshot(), (self.commands.executed, self.commands.refused))
+
     def status_line(self) -> str:
-        runners = self.poller.runners
-        up = sum(r.stats.up for r in runners)
-        uplink = ("connected" if self.uplink.stats.connected else "offline") if self.config.uplink.enabled \
-            else "disabled"
-        return (f"{len(runners)} devices ({up} up), backlog {self.store.counters.backlog_readings} readings, "
-                f"uplink {uplink}{', low power' if self.low_power else ''}")
+        devices = self.poller.snapshot().devices
+        up = sum(st.up for _, st in devices)
+        uplink = ("connected" if self.uplink.snapshot().connected else "offline") \
+            if self.config.uplink.enabled else "disabled"
+        backlog = self.store.snapshot().counters.backlog_readings
+        line = f"{len(devices)} devices ({up} up), backlog {backlog} readings, uplink {uplink}"
+        if self.governor.current().low_power:
+            line += ", low power"
+        if self.metrics is not None and self.metrics.problem:
+            line += f", metrics {self.metrics.problem}"
+        return line
 
-    async def commit(self) -> None:
-        """Commit what is pending (the committer calls this when the window is over: not re-checked
-        against the clock, a timer firing a millisecond early must not cost readings a second window)."""
-        store = self.store
-        if store.buffer or store.acked or store.rejecting:
-            if await asyncio.to_thread(store.commit):
-                self.uplink.wake.set()
-        else:
-            store.window_start = time.monotonic()
-        self.last_commit = time.monotonic()
+    # -- running ------------------------------------------------------------------------------------
 
-    def _start(self, name: str, coro: object) -> None:
+    def _start(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
         assert self._tg is not None
-        self.tasks[name] = self._tg.create_task(coro, name=name)  # type: ignore[arg-type]
+        self.tasks[name] = self._tg.create_task(coro, name=name)
+
+    def _wake_uplink(self) -> None:
+        self.uplink.wake.set()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self.reload_wanted.set)
         loop.add_signal_handler(signal.SIGUSR2, self.governor.toggle_low_power)
         loop.add_signal_handler(signal.SIGUSR1, dump_stacks)
         n_tags = sum(len(d.tags) for d in self.config.devices)
         log.info("edge: %s polling %d devices (%d tags), store %s, uplink %s:%d", self.config.appliance.id,
                  len(self.config.devices), n_tags, self.config.store.path, self.config.uplink.host,
                  self.config.uplink.port)
-        metrics = None
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 self._start("poll", self.poller.run())
-                self._start("store", self.committer())
+                self._start("store", self.store.run(self.governor.current, self._wake_uplink))
                 await self.poller.started()
                 if delay := float(os.environ.get("EDGE_TEST_READY_DELAY", "0")):  # systemd test hook
                     await asyncio.sleep(delay)
                 self.supervisor.ready()
                 # Polling and storing: READY=1 sent. What is not needed for that starts now, so that its
                 # imports (aiomqtt, paho, prometheus-client, psutil) do not delay READY.
-                if self.config.uplink.enabled:
-                    self._start("uplink", self.uplink.run())
-                if self.config.governor.enabled:
-                    self._start("govern", self.governor.run())
-                if self.config.metrics.enabled:
-                    from edge.metrics import MetricsServer  # noqa: PLC0415
-
-                    self.metrics = metrics = MetricsServer(self)
-                    log.info("edge: metrics on http://%s:%d/metrics", self.config.metrics.listen,
-                             metrics.port)
+                self._start_optional()
                 self._start("supervise", self.supervisor.run())
+                self._start("reload", self._reloads())
                 test_hooks()
                 await self.stopping.wait()
                 self.supervisor.stopping()
@@ -146,53 +138,89 @@ class Appliance:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
                 loop.remove_signal_handler(sig)
-            if metrics is not None:
-                metrics.close()
             self.store.close()
+            log.info("edge: stopped: %s", self.totals())
         return 0
+
+    def _start_optional(self) -> None:
+        """The uplink, governor and metrics tasks the config asks for (at start and after a reload)."""
+        if self.config.uplink.enabled and "uplink" not in self.tasks:
+            self._start("uplink", self.uplink.run())
+        if self.config.governor.enabled and "govern" not in self.tasks:
+            self._start("govern", self.governor.run())
+        if self.config.metrics.enabled and "metrics" not in self.tasks:
+            from edge.metrics import MetricsServer  # noqa: PLC0415 (prometheus-client: after READY=1)
+
+            self.metrics = MetricsServer(self.config.metrics, self.snapshot, self.beats)
+            self._start("metrics", self.metrics.run())
+
+    def totals(self) -> str:
+        """Where every reading went, for the log at stop."""
+        polled = sum(st.readings for _, st in self.poller.snapshot().devices)
+        c = self.store.snapshot().counters
+        return (f"{polled} readings polled, {c.readings_appended} stored, {c.readings_forwarded} delivered, "
+                f"{c.backlog_readings} in the store's backlog, {c.readings_dropped} dropped, "
+                f"{c.readings_rejected} refused upstream")
 
     async def shutdown(self) -> None:
         log.info("edge: stopping: committing the open window, finishing in-flight publishes")
-        for name in ("supervise", "govern", "poll"):
+        for name in ("reload", "supervise", "govern", "poll", "store"):
             await _cancel(self.tasks.pop(name, None))
-        await _cancel(self.tasks.pop("store", None))
         await asyncio.to_thread(self.store.commit)
-        self.uplink.wake.set()
-        uplink = self.tasks.pop("uplink", None)
-        if uplink is not None:
-            self.uplink.stop()
-            done, _ = await asyncio.wait({uplink}, timeout=self.config.uplink.publish_timeout + 2)
-            if not done:
-                await _cancel(uplink)
+        await self._stop_uplink(self.config.uplink.publish_timeout)
         await asyncio.to_thread(self.store.commit)  # the deletes of the last acknowledged blocks
+        await _cancel(self.tasks.pop("metrics", None))
+
+    async def _stop_uplink(self, publish_timeout: float) -> None:
+        """Let in-flight publishes finish (within publish_timeout), publish "offline", end the task."""
+        uplink = self.tasks.pop("uplink", None)
+        if uplink is None:
+            return
+        self.uplink.stop()
+        await asyncio.wait({uplink}, timeout=publish_timeout + 2)
+        await _cancel(uplink)
+
+    # -- reload -------------------------------------------------------------------------------------
+
+    async def _reloads(self) -> None:
+        while True:
+            await self.reload_wanted.wait()
+            self.reload_wanted.clear()
+            await self.reload()
 
     async def reload(self) -> None:
         if self.config_path is None:
             return
         try:
-            config = load(self.config_path)
+            config = load_for_run(self.config_path)
         except ConfigError as e:
+            self.reloads_refused += 1
             log.error("edge: reload refused, keeping the running config: %s", "; ".join(e.problems))  # noqa: TRY400
             return
-        if (config.store.path, config.store.map_size) != (self.config.store.path, self.config.store.map_size):
-            log.warning("edge: store path/map_size changes take effect at the next start")
-        self.store.commit_interval = config.store.commit_interval
+        old = self.config
+        if _later(old.store) != _later(config.store):
+            log.warning("edge: [store] changes other than the commit intervals take effect at the next start")
         await _cancel(self.tasks.pop("poll", None))
+        self.governor.reconfigure(config)
         self.config = config
-        self.poller = Poller(config, self.sink)
-        self.commands.poller = self.poller
+        self.poller = Poller(config, self.store.add, self.governor.current, previous=self.poller)
         self._start("poll", self.poller.run())
-        self.governor.app = self
-        uplink = self.tasks.pop("uplink", None)
-        if uplink is not None:
-            self.uplink.stop()
-            await asyncio.wait({uplink}, timeout=config.uplink.publish_timeout + 2)
-            await _cancel(uplink)
-        self.uplink = Uplink(config, self.store, self.commands)
-        if config.uplink.enabled:
-            self._start("uplink", self.uplink.run())
+        await self._stop_uplink(old.uplink.publish_timeout)
+        stats = self.uplink.stats
+        self.uplink = Uplink(config, self.store, self.commands, self.governor.current, stats=stats)
+        if not config.governor.enabled:
+            await _cancel(self.tasks.pop("govern", None))
+        if config.metrics != old.metrics:
+            await _cancel(self.tasks.pop("metrics", None))
+            self.metrics = None
+        self._start_optional()
         self.reloads += 1
         log.info("edge: config reloaded from %s", self.config_path)
+
+
+def _later(store: Any) -> tuple[Any, ...]:
+    """The [store] settings that take effect at the next start."""
+    return (store.path, store.map_size, store.commit_bytes, store.high_watermark, store.low_watermark)
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

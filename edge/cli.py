@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from edge import __version__
-from edge.config import TABLES, Config, ConfigError, load
-from edge.reading import GOOD, Reading, Value, quality_name
+from edge.config import TABLES, Config, ConfigError, load, load_for_run
+from edge.reading import GOOD, Reading, Value, quality_name, strict_json
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
@@ -52,7 +52,7 @@ def plural(n: int, word: str) -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     from edge.poll.plan import plan_config, summarize  # noqa: PLC0415
 
-    config = load(args.config)
+    config = load_for_run(args.config)
     plans = plan_config(config)
     tags = sum(len(d.tags) for d in config.devices)
     print(f"{args.config}: ok: {plural(len(config.devices), 'device')}, {plural(len(config.buses), 'bus')}, "
@@ -78,8 +78,9 @@ class Printer:
             device, name, unit = t.device, t.name, t.unit
             when = dt.datetime.fromtimestamp(ts / 1e9, dt.UTC).isoformat(timespec="milliseconds")
             if self.as_json:
-                line = json.dumps({"device": device, "tag": name, "ts": ts, "time": when, "value": value,
-                                   "unit": unit, "quality": quality_name(quality)})
+                row = {"device": device, "tag": name, "ts": ts, "time": when, "value": value, "unit": unit,
+                       "quality": quality_name(quality)}
+                line = json.dumps(strict_json(row), allow_nan=False)
             else:
                 shown = "-" if value is None else f"{value:.6g}" if isinstance(value, float) else value
                 q = "" if quality == GOOD else f" [{quality_name(quality)}]"
@@ -156,7 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edge.govern import tune_allocator  # noqa: PLC0415
 
     tune_allocator()
-    config = load(args.config)
+    config = load_for_run(args.config)
 
     async def main() -> int:
         return await Appliance(config, args.config).run()
@@ -171,7 +172,7 @@ async def _write(config: Config, tag: str, value: Value, by: str) -> int:
     poller = Poller(config, lambda readings: None)
     try:
         cmd = {"id": f"local-{os.getpid()}", "tag": tag, "value": value, "by": by}
-        result = await Commands(poller).handle(json.dumps(cmd).encode())
+        result = await Commands(lambda: poller).handle(json.dumps(cmd).encode())
     finally:
         poller.close()
     if result["ok"]:
@@ -238,8 +239,9 @@ def cmd_store_dump(args: argparse.Namespace) -> int:
         for tag, ts, value, quality in readings:
             device, name = names.get(tag, ("?", f"tag-{tag}"))
             if args.json:
-                print(json.dumps({"seq": seq, "device": device, "tag": name, "tag_id": tag, "ts": ts,
-                                  "value": value, "quality": quality_name(quality)}))
+                row = {"seq": seq, "device": device, "tag": name, "tag_id": tag, "ts": ts, "value": value,
+                       "quality": quality_name(quality)}
+                print(json.dumps(strict_json(row), allow_nan=False))
             else:
                 print(f"{seq} {_when(ts)} {device}/{name} {value} {quality_name(quality)}")
     return 0

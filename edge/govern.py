@@ -31,6 +31,11 @@ Low-power mode (on battery via psutil.sensors_battery(), inside a [governor.low_
 window, while the control file exists, or toggled by SIGUSR2) multiplies every poll interval by
 interval_factor, uses [store] low_power_commit_interval (fewer, larger commits: fewer flash writes),
 and makes the uplink work in sessions (connect, drain, disconnect) every uplink_session_interval.
+
+The governor steers by one immutable value, its Policy (edge.policy), replaced whenever a decision
+changes it; poll, store and uplink read it at each turn of their loops. It never touches a stage. On a
+config reload it is reconfigured (its [governor] section, the store's commit intervals, the poll
+priorities) and keeps its state: low power, stretches and levels carry over to the new stages.
 """
 
 from __future__ import annotations
@@ -44,13 +49,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from edge.config import Governor as GovernorConfig
-from edge.config import LowPower
-
-if TYPE_CHECKING:
-    from edge.app import Appliance
+from edge.config import Config, LowPower
+from edge.policy import Policy
 
 log = logging.getLogger("edge.govern")
 
@@ -78,7 +80,7 @@ def tune_allocator() -> None:
 
 
 def _median(values: list[int]) -> float:
-    """statistics.median, without importing statistics: with decimal and fractions it costs 0.4 MiB of RAM.
+    """statistics.median without importing statistics (with decimal and fractions: 0.4 MiB of RAM).
 
     >>> _median([3, 1, 2]), _median([4, 1, 3, 2])
     (2, 2.5)
@@ -172,34 +174,76 @@ class Sampler:
             return int(m.rss - getattr(m, "shared", 0)), float(t.user + t.system)
 
 
+@dataclass(frozen=True, slots=True)
+class GovernorSnapshot:
+    level: str
+    rss: int
+    cpu: float
+    decisions: int
+    soft: int | None
+    hard: int | None
+
+
 class Governor:
-    def __init__(self, app: Appliance, cfg: GovernorConfig, *, limits: Limits | None = None,
+    def __init__(self, config: Config, *, limits: Limits | None = None,
                  sample: Callable[[], tuple[int, float]] | None = None, tick: float = 1.0,
                  battery: Callable[[], bool] | None = None) -> None:
-        self.app = app
-        self.cfg = cfg
         self.limits = limits if limits is not None else read_limits()
         self.sample = sample or Sampler()
         self.tick = tick
         self.on_battery = battery or _on_battery
-        lim = self.limits
-        self.soft = (cfg.memory_soft or lim.memory_high
-                     or (int(lim.memory_max * 0.6) if lim.memory_max else None))
-        self.hard = cfg.memory_hard or (int(lim.memory_max * 0.85) if lim.memory_max else None)
-        self.cpu_budget = min(cfg.cpu_budget, lim.cpu_cores or cfg.cpu_budget)
-        n = max(2, round(cfg.window / tick))
-        self.samples: deque[tuple[float, int, float]] = deque(maxlen=n)
         self.level = "normal"
         self.memory_stretch = 1.0
         self.cpu_stretch = 1.0
         self.shed_priority: int | None = None  # groups with priority >= this are stopped
         self.low_power = False
         self.forced_low_power: bool | None = None  # SIGUSR2 toggles
+        self.commit_now = 0
         self.rss = 0
         self.cpu = 0.0
         self.decisions = 0
+        self.samples: deque[tuple[float, int, float]] = deque(maxlen=2)
+        self._configure(config)
+        self.policy = self._policy()
+
+    def _configure(self, config: Config) -> None:
+        cfg = self.cfg = config.governor
+        self.store_cfg = config.store
+        self.priorities = sorted({g.priority for d in config.devices for g in d.groups if g.priority > 0})
+        lim = self.limits
+        self.soft = (cfg.memory_soft or lim.memory_high
+                     or (int(lim.memory_max * 0.6) if lim.memory_max else None))
+        self.hard = cfg.memory_hard or (int(lim.memory_max * 0.85) if lim.memory_max else None)
+        self.cpu_budget = min(cfg.cpu_budget, lim.cpu_cores or cfg.cpu_budget)
+        n = max(2, round(cfg.window / self.tick))
+        if self.samples.maxlen != n:
+            self.samples = deque(self.samples, maxlen=n)
         log.info("governor: limits %s: soft %s, hard %s, CPU budget %.0f %% of a core", lim.source,
                  _mib(self.soft), _mib(self.hard), 100 * self.cpu_budget)
+
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config: new limits, intervals and priorities; low power and stretches carry over
+        (a shed priority that no longer exists is lifted)."""
+        self._configure(config)
+        if self.shed_priority is not None and self.shed_priority not in self.priorities:
+            self.shed_priority = next((p for p in self.priorities if p > self.shed_priority), None)
+        self._low_power()
+        self.policy = self._policy()
+
+    def current(self) -> Policy:
+        """The policy in force (what stages read at each turn of their loops)."""
+        return self.policy
+
+    def snapshot(self) -> GovernorSnapshot:
+        return GovernorSnapshot(self.level, self.rss, self.cpu, self.decisions, self.soft, self.hard)
+
+    def _policy(self) -> Policy:
+        lp, store, low = self.cfg.low_power, self.store_cfg, self.low_power
+        return Policy(low_power=low, cpu_stretch=self.cpu_stretch, memory_stretch=self.memory_stretch,
+                      low_power_factor=lp.interval_factor if low else 1.0, shed_priority=self.shed_priority,
+                      commit_interval=store.low_power_commit_interval if low else store.commit_interval,
+                      session_interval=lp.uplink_session_interval if low else None,
+                      commit_now=self.commit_now)
 
     def toggle_low_power(self) -> None:
         self.forced_low_power = not (self.forced_low_power if self.forced_low_power is not None
@@ -226,20 +270,20 @@ class Governor:
         if len(self.samples) == self.samples.maxlen:
             t0, _, c0 = self.samples[0]
             t1, _, c1 = self.samples[-1]
-            from statistics import median  # noqa: PLC0415 (statistics and decimal: not before READY=1)
-
-            self.rss = int(median(s[1] for s in self.samples))
+            self.rss = int(_median([s[1] for s in self.samples]))
             self.cpu = (c1 - c0) / (t1 - t0) if t1 > t0 else 0.0
             if self._memory() | self._cpu():
                 self.samples.clear()  # judge the next decision on fresh samples only
-        self.apply()
+        policy = self._policy()
+        if policy != self.policy:
+            self.policy = policy
 
     def _memory(self) -> bool:
         if self.soft is None:
             return False
         before = (self.level, self.memory_stretch, self.shed_priority)
         if self.hard is not None and self.rss > self.hard:
-            below = [p for p in self._priorities() if self.shed_priority is None or p < self.shed_priority]
+            below = [p for p in self.priorities if self.shed_priority is None or p < self.shed_priority]
             if below:
                 self.shed_priority = below[-1]  # one more priority level each window while above
             self.level = "shed"
@@ -254,7 +298,7 @@ class Governor:
             self.level = "normal" if self.memory_stretch == 1.0 and self.shed_priority is None else "soft"
         if self.level != "normal":
             release_memory()
-            self.app.commit_now.set()  # commit the open window now: its readings leave RAM
+            self.commit_now += 1  # commit the open window now: its readings leave RAM
         if before == (self.level, self.memory_stretch, self.shed_priority):
             return False
         self.decisions += 1
@@ -262,9 +306,6 @@ class Governor:
                     self.level, _mib(self.rss), _mib(self.soft), _mib(self.hard), self.memory_stretch,
                     f", priority >= {self.shed_priority} stopped" if self.shed_priority else "")
         return True
-
-    def _priorities(self) -> list[int]:
-        return sorted({g.priority for d in self.app.config.devices for g in d.groups if g.priority > 0})
 
     def _cpu(self) -> bool:
         before = self.cpu_stretch
@@ -290,29 +331,10 @@ class Governor:
         if want != self.low_power:
             self.low_power = want
             self.decisions += 1
-            store = self.app.store
-            store.commit_interval = (self.app.config.store.low_power_commit_interval if want
-                                     else self.app.config.store.commit_interval)
-            self.app.uplink.session_interval = lp.uplink_session_interval if want else None
-            self.app.low_power = want
+            interval = self.store_cfg.low_power_commit_interval if want else self.store_cfg.commit_interval
             log.warning("governor: low-power mode %s (intervals x%g, commit every %.0f s, uplink %s)",
-                        "on" if want else "off", lp.interval_factor if want else 1, store.commit_interval,
+                        "on" if want else "off", lp.interval_factor if want else 1, interval,
                         f"sessions every {lp.uplink_session_interval:.0f} s" if want else "continuous")
-
-    def stretch_for(self, priority: int) -> float:
-        """Interval multiplier of a poll group of this priority (0 = most important)."""
-        if self.shed_priority is not None and priority >= self.shed_priority:
-            return 1e6  # stopped: the next deadline is beyond any horizon
-        factor = max(self.cpu_stretch, self.memory_stretch if priority > 0 else 1.0)
-        if self.low_power:
-            factor *= self.cfg.low_power.interval_factor
-        return factor
-
-    def apply(self) -> None:
-        for line in self.app.poller.lines:
-            for sched, runner, group in line.plan:
-                g = next(x for x in runner.device.groups if x.name == group)
-                sched.set_stretch(self.stretch_for(g.priority))
 
 
 def _on_battery() -> bool:

@@ -1,33 +1,64 @@
 """Prometheus metrics and /health on [metrics] listen:port (127.0.0.1:9108 by default).
 
-Everything is read from the stages' own counters when scraped: nothing is updated per reading, so
-metrics cost nothing between scrapes. Served by prometheus-client's WSGI server in a daemon thread.
+Everything is read from one snapshot of the stages (Snapshot, built by the app from each stage's own
+snapshot()) when scraped: nothing is updated per reading, so metrics cost nothing between scrapes.
 
     GET /metrics   Prometheus text exposition (families below, names prefixed edge_)
-    GET /health    200 {"ok": true, ...} when poll, store and uplink each made progress within
-                   `stale` seconds (3 x the longest poll interval, at least 30 s); 503 otherwise,
-                   naming the stalled stage
+    GET /health    200 {"ok": true, ...} when poll, store and uplink each beat within HEALTH_STALE
+                   seconds (edge.supervise.stalled, the watchdog's definition); 503 otherwise, naming
+                   the stalled stage
+
+Served from the event loop (asyncio), never a thread per connection: at most MAX_CONNECTIONS at once
+(more are closed at once), each request read within REQUEST_TIMEOUT and at most MAX_REQUEST bytes, one
+request per connection. Metrics are an observer: if the port cannot be bound (another process holds it)
+that is logged once, shown in the systemd status line, and retried with backoff; polling, storing and
+forwarding go on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import threading
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIServer, make_server
+from dataclasses import dataclass
+from typing import Any
 
-from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
+from edge.config import Metrics as MetricsConfig
 from edge.govern import LEVELS as GOVERNOR_LEVELS
-from edge.poll.engine import LATENCY_BUCKETS
-from edge.store import write_bytes
+from edge.govern import GovernorSnapshot
+from edge.policy import Policy
+from edge.poll.engine import LATENCY_BUCKETS, PollSnapshot
+from edge.poll.health import backoff
+from edge.store import StoreSnapshot
+from edge.supervise import stalled
+from edge.uplink import UplinkStats
 
-if TYPE_CHECKING:
-    from edge.app import Appliance
+log = logging.getLogger("edge.metrics")
+
+HEALTH_STALE = 30.0  # seconds without a beat before /health names a stage stalled
+MAX_CONNECTIONS = 16
+MAX_REQUEST = 8192  # bytes of request line and headers
+REQUEST_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything the metrics show, taken at once."""
+
+    started: float  # unix time
+    reloads: int
+    reloads_refused: int
+    policy: Policy
+    poll: PollSnapshot
+    store: StoreSnapshot
+    uplink: UplinkStats
+    governor: GovernorSnapshot
+    writes: tuple[int, int]  # executed, refused
 
 
 def _counter(name: str, doc: str, labels: Iterable[str] = ()) -> CounterMetricFamily:
@@ -38,47 +69,46 @@ def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily
     return GaugeMetricFamily(f"edge_{name}", doc, labels=list(labels))
 
 
+def _one(fam: Any, value: float) -> Any:
+    fam.add_metric([], value)
+    return fam
+
+
 class ApplianceCollector:
-    def __init__(self, app: Appliance) -> None:
-        self.app = app
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._devices()
-        yield from self._groups()
-        yield from self._store()
-        yield from self._uplink()
-        up = _gauge("uptime_seconds", "Seconds since the appliance started")
-        up.add_metric([], time.time() - self.app.started)
-        yield up
-        rl = _counter("config_reloads", "Configs reloaded on SIGHUP")
-        rl.add_metric([], self.app.reloads)
-        yield rl
-        lp = _gauge("low_power", "1 while low-power mode is on")
-        lp.add_metric([], float(getattr(self.app, "low_power", False)))
-        yield lp
-        yield from self._governor()
+        s = self.snapshot()
+        yield from self._devices(s.poll)
+        yield from self._groups(s.poll)
+        yield from self._store(s.store)
+        yield from self._uplink(s.uplink, s.policy)
+        yield _one(_gauge("uptime_seconds", "Seconds since the appliance started"), time.time() - s.started)
+        yield _one(_counter("config_reloads", "Configs reloaded on SIGHUP"), s.reloads)
+        yield _one(_counter("config_reloads_refused", "Reloads refused (the config was bad; the running one "
+                            "was kept)"), s.reloads_refused)
+        yield _one(_gauge("low_power", "1 while low-power mode is on"), float(s.policy.low_power))
+        yield from self._governor(s.governor)
         writes = _counter("writes", "Write commands (cmd/write, edge write) by outcome", ["result"])
-        writes.add_metric(["ok"], self.app.commands.executed)
-        writes.add_metric(["refused"], self.app.commands.refused)
+        writes.add_metric(["ok"], s.writes[0])
+        writes.add_metric(["refused"], s.writes[1])
         yield writes
 
-    def _governor(self) -> Iterator[Metric]:
-        g = self.app.governor
-        level = _gauge("governor_memory_level", "Memory level: 0 normal, 1 soft (stretching), 2 shed")
-        level.add_metric([], float(GOVERNOR_LEVELS.index(g.level)))
-        rss = _gauge("governor_rss_bytes", "Anonymous RSS the governor judges (median of its window)")
-        rss.add_metric([], float(g.rss))
-        cpu = _gauge("governor_cpu_cores", "CPU used over the governor's window, in cores")
-        cpu.add_metric([], g.cpu)
-        decisions = _counter("governor_decisions", "Governor state changes (each one is logged)")
-        decisions.add_metric([], g.decisions)
+    def _governor(self, g: GovernorSnapshot) -> Iterator[Metric]:
+        yield _one(_gauge("governor_memory_level", "Memory level: 0 normal, 1 soft (stretching), 2 shed"),
+                   float(GOVERNOR_LEVELS.index(g.level)))
+        yield _one(_gauge("governor_rss_bytes", "Anonymous RSS the governor judges (median of its window)"),
+                   float(g.rss))
+        yield _one(_gauge("governor_cpu_cores", "CPU used over the governor's window, in cores"), g.cpu)
+        yield _one(_counter("governor_decisions", "Governor state changes (each one is logged)"), g.decisions)
         limits = _gauge("governor_limit_bytes", "Memory limits in force (absent: none)", ["limit"])
         for name, value in (("soft", g.soft), ("hard", g.hard)):
             if value is not None:
                 limits.add_metric([name], float(value))
-        yield from (level, rss, cpu, decisions, limits)
+        yield limits
 
-    def _devices(self) -> Iterator[Metric]:
+    def _devices(self, poll: PollSnapshot) -> Iterator[Metric]:
         fams = {
             "requests": _counter("device_requests", "Modbus requests sent", ["device"]),
             "good": _counter("device_replies_good", "Requests answered with valid data", ["device"]),
@@ -92,8 +122,7 @@ class ApplianceCollector:
         up = _gauge("device_up", "1 while the device answers", ["device"])
         latency = HistogramMetricFamily("edge_device_latency_seconds", "Request round trip",
                                         labels=["device"])
-        for r in self.app.poller.runners:
-            d, st = r.device.name, r.stats
+        for d, st in poll.devices:
             for key, fam in fams.items():
                 fam.add_metric([d], getattr(st, key))
             for kind, n in st.errors.items():
@@ -107,25 +136,24 @@ class ApplianceCollector:
             latency.add_metric([d], buckets, st.latency_sum)
         yield from (*fams.values(), errors, up, latency)
 
-    def _groups(self) -> Iterator[Metric]:
+    def _groups(self, poll: PollSnapshot) -> Iterator[Metric]:
         cycles = _counter("poll_cycles", "Poll cycles run", ["device", "group"])
         overruns = _counter("poll_overruns", "Poll cycles skipped because the previous one ran late",
                             ["device", "group"])
         jitter = _counter("poll_jitter_seconds", "Total lateness of cycle starts", ["device", "group"])
         jmax = _gauge("poll_jitter_max_seconds", "Largest lateness of a cycle start", ["device", "group"])
         stretch = _gauge("poll_stretch", "Interval multiplier (governor, low power)", ["device", "group"])
-        for line in self.app.poller.lines:
-            for sched, r, group in line.plan:
-                labels = [r.device.name, group]
-                cycles.add_metric(labels, sched.cycles)
-                overruns.add_metric(labels, sched.overruns)
-                jitter.add_metric(labels, sched.jitter_sum)
-                jmax.add_metric(labels, sched.jitter_max)
-                stretch.add_metric(labels, sched.stretch)
+        for g in poll.groups:
+            labels = [g.device, g.group]
+            cycles.add_metric(labels, g.cycles)
+            overruns.add_metric(labels, g.overruns)
+            jitter.add_metric(labels, g.jitter_sum)
+            jmax.add_metric(labels, g.jitter_max)
+            stretch.add_metric(labels, g.stretch)
         yield from (cycles, overruns, jitter, jmax, stretch)
 
-    def _store(self) -> Iterator[Metric]:
-        c = self.app.store.counters
+    def _store(self, s: StoreSnapshot) -> Iterator[Metric]:
+        c = s.counters
         for name, doc in (("readings_appended", "Readings handed to the store"),
                           ("blocks_committed", "Blocks written"), ("commits", "Write transactions"),
                           ("blocks_forwarded", "Blocks acknowledged upstream"),
@@ -137,82 +165,116 @@ class ApplianceCollector:
                           ("recoveries", "Damaged stores moved aside"),
                           ("rejected_trimmed", "Refused blocks dropped to keep room for pending ones"),
                           ("commit_failures", "Commits that failed (readings kept in RAM)")):
-            fam = _counter(f"store_{name}", doc)
-            fam.add_metric([], getattr(c, name))
-            yield fam
-        written = _counter("store_write_bytes", "Bytes this process wrote to storage (/proc/self/io)")
-        written.add_metric([], write_bytes())
-        yield written
+            yield _one(_counter(f"store_{name}", doc), getattr(c, name))
+        yield _one(_counter("store_write_bytes", "Bytes this process wrote to storage (/proc/self/io)"),
+                   write_bytes())
+        age = 0.0 if s.oldest_ts is None else max(0.0, time.time() - s.oldest_ts / 1e9)
         for name, value, doc in (("backlog_readings", c.backlog_readings, "Readings waiting upstream"),
                                  ("backlog_blocks", c.backlog_blocks, "Blocks waiting upstream"),
-                                 ("oldest_age_seconds", self._oldest_age(),
-                                  "Age of the oldest stored reading")):
-            g = _gauge(f"store_{name}", doc)
-            g.add_metric([], value)
-            yield g
+                                 ("oldest_age_seconds", age, "Age of the oldest stored reading"),
+                                 ("window_readings", s.window_readings, "Readings in RAM, in the open "
+                                  "commit window"),
+                                 ("commit_interval_seconds", s.commit_interval, "Commit window in force "
+                                  "([store] commit_interval, or low_power_commit_interval in low power)")):
+            yield _one(_gauge(f"store_{name}", doc), value)
 
-    def _oldest_age(self) -> float:
-        ts = self.app.store.oldest_ts()
-        return 0.0 if ts is None else max(0.0, time.time() - ts / 1e9)
-
-    def _uplink(self) -> Iterator[Metric]:
-        st = self.app.uplink.stats
-        conn = _gauge("uplink_connected", "1 while connected to the broker")
-        conn.add_metric([], float(st.connected))
-        yield conn
+    def _uplink(self, st: UplinkStats, policy: Policy) -> Iterator[Metric]:
+        yield _one(_gauge("uplink_connected", "1 while connected to the broker"), float(st.connected))
         for name in ("connects", "connect_failures", "published", "acked", "rejected", "kept",
                      "readings_delivered", "bytes_published"):
-            fam = _counter(f"uplink_{name}", f"Uplink {name.replace('_', ' ')}")
-            fam.add_metric([], getattr(st, name))
-            yield fam
-        last = _gauge("uplink_last_delivery_timestamp_seconds", "Unix time of the last acknowledged block")
-        last.add_metric([], st.last_delivery)
-        yield last
+            yield _one(_counter(f"uplink_{name}", f"Uplink {name.replace('_', ' ')}"), getattr(st, name))
+        yield _one(_gauge("uplink_last_delivery_timestamp_seconds",
+                          "Unix time of the last acknowledged block"), st.last_delivery)
+        yield _one(_gauge("uplink_session_interval_seconds", "Seconds between uplink sessions in low-power "
+                          "mode (0: connected continuously)"), policy.session_interval or 0.0)
 
 
-def health(app: Appliance, now: float | None = None) -> tuple[bool, dict[str, Any]]:
-    """Has every stage made progress recently? (monotonic clock)"""
+def write_bytes() -> int:
+    """Bytes this process caused to be sent to storage (/proc/self/io write_bytes); 0 where unknown."""
+    try:
+        with open("/proc/self/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"write_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def health(beats: dict[str, float], now: float | None = None) -> tuple[bool, dict[str, Any]]:
+    """Has every stage beaten within HEALTH_STALE seconds? (monotonic clock)"""
     now = time.monotonic() if now is None else now
-    longest = max((g.interval * s.stretch for line in app.poller.lines for s, r, _ in line.plan
-                   for g in r.device.groups), default=1.0)
-    stale = max(30.0, 3 * longest)
-    ages = {
-        "poll": now - min((line.last_cycle for line in app.poller.lines), default=now),
-        "store": now - app.last_commit,
-    }
-    if app.config.uplink.enabled:
-        ages["uplink"] = now - app.uplink.stats.last_progress
-    stalled = sorted(k for k, age in ages.items() if age > stale)
-    return not stalled, {"ok": not stalled, "stalled": stalled, "stale_after_s": stale,
-                         "age_s": {k: round(v, 3) for k, v in ages.items()}}
-
-
-def _app(registry: CollectorRegistry, app: Appliance) -> Callable[..., Iterable[bytes]]:
-    metrics = make_wsgi_app(registry)
-
-    def route(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == "/health":
-            ok, body = health(app)
-            start_response("200 OK" if ok else "503 Service Unavailable",
-                           [("Content-Type", "application/json")])
-            return [json.dumps(body).encode()]
-        return metrics(environ, start_response)  # type: ignore[no-any-return]
-
-    return route
+    late = stalled(beats, now - HEALTH_STALE)
+    return not late, {"ok": not late, "stalled": late, "stale_after_s": HEALTH_STALE,
+                      "age_s": {k: round(now - t, 3) for k, t in beats.items()}}
 
 
 class MetricsServer:
-    def __init__(self, app: Appliance) -> None:
-        cfg = app.config.metrics
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(ApplianceCollector(app))
-        ProcessCollector(namespace="edge", registry=self.registry)
-        self.server: WSGIServer = make_server(cfg.listen, cfg.port, _app(self.registry, app),
-                                              ThreadingWSGIServer, handler_class=_SilentHandler)
-        self.port = self.server.server_port
-        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
-        self.thread.start()
+    """The HTTP endpoint (module docstring). `problem` says why it is not listening, else None."""
 
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def __init__(self, cfg: MetricsConfig, snapshot: Callable[[], Snapshot],
+                 beats: Callable[[], dict[str, float]]) -> None:
+        self.cfg = cfg
+        self.beats = beats
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ApplianceCollector(snapshot))
+        ProcessCollector(namespace="edge", registry=self.registry)
+        self.port: int | None = None
+        self.problem: str | None = None
+        self.active = 0
+
+    async def run(self) -> None:
+        """Listen and serve until cancelled; while the port cannot be bound, retry with backoff."""
+        failures = 0
+        while True:
+            try:
+                server = await asyncio.start_server(self._serve, self.cfg.listen, self.cfg.port,
+                                                    limit=MAX_REQUEST)
+            except OSError as e:
+                self.problem = f"cannot listen on {self.cfg.listen}:{self.cfg.port} ({e.strerror or e})"
+                log.log(logging.ERROR if failures == 0 else logging.DEBUG, "metrics: %s; retrying, while "
+                        "polling, storing and forwarding go on", self.problem)
+                failures += 1
+                await asyncio.sleep(backoff(failures - 1, 1.0, 60.0))
+                continue
+            self.port = server.sockets[0].getsockname()[1]
+            self.problem = None
+            log.info("edge: metrics on http://%s:%d/metrics%s", self.cfg.listen, self.port,
+                     f" (after {failures} failed attempts)" if failures else "")
+            async with server:
+                await server.serve_forever()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= MAX_CONNECTIONS:
+            writer.close()
+            return
+        self.active += 1
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+                status, ctype, body = self.respond(head)
+                writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                             "Connection: close\r\n\r\n".encode() + body)
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            pass  # a slow, silent, oversized or vanished client: dropped
+        finally:
+            self.active -= 1
+            writer.close()
+
+    def respond(self, head: bytes) -> tuple[str, str, bytes]:
+        """(status, content type, body) for a request's head."""
+        parts = head.split(b"\r\n", 1)[0].split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            return "400 Bad Request", "text/plain", b"bad request\n"
+        if parts[0] != b"GET":
+            return "405 Method Not Allowed", "text/plain", b"GET only\n"
+        path = parts[1].split(b"?", 1)[0]
+        if path == b"/metrics":
+            return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        if path == b"/health":
+            ok, body = health(self.beats())
+            status = "200 OK" if ok else "503 Service Unavailable"
+            return status, "application/json", json.dumps(body).encode()
+        return "404 Not Found", "text/plain", b"/metrics or /health\n"
+

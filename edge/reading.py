@@ -15,6 +15,7 @@ never silence:
 
 from __future__ import annotations
 
+import math
 from typing import TypeAlias
 
 GOOD = 0x00
@@ -46,3 +47,27 @@ def quality_name(q: int) -> str:
         code = q & 0x3F
         return f"exception_{code}_{_EXCEPTIONS.get(code, 'unknown')}"
     return _NAMES.get(q, f"quality_{q}")
+
+
+def nonfinite(value: object) -> str | None:
+    """"nan", "inf" or "-inf" for a float strict JSON cannot carry, else None. Such a value travels as
+    `"value": null` with `"nonfinite"` beside it (docs/payload.md).
+
+    >>> nonfinite(float("-inf")), nonfinite(float("nan")), nonfinite(1.5), nonfinite("x")
+    ('-inf', 'nan', None, None)
+    """
+    if not isinstance(value, float) or math.isfinite(value):
+        return None
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def strict_json(row: dict[str, object]) -> dict[str, object]:
+    """The row with a non-finite "value" replaced as nonfinite() says (the row itself, changed in place).
+
+    >>> strict_json({"value": float("inf"), "quality": "good"})
+    {'value': None, 'quality': 'good', 'nonfinite': 'inf'}
+    """
+    if (kind := nonfinite(row.get("value"))) is not None:
+        row["value"] = None
+        row["nonfinite"] = kind
+    return row

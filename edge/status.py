@@ -22,13 +22,22 @@ from edge.config import Config
 Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
 
+class NotOurs(Exception):
+    """Something answers at the metrics address, but not this appliance."""
+
+
 def scrape(base: str, timeout: float = 3.0) -> Samples:
-    with urllib.request.urlopen(f"{base}/metrics", timeout=timeout) as r:
-        text = r.read().decode()
-    out: Samples = defaultdict(dict)
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[s.name][tuple(sorted(s.labels.items()))] = s.value
+    try:
+        with urllib.request.urlopen(f"{base}/metrics", timeout=timeout) as r:
+            text = r.read(4 << 20).decode("utf-8", "replace")
+        out: Samples = defaultdict(dict)
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out[s.name][tuple(sorted(s.labels.items()))] = s.value
+    except (urllib.error.HTTPError, ValueError) as e:
+        raise NotOurs(str(e)) from e
+    if "edge_uptime_seconds" not in out:
+        raise NotOurs("no edge_ metrics in its answer")
     return out
 
 
@@ -124,6 +133,10 @@ def status(config: Config, watch: float | None, as_json: bool, interval: float =
             if not watch:
                 return 0
             a, t0 = b, t1
+    except NotOurs as e:
+        print(f"edge: status: something else answers at {base} ({e}): is the [metrics] port taken by another "
+              "program? The appliance says so in its log and in `systemctl status edge`", file=sys.stderr)
+        return 1
     except (urllib.error.URLError, OSError) as e:
         print(f"edge: status: no appliance answers at {base} ({e})", file=sys.stderr)
         return 1

@@ -11,8 +11,9 @@
 
 Heartbeats are the stages' own loop iterations (each waits at most ~1 s at a time), so a long poll
 interval or commit window is not mistaken for a stall, and a stage waiting on I/O is bounded by that
-I/O's own timeout. SIGUSR1 dumps every thread's and every asyncio task's stack, for a look at a live
-process.
+I/O's own timeout. A stage is stalled when its last beat is not after a reference time: stalled() is
+that one definition, used by the watchdog (the previous tick) and by /health (now minus its limit).
+SIGUSR1 dumps every thread's and every asyncio task's stack, for a look at a live process.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import sdnotify
 
@@ -38,7 +39,7 @@ class Supervisor:
         usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
         pid = os.environ.get("WATCHDOG_PID")
         self.interval = usec / 2e6 if usec and (pid is None or int(pid) == os.getpid()) else 0.0
-        self.last: dict[str, float] = {}
+        self.last_tick = time.monotonic()
         self.stalled: list[str] = []
         faulthandler.enable()  # SIGSEGV, SIGABRT (the watchdog's kill), ... -> stacks on stderr
 
@@ -55,27 +56,36 @@ class Supervisor:
 
     def check(self) -> list[str]:
         """Stages without a heartbeat since the previous check."""
-        now = self.beats()
-        stalled = [k for k, t in now.items() if self.last and t <= self.last.get(k, -1.0)]
-        self.last = now
-        return stalled
+        now = time.monotonic()
+        late = stalled(self.beats(), self.last_tick)
+        self.last_tick = now
+        return late
 
     async def run(self) -> None:
         tick = self.interval or 5.0
-        self.last = self.beats()
+        self.last_tick = time.monotonic()
         while True:
             await asyncio.sleep(tick)
-            stalled = self.check()
-            if stalled:
-                if stalled != self.stalled:
+            late = self.check()
+            if late:
+                if late != self.stalled:
                     log.error("edge: no progress from %s since the last watchdog tick: dumping stacks, "
-                              "no more watchdog pings (systemd will restart the service)", ", ".join(stalled))
+                              "no more watchdog pings (systemd will restart the service)", ", ".join(late))
                     dump_stacks()
-                self.stalled = stalled
-                self.notify(f"STATUS=stalled: {', '.join(stalled)}")
+                self.stalled = late
+                self.notify(f"STATUS=stalled: {', '.join(late)}")
                 continue
             self.stalled = []
             self.notify(f"WATCHDOG=1\nSTATUS={self.status()}" if self.interval else f"STATUS={self.status()}")
+
+
+def stalled(beats: Mapping[str, float], since: float) -> list[str]:
+    """The stages whose last beat (monotonic seconds) is not after `since`.
+
+    >>> stalled({"poll": 10.0, "store": 12.5, "uplink": 9.0}, since=10.0)
+    ['poll', 'uplink']
+    """
+    return sorted(k for k, t in beats.items() if t <= since)
 
 
 def dump_stacks() -> None:

@@ -21,7 +21,12 @@ with protocol 5, the default.
 
 Up to [uplink] max_inflight blocks await their PUBACK at once; the backlog drains as fast as the broker
 acknowledges. Reconnects back off with jitter (backoff_min .. backoff_max). The password comes from
-password_file and is never logged.
+password_file and is never logged. In low-power mode (the policy's session_interval, read at each turn)
+the uplink works in sessions: connect, drain, disconnect, wait.
+
+Every payload is strict JSON: a NaN or infinite value is written as null with a "nonfinite" field
+(edge.reading.strict_json). An uplink built by a reload takes over the statistics of the one it
+replaces (they keep counting up).
 """
 
 from __future__ import annotations
@@ -32,12 +37,14 @@ import json
 import logging
 import time
 from array import array
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from edge.config import Config, Tag
+from edge.policy import Policy, normal
 from edge.poll.health import backoff
-from edge.reading import quality_name
+from edge.reading import quality_name, strict_json
 from edge.store import Block, Store
 
 if TYPE_CHECKING:
@@ -85,7 +92,7 @@ class Payloads:
             while self.slots[j] is not None:
                 j = (j + 1) & self.mask
             self.slots[j], self.ids[j] = t, t.id
-        self.dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=True).encode
+        self.dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
     def encode(self, block: Block) -> bytes:
         slots, ids, mask, unknown, dumps = self.slots, self.ids, self.mask, UNKNOWN_TAG, self.dumps
@@ -103,7 +110,11 @@ class Payloads:
                              "quality": quality_name(quality) if quality else "good"})
             if i:
                 parts.append(b",")
-            parts.append(memoryview(dumps(rows).encode())[1:-1])  # the slice's rows, without "[" and "]"
+            try:
+                text = dumps(rows)
+            except ValueError:  # a NaN or an infinity: rare, so checked only when the encoder refuses
+                text = dumps([strict_json(row) for row in rows])
+            parts.append(memoryview(text.encode())[1:-1])  # the slice's rows, without "[" and "]"
         parts.append(b"]}")
         # One join of small pieces: the message is built once, not as three full-size copies on the way
         return b"".join(parts)
@@ -112,7 +123,8 @@ class Payloads:
 class Uplink:
     """Forwards the store's blocks while connected; reconnects with jittered, capped backoff."""
 
-    def __init__(self, config: Config, store: Store, commands: Commands | None = None) -> None:
+    def __init__(self, config: Config, store: Store, commands: Commands | None = None,
+                 policy: Callable[[], Policy] = normal, stats: UplinkStats | None = None) -> None:
         self.config = config
         self.cfg = config.uplink
         self.store = store
@@ -123,10 +135,12 @@ class Uplink:
         self.topic_status = f"{prefix}/status"
         self.topic_write = f"{prefix}/cmd/write"
         self.topic_result = f"{prefix}/cmd/result"
-        self.stats = UplinkStats()
+        self.stats = stats or UplinkStats()
+        if stats is not None:
+            stats.connected = False
+        self.policy = policy
         self.wake = asyncio.Event()  # set after each commit: new blocks to send
         self.stopping = False
-        self.session_interval: float | None = None  # low power: connect, drain, disconnect, wait this
         self._stop = asyncio.Event()
         self._failures = 0
 
@@ -152,9 +166,9 @@ class Uplink:
                             with contextlib.suppress(asyncio.CancelledError):
                                 await commands
                     await client.publish(self.topic_status, b"offline", qos=1, retain=True)
-                if self.session_interval and not self.stopping:
-                    log.info("uplink: session done (backlog drained); next in %.0f s", self.session_interval)
-                    await self._pause(self.session_interval)
+                if (session := self.policy().session_interval) and not self.stopping:
+                    log.info("uplink: session done (backlog drained); next in %.0f s", session)
+                    await self._pause(session)
             except mqtt.CONNECTION_ERRORS as e:
                 self._disconnected(e)
                 await self._pause(backoff(self._failures - 1, self.cfg.backoff_min, self.cfg.backoff_max))
@@ -180,6 +194,14 @@ class Uplink:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(left, 1.0)):
                     await self._stop.wait()
+
+    def progress(self) -> float:
+        """The uplink's heartbeat (monotonic): an ack, "nothing to send", or a finished connection
+        attempt. Offline is not a stall."""
+        return self.stats.last_progress
+
+    def snapshot(self) -> UplinkStats:
+        return replace(self.stats)
 
     def stop(self) -> None:
         """Finish the blocks in flight, publish "offline", disconnect."""
@@ -227,7 +249,7 @@ class Uplink:
                 self.stats.last_progress = time.monotonic()  # heartbeat: the forwarding loop is alive
                 if blocks:
                     continue
-                if self.session_interval and not pending:
+                if self.policy().session_interval and not pending:
                     return  # low power: drained, end the session
                 with contextlib.suppress(TimeoutError):  # a commit or a PUBACK sets wake
                     async with asyncio.timeout(1.0):

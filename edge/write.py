@@ -24,6 +24,7 @@ import math
 import struct
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from edge.config import Config, Device, Tag
@@ -108,8 +109,8 @@ def _check_expiry(expires: Any) -> None:
 class Commands:
     """Executes write commands on the running poller's lines; remembers results by command id."""
 
-    def __init__(self, poller: Poller) -> None:
-        self.poller = poller  # replaced on a config reload
+    def __init__(self, poller: Callable[[], Poller]) -> None:
+        self.poller = poller  # the running poller (a reload replaces it)
         self.results: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.executed = 0
         self.refused = 0
@@ -148,9 +149,10 @@ class Commands:
         return {"id": cmd["id"], "ok": True, "tag": name, "value": value}
 
     async def write(self, name: str, value: Any) -> None:
-        device, tag, low, high = find(self.poller.config, name)
+        poller = self.poller()
+        device, tag, low, high = find(poller.config, name)
         data = registers(tag, value, low, high)
-        line, runner = self.poller.line_of(device.name)
+        line, runner = poller.line_of(device.name)
         try:
             await line.write(runner, tag.table, tag.address, data)
         except ReadError as e:

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from edge.config import Store as StoreConfig
 from edge.reading import Reading
-from edge.store import Block, Store, key_of, parse_key
+from edge.store import Block, Store
+from edge.store.layout import key_of, parse_key
 
 BASE_NS = 1_790_000_000_000_000_000
 RATE = 5_000  # readings per second

@@ -3,15 +3,15 @@ the real-cgroup kill/restart path is in test_systemd.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from edge.app import Appliance
-from edge.config import parse
+from edge.config import Config, parse
 from edge.govern import Governor, Limits, in_schedule, read_limits
+from edge.poll.engine import Poller
 
 MIB = 1 << 20
 
@@ -61,9 +61,8 @@ class Script:
         return self.rss, self.t
 
 
-@pytest.fixture
-def app(tmp_path: Path) -> Any:
-    cfg = parse({
+def config_of(tmp_path: Path, factor: float = 10, commit: str = "60s") -> Config:
+    return parse({
         "appliance": {"id": "g", "state_dir": str(tmp_path)},
         "device": [{"name": "d", "host": "127.0.0.1", "port": 1,
                     "group": {"fast": {"interval": 0.1, "priority": 0},
@@ -72,20 +71,23 @@ def app(tmp_path: Path) -> Any:
                     "tag": [{"name": "a", "address": 0, "group": "fast"},
                             {"name": "b", "address": 1, "group": "slow"},
                             {"name": "c", "address": 2, "group": "trend"}]}],
-        "store": {"commit_interval": "1s", "low_power_commit_interval": "60s"},
+        "store": {"commit_interval": "1s", "low_power_commit_interval": commit},
         "governor": {"window": 5, "memory_soft": "64MiB", "memory_hard": "96MiB", "cpu_budget": 0.5,
                      "low_power": {"control_file": str(tmp_path / "low-power"), "on_battery": True,
-                                   "interval_factor": 10}},
+                                   "interval_factor": factor}},
     })
-    a = Appliance(cfg)
-    for line in a.poller.lines:
-        line.make_plan(0.0)
-    yield a
-    a.store.close()
 
 
-def stretches(app: Any) -> dict[str, float]:
-    return {group: s.stretch for line in app.poller.lines for s, _, group in line.plan}
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return config_of(tmp_path)
+
+
+PRIORITIES = {"fast": 0, "slow": 5, "trend": 2}
+
+
+def stretches(gov: Governor) -> dict[str, float]:
+    return {group: gov.current().stretch_for(p) for group, p in PRIORITIES.items()}
 
 
 def run(gov: Governor, ticks: int, t0: list[float]) -> None:
@@ -94,78 +96,107 @@ def run(gov: Governor, ticks: int, t0: list[float]) -> None:
         gov.step(t0[0])
 
 
-def test_memory_pressure_stretches_sheds_and_recovers(app: Any) -> None:
+def test_memory_pressure_stretches_sheds_and_recovers(config: Config) -> None:
     script, clock = Script(), [0.0]
-    gov = Governor(app, app.config.governor, limits=Limits(), sample=script, battery=lambda: False)
+    gov = Governor(config, limits=Limits(), sample=script, battery=lambda: False)
     run(gov, 5, clock)
-    assert gov.level == "normal" and stretches(app) == {"fast": 1.0, "slow": 1.0, "trend": 1.0}
+    assert gov.level == "normal" and stretches(gov) == {"fast": 1.0, "slow": 1.0, "trend": 1.0}
     script.rss = 70 * MIB  # above soft
+    asked = gov.current().commit_now
     run(gov, 5, clock)
     assert gov.level == "soft"
-    assert stretches(app) == {"fast": 1.0, "slow": 2.0, "trend": 2.0}  # priority 0 untouched
-    assert app.commit_now.is_set()  # the open window goes to flash now
+    assert stretches(gov) == {"fast": 1.0, "slow": 2.0, "trend": 2.0}  # priority 0 untouched
+    assert gov.current().commit_now > asked  # the open window goes to flash now
     run(gov, 5, clock)
-    assert stretches(app)["slow"] == 4.0
+    assert stretches(gov)["slow"] == 4.0
     script.rss = 100 * MIB  # above hard: the lowest priority (5) is stopped
     run(gov, 5, clock)
-    assert gov.level == "shed" and gov.shed_priority == 5 and stretches(app)["slow"] >= 1e6
+    assert gov.level == "shed" and gov.shed_priority == 5 and stretches(gov)["slow"] >= 1e6
     run(gov, 5, clock)
     assert gov.shed_priority == 2  # still above: the next level goes too, never priority 0
-    assert stretches(app)["fast"] == 1.0
+    assert stretches(gov)["fast"] == 1.0
     script.rss = 40 * MIB  # pressure gone: recover one step per window
     run(gov, 5, clock)
-    assert gov.shed_priority is None and stretches(app)["slow"] == 4.0
+    assert gov.shed_priority is None and stretches(gov)["slow"] == 4.0
     run(gov, 15, clock)
-    assert gov.level == "normal" and stretches(app) == {"fast": 1.0, "slow": 1.0, "trend": 1.0}
+    assert gov.level == "normal" and stretches(gov) == {"fast": 1.0, "slow": 1.0, "trend": 1.0}
 
 
-def test_a_single_noisy_sample_decides_nothing(app: Any) -> None:
+def test_a_single_noisy_sample_decides_nothing(config: Config) -> None:
     script, clock = Script(), [0.0]
-    gov = Governor(app, app.config.governor, limits=Limits(), sample=script, battery=lambda: False)
+    gov = Governor(config, limits=Limits(), sample=script, battery=lambda: False)
     for i in range(20):
         script.rss = 200 * MIB if i % 5 == 2 else 30 * MIB  # one spike in every window
         run(gov, 1, clock)
     assert gov.level == "normal" and gov.decisions == 0
 
 
-def test_cpu_budget_stretches_everything_then_relaxes(app: Any) -> None:
+def test_cpu_budget_stretches_everything_then_relaxes(config: Config) -> None:
     script, clock = Script(), [0.0]
-    gov = Governor(app, app.config.governor, limits=Limits(cpu_cores=2.0), sample=script,
-                   battery=lambda: False)
+    gov = Governor(config, limits=Limits(cpu_cores=2.0), sample=script, battery=lambda: False)
     script.cpu = 0.9  # 0.9 of a core against a budget of 0.5
     run(gov, 5, clock)
-    assert stretches(app)["fast"] == pytest.approx(1.8)
+    assert stretches(gov)["fast"] == pytest.approx(1.8)
     script.cpu = 0.1
     run(gov, 20, clock)
-    assert stretches(app)["fast"] == 1.0
+    assert stretches(gov)["fast"] == 1.0
 
 
-def test_limits_from_the_cgroup_when_not_configured(app: Any) -> None:
-    cfg = app.config.governor.__class__(cpu_budget=0.9)
-    gov = Governor(app, cfg, limits=Limits(100 * MIB, None, 0.25, "cgroup1"), sample=Script())
+def test_limits_from_the_cgroup_when_not_configured(config: Config) -> None:
+    config = dataclasses.replace(config, governor=config.governor.__class__(cpu_budget=0.9))
+    gov = Governor(config, limits=Limits(100 * MIB, None, 0.25, "cgroup1"), sample=Script())
     assert (gov.soft, gov.hard, gov.cpu_budget) == (60 * MIB, 85 * MIB, 0.25)
 
 
-def test_low_power_by_control_file_battery_and_signal(app: Any, tmp_path: Path) -> None:
+def test_low_power_by_control_file_battery_and_signal(config: Config, tmp_path: Path) -> None:
     script, clock, battery = Script(), [0.0], [False]
-    gov = Governor(app, app.config.governor, limits=Limits(), sample=script, battery=lambda: battery[0])
+    gov = Governor(config, limits=Limits(), sample=script, battery=lambda: battery[0])
     run(gov, 1, clock)
-    assert not gov.low_power and app.store.commit_interval == 1.0
+    p = gov.current()
+    assert not p.low_power and p.commit_interval == 1.0 and p.session_interval is None
     (tmp_path / "low-power").touch()
     run(gov, 1, clock)
-    assert gov.low_power and app.low_power
-    assert stretches(app) == {"fast": 10.0, "slow": 10.0, "trend": 10.0}
-    assert app.store.commit_interval == 60.0 and app.uplink.session_interval == 900.0
+    p = gov.current()
+    assert p.low_power and stretches(gov) == {"fast": 10.0, "slow": 10.0, "trend": 10.0}
+    assert p.commit_interval == 60.0 and p.session_interval == 900.0
     (tmp_path / "low-power").unlink()
     run(gov, 1, clock)
-    assert not gov.low_power and app.store.commit_interval == 1.0 and app.uplink.session_interval is None
+    p = gov.current()
+    assert not p.low_power and p.commit_interval == 1.0 and p.session_interval is None
     battery[0] = True
     run(gov, 1, clock)
-    assert gov.low_power
+    assert gov.current().low_power
     gov.toggle_low_power()  # SIGUSR2 overrides the automatic choice
-    assert not gov.low_power
+    assert not gov.current().low_power
     gov.toggle_low_power()
-    assert gov.low_power
+    assert gov.current().low_power
+
+
+def test_a_reload_keeps_low_power_and_applies_the_new_sections(config: Config, tmp_path: Path) -> None:
+    gov = Governor(config, limits=Limits(), sample=Script(), battery=lambda: False)
+    gov.toggle_low_power()  # SIGUSR2: on, whatever the automatic sources say
+    script_rss = Script()
+    script_rss.rss = 70 * MIB
+    gov.sample = script_rss
+    run(gov, 5, [0.0])
+    assert gov.level == "soft"
+    gov.reconfigure(config_of(tmp_path, factor=4, commit="45s"))
+    p = gov.current()
+    assert p.low_power and p.low_power_factor == 4.0 and p.commit_interval == 45.0
+    assert p.session_interval == 900.0 and p.memory_stretch == 2.0  # the memory level carried over too
+    assert gov.cfg.low_power.interval_factor == 4.0
+
+
+def test_the_poller_reads_the_policy_at_each_turn(config: Config) -> None:
+    """Stages are never pushed into: a line sets its schedules' stretches from the current policy."""
+    gov = Governor(config, limits=Limits(), sample=Script(), battery=lambda: False)
+    poller = Poller(config, lambda readings: None, gov.current)
+    (line,) = poller.lines
+    line.make_schedules(0.0)
+    gov.toggle_low_power()
+    line.steer(gov.current())
+    assert {s.group: s.schedule.stretch for s in line.schedules} == dict.fromkeys(PRIORITIES, 10.0)
+    poller.close()
 
 
 def test_schedule_windows() -> None:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from hypothesis import strategies as st
 
 from edge.app import Appliance
 from edge.config import load, parse
-from edge.reading import quality_name
+from edge.reading import quality_name, strict_json
 from edge.store import Block, dump, encode_block, inspect
 from edge.uplink import Payloads
 from tests.peers import Subscriber, free_port, make_ca, start_broker, start_sim, write_map
@@ -133,11 +136,19 @@ def test_payload_is_the_documented_json_whatever_the_block_size(n: int) -> None:
           for i in range(n)]
     block = Block(77, n, encode_block(rs))
     names = {t.id: t for t in tags}
-    rows = [{"device": names[t].device if t in names else "?", "tag": names[t].name if t in names else "?",
-             "unit": names[t].unit if t in names else "", "ts": ts, "value": v,
-             "quality": quality_name(q) if q else "good"} for t, ts, v, q in rs]
+    rows = [strict_json({"device": names[t].device if t in names else "?",
+                         "tag": names[t].name if t in names else "?",
+                         "unit": names[t].unit if t in names else "",
+                         "ts": ts, "value": v, "quality": quality_name(q) if q else "good"})
+            for t, ts, v, q in rs]
     expected = {"appliance": config.appliance.id, "seq": 77, "count": n, "readings": rows}
-    assert Payloads(config).encode(block) == json.dumps(expected, separators=(",", ":")).encode()
+    payload = Payloads(config).encode(block)
+    assert payload == json.dumps(expected, separators=(",", ":"), allow_nan=False).encode()
+    json.loads(payload, parse_constant=no_constant)  # strict JSON: NaN and Infinity are not numbers there
+
+
+def no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 @settings(max_examples=60, deadline=None)
@@ -313,10 +324,17 @@ def write_config(path: Path, cfg: dict[str, Any]) -> None:
     def value(v: Any) -> str:
         return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
 
-    lines = []
-    for section in ("appliance", "store", "uplink", "metrics"):
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {value(v)}" for k, v in cfg[section].items() if not isinstance(v, dict)]
+    def table(name: str, entries: dict[str, Any]) -> None:
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {value(v)}" for k, v in entries.items() if not isinstance(v, dict))
+        for k, v in entries.items():
+            if isinstance(v, dict):
+                table(f"{name}.{k}", v)
+
+    lines: list[str] = []
+    for section in ("appliance", "store", "uplink", "metrics", "governor"):
+        if section in cfg:
+            table(section, cfg[section])
     for d in cfg["device"]:
         lines.append("[[device]]")
         lines += [f"{k} = {value(v)}" for k, v in d.items() if k != "tag"]
@@ -366,6 +384,11 @@ def test_kill_9_during_a_backlog_drain_loses_nothing_committed(tmp_path: Path) -
     check_values_and_order(received(sub))
 
 
+COUNTERS = ("edge_uplink_acked_total", "edge_uplink_readings_delivered_total", "edge_uplink_connects_total",
+            "edge_device_requests_total", "edge_device_readings_total", "edge_poll_cycles_total",
+            "edge_store_readings_appended_total")
+
+
 def test_status_health_and_reload(tmp_path: Path) -> None:
     with device(tmp_path) as sim_port, start_broker(tmp_path / "mqtt") as broker:
         cfg = config_dict(tmp_path, sim_port, broker.port)
@@ -384,15 +407,216 @@ def test_status_health_and_reload(tmp_path: Path) -> None:
             assert out.returncode == 0, out.stderr
             assert "connected" in out.stdout and "pump" in out.stdout and " up " in out.stdout
             good = conf.read_text()
-            conf.write_text(good.replace('type = "float32"', 'type = "flaot32"'))
-            proc.send_signal(signal.SIGHUP)  # a bad config is refused, the running one kept
+            for refused, bad in enumerate((good.replace('type = "float32"', 'type = "flaot32"').encode(),
+                                           b'[appliance]\nid = "a\xffb"\n', b"x = " + b"[" * 3000), 1):
+                conf.write_bytes(bad)
+                proc.send_signal(signal.SIGHUP)  # a bad config is refused, the running one kept
+                wait_metric(mport, "edge_config_reloads_refused_total", lambda v, n=refused: v >= n)
             acked = metric(mport, "edge_uplink_acked_total")
             wait_metric(mport, "edge_uplink_acked_total", lambda v: v >= acked + 3)
+            before = {name: metric(mport, name) for name in COUNTERS}
             conf.write_text(good.replace('interval = "50ms"', 'interval = "20ms"'))
             proc.send_signal(signal.SIGHUP)
             wait_metric(mport, "edge_config_reloads_total", lambda v: v >= 1)
+            after = {name: metric(mport, name) for name in COUNTERS}
+            assert metric(mport, "edge_config_reloads_refused_total") == 3
         finally:
             code = stop(edge)
         log = edge.log
     assert code == 0, log
-    assert "reload refused" in log and 'unknown type "flaot32"' in log and "config reloaded" in log
+    assert all(after[k] >= before[k] > 0 for k in COUNTERS), (before, after)  # a reload resets no counter
+    assert log.count("reload refused") == 3 and 'unknown type "flaot32"' in log and "config reloaded" in log
+    assert "not UTF-8" in log and "nested too deeply" in log
+    assert "Traceback" not in log and "never retrieved" not in log
+
+
+def test_a_reload_in_low_power_keeps_every_low_power_setting(tmp_path: Path) -> None:
+    """SIGUSR2 turns low power on (a state held only in RAM); a SIGHUP with a changed [governor] section
+    keeps it on and applies the new section: poll stretch, commit window and uplink sessions."""
+    lp = {"on_battery": False, "interval_factor": 10, "uplink_session_interval": "600s"}
+    with device(tmp_path) as sim_port:
+        cfg = config_dict(tmp_path, sim_port, free_port())  # no broker: the uplink stays offline
+        cfg["store"]["low_power_commit_interval"] = "30s"
+        cfg["governor"] = {"low_power": lp}
+        conf = tmp_path / "config.toml"
+        write_config(conf, cfg)
+        edge = EdgeProcess(conf)
+
+        def settings(port: int) -> tuple[float, ...]:
+            return tuple(metric(port, name) for name in (
+                "edge_low_power", "edge_poll_stretch", "edge_store_commit_interval_seconds",
+                "edge_uplink_session_interval_seconds"))
+
+        try:
+            mport = edge.metrics_port()
+            assert settings(mport) == (0.0, 1.0, 0.2, 0.0)
+            edge.proc.send_signal(signal.SIGUSR2)
+            wait_metric(mport, "edge_low_power", lambda v: v == 1.0)
+            wait_metric(mport, "edge_poll_stretch", lambda v: v == 10.0)
+            wait_metric(mport, "edge_store_commit_interval_seconds", lambda v: v == 30.0)  # read each turn
+            assert settings(mport) == (1.0, 10.0, 30.0, 600.0)
+            cfg["store"]["low_power_commit_interval"] = "20s"
+            cfg["governor"]["low_power"] = {**lp, "interval_factor": 4, "uplink_session_interval": "300s"}
+            write_config(conf, cfg)
+            edge.proc.send_signal(signal.SIGHUP)
+            wait_metric(mport, "edge_config_reloads_total", lambda v: v >= 1)
+            wait_metric(mport, "edge_poll_stretch", lambda v: v == 4.0)
+            wait_metric(mport, "edge_store_commit_interval_seconds", lambda v: v == 20.0)
+            assert settings(mport) == (1.0, 4.0, 20.0, 300.0)
+            edge.proc.send_signal(signal.SIGUSR2)  # and off again, from the new section's normal values
+            wait_metric(mport, "edge_low_power", lambda v: v == 0.0)
+            wait_metric(mport, "edge_store_commit_interval_seconds", lambda v: v == 0.2)
+            assert settings(mport) == (0.0, 1.0, 0.2, 0.0)
+        finally:
+            assert stop(edge) == 0, edge.log
+
+
+class Squatter:
+    """Another program on the metrics port: answers every request with a page that is not metrics."""
+
+    def __init__(self, port: int) -> None:
+        class Page(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"hello from another program\n")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", port), Page)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_taken_metrics_port_stops_nothing_and_is_retried(tmp_path: Path) -> None:
+    with device(tmp_path) as sim_port, start_broker(tmp_path / "mqtt") as broker:
+        cfg = config_dict(tmp_path, sim_port, broker.port)
+        cfg["metrics"]["port"] = mport = free_port()
+        conf = tmp_path / "config.toml"
+        write_config(conf, cfg)
+        squatter = Squatter(mport)
+        sub = Subscriber(broker.port, "edge/t1/data")
+        edge = EdgeProcess(conf)
+        try:
+            sub.wait(lambda s: len(blocks_received(s)) >= 5)  # polling, storing, forwarding go on
+            assert "cannot listen on 127.0.0.1" in edge.log and edge.proc.poll() is None
+            out = subprocess.run([sys.executable, "-m", "edge", "status", "--config", str(conf)], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=30, check=False)
+            assert out.returncode == 1 and "something else answers" in out.stderr, out
+            squatter.close()
+            assert edge.metrics_port(timeout=90) == mport  # bound on a retry
+            wait_metric(mport, "edge_uplink_acked_total", lambda v: v >= 5)
+        finally:
+            squatter.close()
+            code = stop(edge)
+            sub.close()
+    assert code == 0, edge.log
+    errors = [line for line in edge.log.splitlines() if "cannot listen" in line]
+    assert len(errors) == 1 and "ERROR" in errors[0], errors  # one line for the episode
+    assert "after" in next(line for line in edge.log.splitlines() if "/metrics" in line)
+
+
+# ------------------------------------------------------------------------------ issue: every reading arrives
+
+STOPPED = re.compile(r"stopped: (\d+) readings polled, (\d+) stored, (\d+) delivered, (\d+) in the store's "
+                     r"backlog, (\d+) dropped")
+HEAD = re.compile(rb'\{"appliance":"[^"]*","seq":(\d+),"count":(\d+)')
+
+
+def blocks_received(sub: Subscriber) -> dict[int, int]:
+    """seq -> reading count of the data messages received, read from each message's head only."""
+    with sub.cond:
+        heads = [HEAD.match(p) for t, p in sub.messages if t.endswith("/data")]
+    return {int(m[1]): int(m[2]) for m in heads if m}
+
+
+def test_every_poll_cycle_of_every_tag_arrives_through_edge_run(tmp_path: Path) -> None:
+    """Many tags on short poll and commit intervals (commits in their worker thread beside polling, all
+    the time): after a clean stop, the readings at the broker plus those still in the store are exactly
+    the readings polled, and every tag of a device has one for each of the device's poll cycles."""
+    tags = [{"name": f"r{a}", "address": a, "type": "uint16"} for a in range(150)]
+    write_map(tmp_path / "map.toml", [{"id": u, "points": [
+        {"table": "holding", "address": a, "type": "uint16", "wave": "counter", "step": 1.0}
+        for a in range(150)]} for u in (1, 2)])
+    with start_sim(tmp_path / "map.toml") as sim, start_broker(tmp_path / "mqtt") as broker:
+        assert sim.port is not None
+        cfg = config_dict(tmp_path, sim.port, broker.port)
+        cfg["device"] = [{"name": f"dev{u}", "host": "127.0.0.1", "port": sim.port, "unit": u,
+                          "interval": "20ms", "timeout": "500ms", "tag": tags} for u in (1, 2)]
+        cfg["store"]["commit_interval"] = "10ms"
+        conf = tmp_path / "config.toml"
+        write_config(conf, cfg)
+        sub = Subscriber(broker.port, "edge/t1/data")
+        edge = EdgeProcess(conf)
+        try:
+            mport = edge.metrics_port()
+            wait_metric(mport, "edge_store_readings_appended_total", lambda v: v >= 40_000, timeout=90)
+            wait_metric(mport, "edge_store_commits_total", lambda v: v >= 100)
+        finally:
+            assert stop(edge) == 0, edge.log[-3000:]
+        found = STOPPED.search(edge.log)
+        assert found, edge.log[-3000:]
+        polled, stored, delivered, backlog, dropped = map(int, found.groups())
+        sub.wait(lambda s: sum(blocks_received(s).values()) >= delivered, timeout=60)
+        sub.close()
+    assert polled == stored == delivered + backlog and dropped == 0
+    msgs = received(sub)
+    rows = [(r["device"], r["tag"], r["ts"]) for m in msgs.values() for r in m["readings"]]
+    rows += [(d, n, ts) for d, n, ts in dumped(tmp_path / "state" / "store", conf)]
+    assert len(rows) == polled
+    for device in ("dev1", "dev2"):
+        per_tag = Counter(tag for d, tag, _ in rows if d == device)
+        assert len(per_tag) == 150 and len(set(per_tag.values())) == 1, per_tag.most_common(3)
+        stamps = {tag: {ts for d, t, ts in rows if d == device and t == tag} for tag in ("r0", "r124")}
+        assert len(stamps["r0"]) == per_tag["r0"]  # one reading per cycle, no cycle twice
+
+
+def dumped(store: Path, conf: Path) -> list[tuple[str, str, int]]:
+    """(device, tag, ts) of the readings left in the store (its backlog after the stop)."""
+    names = {t.id: (d.name, t.name) for d in load(conf).devices for t in d.tags}
+    return [(*names[tag], ts) for _, rs in dump(store, 64 << 20, 0, 10**6) for tag, ts, _, _ in rs]
+
+
+def no_nan(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def test_nan_and_infinity_travel_as_strict_json(tmp_path: Path) -> None:
+    points = [{"table": "holding", "address": 2 * i, "type": "float32", "value": v}
+              for i, v in enumerate([math.nan, math.inf, -math.inf, 1.5])]
+    write_map(tmp_path / "map.toml", [{"id": 1, "points": points}])
+    names = ["nan", "up", "down", "ok"]
+    tags = [{"name": n, "address": 2 * i, "type": "float32"} for i, n in enumerate(names)]
+    with start_sim(tmp_path / "map.toml") as sim, start_broker(tmp_path / "mqtt") as broker:
+        assert sim.port is not None
+        cfg = config_dict(tmp_path, sim.port, broker.port)
+        cfg["device"][0]["tag"] = tags
+        sub = Subscriber(broker.port, "edge/t1/data")
+
+        async def body(app: Appliance) -> None:
+            await until(lambda: app.store.counters.blocks_forwarded >= 2)
+
+        run_app(cfg, body)
+        sub.wait(lambda s: len(blocks_received(s)) >= 2)
+        sub.close()
+        conf = tmp_path / "config.toml"
+        write_config(conf, cfg)
+        polled = subprocess.run([sys.executable, "-m", "edge", "poll", str(conf), "--json"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60, check=False)
+    with sub.cond:
+        payloads = [p for t, p in sub.messages if t.endswith("/data")]
+    seen = {}
+    for payload in payloads:
+        for r in json.loads(payload, parse_constant=no_nan)["readings"]:
+            seen[r["tag"]] = (r["value"], r.get("nonfinite"), r["quality"])
+    assert seen == {"nan": (None, "nan", "good"), "up": (None, "inf", "good"),
+                    "down": (None, "-inf", "good"), "ok": (1.5, None, "good")}
+    assert polled.returncode == 0, polled.stderr
+    lines = [json.loads(line, parse_constant=no_nan) for line in polled.stdout.splitlines()]
+    assert {r["tag"]: (r["value"], r.get("nonfinite")) for r in lines} == {
+        "nan": (None, "nan"), "up": (None, "inf"), "down": (None, "-inf"), "ok": (1.5, None)}

@@ -134,7 +134,7 @@ def test_one_dead_device_does_not_slow_the_other(tmp_path: Path) -> None:
             dead_q = {r[3] for r in sink.readings if r[0] == tag_id(cfg, "dead", "a")}
             assert dead_q and GOOD not in dead_q
             live_line = next(line for line in poller.lines if line.runners[0].device.name == "live")
-            sched = live_line.plan[0][0]
+            sched = live_line.schedules[0].schedule
             assert sched.overruns == 0 and sched.cycles >= 30
             assert sched.jitter_max < 0.05, sched
         asyncio.run(body())

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,8 +20,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from edge.config import Store as StoreConfig
+from edge.policy import Policy
 from edge.reading import Reading
-from edge.store import MAX_VALUE, Store, Window, decode_block, encode_block, parse_key, queue_items
+from edge.store import Store, decode_block, encode_block
+from edge.store.block import Window
+from edge.store.layout import MAX_VALUE, parse_key, queue_items
 
 T0 = 1_790_000_000_000_000_000
 
@@ -71,19 +78,21 @@ def test_a_window_holds_values_encoded_and_cuts_them_anywhere(values: list[objec
     for n in [*chunks, len(rs)]:  # appended as the poller does: a request's readings at a time
         w.extend(rs[at:at + n])
         at += len(rs[at:at + n])
-    assert len(w) == len(rs) and w.values() == values
+    b = w.seal()
+    assert len(w) == len(b) == len(rs) and b.values() == values
     i = data.draw(st.integers(0, len(rs)))
     j = data.draw(st.integers(i, len(rs)))
-    assert w.slice(i, j).values() == values[i:j]
+    assert b.slice(i, j).values() == values[i:j]
     if j > i:
-        assert decode_block(encode_block(w.slice(i, j))) == rs[i:j]
-    rest = w.slice(0, len(rs))
+        assert decode_block(encode_block(b.slice(i, j))) == rs[i:j]
+    rest = Window()
+    rest.prepend(b)
     rest.drop_oldest(i)
-    assert rest.values() == values[i:]
-    rest.prepend(w.slice(0, i))
-    assert rest.values() == values
+    assert rest.seal().values() == values[i:]
+    rest.prepend(b.slice(0, i))  # a failed commit's readings go back in front
+    assert rest.seal() == b
     if rs:
-        assert decode_block(encode_block(rest)) == rs
+        assert decode_block(encode_block(rest.seal())) == rs
 
 
 def test_one_transaction_per_window_and_blocks_fit_a_page(tmp_path: Path) -> None:
@@ -99,14 +108,40 @@ def test_one_transaction_per_window_and_blocks_fit_a_page(tmp_path: Path) -> Non
     s.close()
 
 
-def test_due_by_time_and_by_bytes(tmp_path: Path) -> None:
+def test_the_commit_loop_commits_by_time_by_bytes_and_when_the_policy_asks(tmp_path: Path) -> None:
     s = Store(cfg(tmp_path, commit_interval=1.0, commit_bytes=21 * 1000), "a")
-    now = s.window_start
-    assert not s.due(now + 5)  # nothing to write
-    s.add(readings(10))
-    assert not s.due(now + 0.5) and s.due(now + 1.0)
-    s.add(readings(990, 10))
-    assert s.due(now + 0.1)  # 1,000 readings of 21 B reach commit_bytes before the window ends
+    policy = [Policy(commit_interval=0.2)]
+    commits: list[float] = []
+
+    async def main() -> None:
+        committed = asyncio.Event()
+
+        def on_commit() -> None:
+            commits.append(time.monotonic())
+            committed.set()
+
+        loop = asyncio.create_task(s.run(lambda: policy[0], on_commit))
+        try:
+            t0 = time.monotonic()
+            s.add(readings(10))
+            await asyncio.wait_for(committed.wait(), 5)  # by time: the policy's 0.2 s window
+            assert 0.1 <= commits[0] - t0 < 1.0
+            policy[0] = Policy(commit_interval=3600.0)  # read at the next turn of the loop
+            await asyncio.sleep(1.2)  # the window it was waiting for passes: no commit without a reason
+            committed.clear()
+            s.add(readings(1000, 10))  # 1,000 readings of 21 B reach commit_bytes long before the window
+            await asyncio.wait_for(committed.wait(), 5)
+            assert s.snapshot().commit_interval == 3600.0
+            committed.clear()
+            s.add(readings(5, 2000))
+            policy[0] = Policy(commit_interval=3600.0, commit_now=1)  # the governor: commit the window now
+            await asyncio.wait_for(committed.wait(), 5)
+        finally:
+            loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+    asyncio.run(main())
+    assert len(commits) == 3 and s.counters.backlog_readings == 1015
     s.close()
 
 
@@ -194,7 +229,7 @@ def test_counters_and_backlog_survive_reopen(tmp_path: Path) -> None:
     s = Store(cfg(tmp_path), "a")
     c = s.counters
     assert (c.backlog_blocks, c.backlog_readings, c.blocks_rejected, c.readings_rejected) == (2, 200, 1, 100)
-    assert s.oldest_ts() == T0 + 100 * 1_000_000
+    assert s.snapshot().oldest_ts == T0 + 100 * 1_000_000
     s.close()
 
 
@@ -220,6 +255,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.pending: list[Reading] = []  # added, not committed
         self.flying: list = []
         self.accepted_seqs: set[int] = set()
+        self.accepted_uncommitted = False
 
     @rule(n=st.integers(1, 400))
     def add(self, n: int) -> None:
@@ -233,6 +269,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.commit()
         self.committed.extend(self.pending)
         self.pending = []
+        self.accepted_uncommitted = False
 
     @rule(n=st.integers(1, 5))
     def take(self, n: int) -> None:
@@ -247,6 +284,7 @@ class StoreMachine(RuleBasedStateMachine):
         b = self.flying.pop(data.draw(st.integers(0, len(self.flying) - 1)))
         if data.draw(st.booleans()):
             self.store.accept([b])
+            self.accepted_uncommitted = True
             self.accepted_seqs.add(b.seq)
             for r in b.readings():
                 self.committed.remove(r)
@@ -259,12 +297,13 @@ class StoreMachine(RuleBasedStateMachine):
         self.committed.extend(self.pending)
         self.pending = []
         self.flying = []
+        self.accepted_uncommitted = False
         self.store = Store(cfg(self.dir), "m")
 
     @invariant()
     def backlog_counts(self) -> None:
         c = self.store.counters
-        if not self.pending and not self.store.acked and not self.flying:
+        if not self.pending and not self.accepted_uncommitted and not self.flying:
             assert c.backlog_readings == len(self.committed)
 
     def teardown(self) -> None:
@@ -324,13 +363,13 @@ def test_blocks_being_deleted_are_not_taken_again_during_the_commit(tmp_path: Pa
     s.accept([first])
     s.keep([second])
     seen_during: list[int] = []
-    inner = s._commit_batch
+    inner = s._write
 
-    def commit_batch(*args: object) -> int:
+    def write(sealed: Any) -> Any:
         seen_during.extend(b.seq for b in s.take(10))  # what a concurrent take() sees mid-commit
-        return inner(*args)  # type: ignore[arg-type]
+        return inner(sealed)
 
-    s._commit_batch = commit_batch  # type: ignore[method-assign]
+    s._write = write  # type: ignore[method-assign]
     s.commit()
     assert seen_during == [second.seq]
     s.close()

@@ -19,7 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from edge.store import CRASHED_OPENS, MARKER, Store, block_intact, decode_block, parse_key, queue_items
+from edge.store import Store, decode_block
+from edge.store.block import block_intact
+from edge.store.layout import parse_key, queue_items
+from edge.store.recovery import CRASHED_OPENS, MARKER
 from tests.store_writer import APPLIANCE, config, reading
 
 ROOT = Path(__file__).resolve().parent.parent

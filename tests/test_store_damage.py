@@ -27,9 +27,12 @@ from pathlib import Path
 import lmdb
 import pytest
 
-import edge.store
+import edge.store.recovery
 from edge.config import Store as StoreConfig
-from edge.store import CRASHED_OPENS, HEADER, MARKER, Store, key_of
+from edge.store import Store
+from edge.store.block import HEADER
+from edge.store.layout import key_of, parse_key, queue_items
+from edge.store.recovery import CRASHED_OPENS, MARKER
 from tests.store_writer import noisy_reading
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +56,8 @@ import dataclasses, hashlib, json, logging, sys
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 from edge.config import Store as StoreConfig
-from edge.store import Store, parse_key
+from edge.store import Store
+from edge.store.layout import parse_key
 path, map_size, mode = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 store = Store(StoreConfig(path=path, map_size=map_size), "damage-test")
 out = {"next_seq": store.next_seq}
@@ -90,9 +94,7 @@ else:
     out["roundtrip"] = got == rs
     out["new_seqs"] = seqs
     out["backlog_after"] = store.counters.backlog_blocks
-c = dataclasses.asdict(store.counters)
-c.pop("persisted")
-out["counters"] = c
+out["counters"] = dataclasses.asdict(store.counters)
 store.close()
 print(json.dumps(out))
 """
@@ -117,8 +119,8 @@ class Template:
         self.values: dict[int, bytes] = {}
         i = 0
         with store.env.begin() as txn:
-            for key, value in edge.store.queue_items(txn):
-                seq, n = edge.store.parse_key(key)
+            for key, value in queue_items(txn):
+                seq, n = parse_key(key)
                 self.blocks[seq] = (n, i)
                 self.values[seq] = bytes(value)
                 i += n
@@ -514,7 +516,7 @@ def small_store(tmp_path: Path) -> Store:
 
 def present(store: Store) -> int:
     with store.env.begin() as txn:
-        return sum(1 for _ in edge.store.queue_items(txn))
+        return sum(1 for _ in queue_items(txn))
 
 
 def test_recover_moves_aside_and_continues(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -559,7 +561,7 @@ def test_backlog_stays_exact_when_blocks_in_flight_survive_a_recovery(tmp_path: 
 
 
 def test_two_recoveries_in_the_same_second(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(edge.store.time, "strftime", lambda fmt, *a: "20300101T000000")
+    monkeypatch.setattr(edge.store.recovery.time, "strftime", lambda fmt, *a: "20300101T000000")
     store = small_store(tmp_path)
     try:
         store.recover("first")

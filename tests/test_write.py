@@ -70,7 +70,7 @@ def test_writes_land_every_refusal_is_reported_and_a_duplicate_runs_once(tmp_pat
             sink = Collector()
             poller = Poller(cfg, sink)
             task = asyncio.create_task(poller.run())  # polling goes on while writes take their turn
-            commands = Commands(poller)
+            commands = Commands(lambda: poller)
             out = {}
             try:
                 await sink.until(lambda rs: len(rs) >= 4)
@@ -190,7 +190,7 @@ def test_writes_on_a_shared_rtu_bus_do_not_disturb_its_polls(tmp_path: Path) -> 
             sink = Collector()
             poller = Poller(cfg, sink)
             task = asyncio.create_task(poller.run())
-            commands = Commands(poller)
+            commands = Commands(lambda: poller)
             try:
                 await sink.until(lambda rs: len(rs) >= 8)
                 results = [await commands.handle(cmd(f"b{i}", "u2/w", i)) for i in range(1, 21)]

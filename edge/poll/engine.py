@@ -18,6 +18,12 @@ Failure handling, per request (see health.py for the timeout and breaker):
 
 A failure is logged once (WARNING) per device and kind, then at DEBUG until the device recovers, which
 is logged once (INFO): flash and journal are precious.
+
+Steering: each line reads the governor's current policy (edge.policy) at every turn of its loop and,
+when it changed, sets the stretch of each of its schedules from the group's priority. A poller built by
+a reload takes over the counters of the one it replaces (device statistics, cycle counts by device and
+group), so metrics keep counting up. Everything here runs on the event loop; observers get copies
+(Poller.snapshot()).
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ from array import array
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import repeat
+from typing import NamedTuple
 
 from edge.config import Bus, Config, Device
+from edge.policy import Policy, normal
 from edge.poll.health import Breaker, LatencyFilter, backoff
 from edge.poll.plan import Request, make_request, plan_device
 from edge.poll.schedule import Schedule
@@ -52,6 +60,8 @@ from edge.reading import (
 log = logging.getLogger("edge.poll")
 
 Sink = Callable[[list[Reading]], None]
+PolicySource = Callable[[], Policy]
+Carried = dict[tuple[str, str], Schedule]  # (device, group) -> the schedule a reload replaces
 
 BUSY = (EXCEPTION | 5, EXCEPTION | 6)
 ILLEGAL_ADDRESS = EXCEPTION | 2
@@ -91,17 +101,20 @@ class DeviceStats:
     latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
     up: bool = True
 
+    def copy(self) -> DeviceStats:
+        return replace(self, errors=Counter(self.errors), latency_buckets=list(self.latency_buckets))
+
 
 class DeviceRunner:
     """State of one device: its jobs, latency filter, breaker, deadband memory and stats."""
 
-    def __init__(self, device: Device, bus: Bus | None) -> None:
+    def __init__(self, device: Device, bus: Bus | None, stats: DeviceStats | None = None) -> None:
         self.device = device
         self.bus = bus
         self.jobs = {g: [Job.of(r, g) for r in reqs] for g, reqs in plan_device(device).items()}
         self.filter = LatencyFilter(cap=device.timeout)
         self.breaker = Breaker()
-        self.stats = DeviceStats()
+        self.stats = stats or DeviceStats()
         self.last_kept: dict[int, tuple[float, int]] = {}  # tag id -> (value, timestamp ns) last stored
         self.last_end = 0.0
         self.reported: set[str] = set()
@@ -154,14 +167,44 @@ def bad(job: Job, quality: int) -> list[Reading]:
     return list(zip(job.ids, repeat(time.time_ns()), repeat(None), repeat(quality), strict=False))
 
 
+class Scheduled(NamedTuple):
+    """A poll group of a device on its deadline schedule."""
+
+    schedule: Schedule
+    runner: DeviceRunner
+    group: str
+    priority: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSnapshot:
+    device: str
+    group: str
+    interval: float  # configured, seconds
+    stretch: float  # in force
+    cycles: int
+    overruns: int
+    jitter_sum: float
+    jitter_max: float
+
+
+@dataclass(frozen=True, slots=True)
+class PollSnapshot:
+    devices: tuple[tuple[str, DeviceStats], ...]  # (name, a copy of its statistics)
+    groups: tuple[GroupSnapshot, ...]
+
+
 class Line:
     """One link and the devices behind it, polled in turn."""
 
-    def __init__(self, link: Link, runners: list[DeviceRunner], frame_gap: float, sink: Sink) -> None:
+    def __init__(self, link: Link, runners: list[DeviceRunner], frame_gap: float, sink: Sink, *,
+                 policy: PolicySource = normal, carried: Carried | None = None) -> None:
         self.link = link
         self.runners = runners
         self.frame_gap = frame_gap
         self.sink = sink
+        self.policy = policy
+        self.carried = carried or {}  # schedules of the poller this one replaces, for their counters
         self.lock = asyncio.Lock()
         self.last_end = 0.0
         self.connect_failures = 0
@@ -170,30 +213,44 @@ class Line:
         self.last_cycle = time.monotonic()
         self.beat = time.monotonic()  # heartbeat: the loop is alive (sleeping in <= 1 s steps, or working)
         self.started = asyncio.Event()
-        self.plan: list[tuple[Schedule, DeviceRunner, str]] = []  # set when run() starts
+        self.schedules: list[Scheduled] = []  # set when run() starts
 
     @property
     def name(self) -> str:
         return self.link.name
 
-    def make_plan(self, start: float) -> list[tuple[Schedule, DeviceRunner, str]]:
+    def make_schedules(self, start: float) -> list[Scheduled]:
         """A deadline schedule per device and poll group, all starting at `start`."""
-        self.plan = [(Schedule(g.interval, start), r, g.name) for r in self.runners for g in r.device.groups
-                     if g.name in r.jobs]
-        return self.plan
+        self.schedules = []
+        for r in self.runners:
+            for g in r.device.groups:
+                if g.name in r.jobs:
+                    sched = Schedule(g.interval, start)
+                    sched.carry(self.carried.get((r.device.name, g.name)))
+                    self.schedules.append(Scheduled(sched, r, g.name, g.priority))
+        self.carried = {}
+        return self.schedules
+
+    def steer(self, policy: Policy) -> None:
+        for s in self.schedules:
+            s.schedule.set_stretch(policy.stretch_for(s.priority))
 
     async def run(self) -> None:
         """Poll forever on deadlines; cancelled to stop."""
-        plan = self.make_plan(time.monotonic())
-        if not plan:
+        schedules = self.make_schedules(time.monotonic())
+        if not schedules:
             self.started.set()
             return
         me = asyncio.current_task()
+        steered: Policy | None = None
         try:
             while True:
                 if me is not None and me.cancelling():  # a cancel a library swallowed still stops us
                     raise asyncio.CancelledError
-                sched, runner, group = min(plan, key=lambda p: p[0].deadline)
+                if (policy := self.policy()) is not steered:
+                    self.steer(policy)
+                    steered = policy
+                sched, runner, group, _ = min(schedules, key=lambda s: s.schedule.deadline)
                 delay = sched.deadline - time.monotonic()
                 if delay > 0:
                     self.beat = time.monotonic()
@@ -381,18 +438,29 @@ class Line:
 
 
 class Poller:
-    """Every line of a config, each in its own named task."""
+    """Every line of a config, each in its own named task. `previous`: the poller this one replaces (a
+    reload), stopped: its counters carry over."""
 
-    def __init__(self, config: Config, sink: Sink) -> None:
+    def __init__(self, config: Config, sink: Sink, policy: PolicySource = normal,
+                 previous: Poller | None = None) -> None:
         self.config = config
         self.lines: list[Line] = []
+        stats = {r.device.name: r.stats for r in previous.runners} if previous else {}
+        carried = {(s.runner.device.name, s.group): s.schedule for line in previous.lines
+                   for s in line.schedules} if previous else {}
+
+        def runner(d: Device, bus: Bus | None) -> DeviceRunner:
+            return DeviceRunner(d, bus, stats.get(d.name))
+
         for bus in config.buses:
-            runners = [DeviceRunner(d, bus) for d in config.devices if d.bus == bus.name]
+            runners = [runner(d, bus) for d in config.devices if d.bus == bus.name]
             if runners:
-                self.lines.append(Line(serial_link(bus), runners, bus.frame_gap, sink))
+                self.lines.append(Line(serial_link(bus), runners, bus.frame_gap, sink, policy=policy,
+                                       carried=carried))
         for d in config.devices:
             if d.host is not None:
-                self.lines.append(Line(tcp_link(d), [DeviceRunner(d, None)], 0.0, sink))
+                self.lines.append(Line(tcp_link(d), [runner(d, None)], 0.0, sink, policy=policy,
+                                       carried=carried))
 
     @property
     def runners(self) -> list[DeviceRunner]:
@@ -423,11 +491,22 @@ class Poller:
         for line in self.lines:
             line.link.close()
 
+    def progress(self) -> float:
+        """The poll stage's heartbeat (monotonic): the oldest beat of its running lines."""
+        return min((line.beat for line in self.lines if line.schedules), default=time.monotonic())
+
+    def snapshot(self) -> PollSnapshot:
+        return PollSnapshot(
+            tuple((r.device.name, r.stats.copy()) for r in self.runners),
+            tuple(GroupSnapshot(s.runner.device.name, s.group, s.schedule.interval, s.schedule.stretch,
+                                s.schedule.cycles, s.schedule.overruns, s.schedule.jitter_sum,
+                                s.schedule.jitter_max) for line in self.lines for s in line.schedules))
+
     def summary(self) -> list[str]:
         """One line per device and poll group: requests, errors, cycles, overruns, jitter."""
         out = []
         for line in self.lines:
-            for sched, r, group in line.plan:
+            for sched, r, group, _ in line.schedules:
                 st = r.stats
                 errors = ", ".join(f"{k} {v}" for k, v in sorted(st.errors.items())) or "no errors"
                 jitter = sched.jitter_sum / sched.cycles if sched.cycles else 0.0

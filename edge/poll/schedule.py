@@ -57,6 +57,12 @@ class Schedule:
         self.overruns += behind
         return behind
 
+    def carry(self, old: Schedule | None) -> None:
+        """Continue the counters of the schedule this one replaces (a reload)."""
+        if old is not None:
+            self.cycles, self.overruns = old.cycles, old.overruns
+            self.jitter_sum, self.jitter_max = old.jitter_sum, old.jitter_max
+
     def set_stretch(self, stretch: float) -> None:
         if stretch != self.stretch:
             self.start, self.k, self.stretch = self.deadline, 0, stretch

@@ -1,0 +1,629 @@
+"""The store-and-forward queue: readings in, blocks out, deleted only after the broker acknowledged them.
+
+Readings are buffered in RAM for one commit window (the policy's commit interval: [store]
+commit_interval, default 1 s, low_power_commit_interval in low-power mode; or until commit_bytes of raw
+readings are waiting), then packed into blocks (edge.store.block) and appended in ONE write transaction
+(edge.store.layout): never one transaction per reading. The forwarder takes the oldest blocks; they
+leave the store only when the uplink accepted them (at-least-once). Acknowledged blocks are deleted
+inside the next append transaction (one flush instead of two).
+
+Threads. The store owns its state; one lock, `_lock`, guards all of it that lives in RAM (the open
+window, blocks in flight, acknowledged and refused blocks waiting for the next commit, counters, the
+environment handle) and is held only for short steps: add(), take() (a read transaction),
+accept/reject/keep, snapshot(), and the two ends of a commit. A commit is three steps:
+
+    seal     (_lock)       the open window is swapped for an empty one and sealed (edge.store.block.Batch,
+                           bytes), with the acknowledged and refused blocks: one immutable Sealed value
+    write    (no lock)     the write transaction, from the Sealed value alone, in a worker thread
+                           (asyncio.to_thread from run()): returns an immutable Written value
+    settle   (_lock)       the Written value is applied: counters, next sequence number, blocks in flight;
+                           if the commit failed, the sealed readings go back in front of the window
+
+Commits run one at a time (_commit_lock, also held by recovery and close). The worker thread touches
+only the Sealed value, the environment (LMDB allows one writer beside any number of readers) and what
+belongs to the commit alone (the compressor, the block-size estimate, the map's address). The
+environment is replaced (recovery) only with both locks held, so never under a running transaction.
+Damage found by take() is noted and recovered from at the next commit.
+
+Full store: before appending, if pages in use would pass high_watermark (80 %) of map_size, the oldest
+blocks (not in flight, not being settled) are dropped, inside the same transaction, down to
+low_watermark (70 %): counted exactly (blocks and readings, persisted in meta), logged once. Refused
+blocks kept in `rejected` may use 10 % of the map; beyond that the oldest of them are dropped first
+(counted in rejected_trimmed). If the file system refuses a commit (full, I/O error), the readings stay
+in RAM (bounded: beyond max_buffer the oldest are dropped and counted) and the oldest 10 % of blocks are
+dropped in a transaction of their own to make room.
+
+Mapped pages: LMDB reads through a shared read-only map of the file, and the kernel maps the cached
+pages around each page read (fault-around), among them those each commit has just written, so RSS would
+grow with the backlog. After each commit the store drops its page-table entries of the map (madvise
+MADV_DONTNEED): the pages stay in the page cache, unmapped; pages still in use fault back in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import mmap
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import zstandard
+
+from edge.config import Store as StoreConfig
+from edge.policy import Policy, normal
+from edge.reading import Reading
+from edge.store.block import (
+    EMPTY,
+    ZSTD,
+    Batch,
+    StoreDamaged,
+    Window,
+    block_header,
+    block_intact,
+    encode_block,
+)
+from edge.store.layout import (
+    FIRST_KEY,
+    MAX_VALUE,
+    U64,
+    Block,
+    key_of,
+    pages_of,
+    pages_used,
+    parse_key,
+    queue_items,
+)
+from edge.store.recovery import CRASHED_OPENS, PERSISTED, Files, Opened, move_aside, oldest_ts, open_checked
+
+log = logging.getLogger("edge.store")
+
+READING_BYTES = 21  # u32 + u64 + f64 + u8: the raw size used for commit_bytes and ratios
+REJECTED_SHARE = 0.1  # refused blocks kept for inspection may use this share of the map
+DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, StoreDamaged, struct.error)
+REFUSED = (lmdb.MapFullError, lmdb.DiskError, lmdb.Error, OSError)  # after DAMAGE: the file system said no
+
+
+@dataclass
+class Counters:
+    readings_appended: int = 0
+    blocks_committed: int = 0
+    commits: int = 0
+    commit_seconds: float = 0.0
+    blocks_forwarded: int = 0
+    readings_forwarded: int = 0
+    blocks_rejected: int = 0  # persisted totals (recovery.PERSISTED) from here ...
+    readings_rejected: int = 0
+    blocks_dropped: int = 0
+    readings_dropped: int = 0
+    recoveries: int = 0
+    rejected_trimmed: int = 0  # ... to here
+    commit_failures: int = 0
+    backlog_blocks: int = 0
+    backlog_readings: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSnapshot:
+    """What observers (metrics, status, the governor's log) see of the store: a copy."""
+
+    counters: Counters
+    oldest_ts: int | None  # ns, the oldest stored reading
+    commit_interval: float  # in force
+    window_readings: int  # waiting in RAM for the next commit
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """One commit's input, handed to the worker thread: nothing in it changes."""
+
+    batch: Batch
+    acked: tuple[Block, ...]
+    rejecting: tuple[tuple[Block, str], ...]
+    protected: frozenset[int]  # in flight or being settled: never dropped by the watermark
+    next_seq: int
+    totals: tuple[tuple[str, int], ...]  # the persisted counters at sealing
+
+    def __bool__(self) -> bool:
+        return bool(self.batch or self.acked or self.rejecting)
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """One commit's outcome, handed back to the owner."""
+
+    appended: tuple[int, ...] = ()  # readings in each appended block
+    next_seq: int = 0
+    moved_blocks: int = 0  # refused blocks moved to `rejected`
+    moved_readings: int = 0
+    trimmed: int = 0  # refused blocks dropped to keep room
+    dropped: tuple[int, ...] = ()  # sequence numbers of the blocks dropped (watermark or failure)
+    dropped_readings: int = 0
+    oldest_ts: int | None = None
+    seconds: float = 0.0
+    error: str | None = None  # the file system refused the commit: nothing of it was written
+    damage: str | None = None  # the store is damaged: recover
+    notes: tuple[str, ...] = field(default=())  # warnings for the owner to log once
+
+
+class Store:
+    """The queue (threading model: module docstring)."""
+
+    def __init__(self, cfg: StoreConfig, appliance_id: str = "") -> None:
+        self.cfg = cfg
+        self.path = Path(cfg.path)
+        self.appliance_id = appliance_id
+        self.files = Files(self.path)
+        self.counters = Counters()
+        self.max_buffer = max(10_000, 20 * cfg.commit_bytes // READING_BYTES)
+        self.beat = time.monotonic()  # the commit loop's heartbeat
+        self.interval = cfg.commit_interval  # the commit interval in force
+        self._lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+        # under _lock
+        self._window = Window()
+        self._window_start = time.monotonic()
+        self._asked = False  # commit_bytes reached: the commit loop was woken
+        self._acked: list[Block] = []
+        self._rejecting: list[tuple[Block, str]] = []
+        self._in_flight: set[int] = set()
+        self._settling: frozenset[int] = frozenset()
+        self._damage: str | None = None
+        self._oldest_ts: int | None = None
+        self._logged: set[str] = set()
+        self._wake: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+        # the commit's own (_commit_lock)
+        self._per_block = MAX_VALUE // 10  # readings per block estimate, adapted to the compression ratio
+        self._compressor = zstandard.ZstdCompressor(level=1)
+        self._mapped: tuple[lmdb.Environment, int, int] | None = None  # env, address, length of its map
+        self.next_seq = 0
+        self._open()
+
+    # -- opening and recovery (edge.store.recovery) ------------------------------------------------
+
+    def _open(self) -> None:
+        """After an unclean stop every page is read once; after CRASHED_OPENS such starts in a row the
+        store is moved aside."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        unclean = self.files.unclean_starts()
+        if unclean >= CRASHED_OPENS:
+            self._move_aside(f"the last {unclean} starts with it ended in a crash")
+            unclean = 0
+        self.files.marker.write_text(str(unclean + 1))
+        try:
+            opened = open_checked(self.path, self.cfg.map_size, self.appliance_id, full=unclean > 0)
+        except (lmdb.Error, StoreDamaged, OSError, struct.error) as e:
+            self._move_aside(str(e))
+            opened = open_checked(self.path, self.cfg.map_size, self.appliance_id, full=False)
+        if unclean:
+            self.files.marker.write_text("1")  # read through without a crash: only this start is pending
+        self._use(opened)
+
+    def _use(self, o: Opened) -> None:
+        self.env, self.db_blocks, self.db_rejected, self.db_meta = o.env, o.blocks, o.rejected, o.meta
+        self.next_seq = o.next_seq
+        c = self.counters
+        c.backlog_blocks, c.backlog_readings = o.backlog_blocks, o.backlog_readings
+        for name, value in o.totals.items():
+            setattr(c, name, value)
+        self._oldest_ts = o.oldest_ts
+        self._rejecting.extend((b, "corrupt: block checksum mismatch") for b in o.corrupt)
+
+    def _totals(self) -> dict[str, int]:
+        return {name: getattr(self.counters, name) for name in PERSISTED}
+
+    def _move_aside(self, reason: str) -> None:
+        carried = move_aside(self.path, self.files, reason, appliance_id=self.appliance_id,
+                             map_size=self.cfg.map_size, totals=self._totals(), next_seq=self.next_seq)
+        for name, value in carried.items():
+            setattr(self.counters, name, value)
+
+    def recover(self, reason: str) -> None:
+        """Damage found: move the store aside and continue with a fresh one. Its backlog is counted as
+        dropped (it stays in the moved-aside store for inspection)."""
+        with self._commit_lock, self._lock:
+            self._recover(reason)
+
+    def _recover(self, reason: str) -> None:  # both locks held
+        c = self.counters
+        c.blocks_dropped += c.backlog_blocks
+        c.readings_dropped += c.backlog_readings
+        c.backlog_blocks = c.backlog_readings = 0
+        self._in_flight.clear()  # blocks taken before: accept/reject/keep of them are ignored
+        self._acked.clear()
+        self._rejecting.clear()
+        self._damage = None
+        self.env.close()
+        self._move_aside(reason)
+        self._use(open_checked(self.path, self.cfg.map_size, self.appliance_id, full=False))
+
+    # -- producer side -----------------------------------------------------------------------------
+
+    def add(self, readings: list[Reading]) -> None:
+        """Buffer readings for the open window. Never blocks on I/O and never fails; if commits keep
+        failing the RAM buffer is bounded and its oldest readings are dropped (counted)."""
+        with self._lock:
+            window = self._window
+            window.extend(readings)
+            self.counters.readings_appended += len(readings)
+            excess = len(window) - self.max_buffer
+            if excess > 0:
+                window.drop_oldest(excess)
+                self.counters.readings_dropped += excess
+                self._once("ram", logging.ERROR, "store: commits failing, RAM buffer full: dropping the "
+                           "oldest readings (counted in readings_dropped)")
+            ask = not self._asked and len(window) * READING_BYTES >= self.cfg.commit_bytes
+            self._asked |= ask
+            wake = self._wake
+        if ask and wake is not None:
+            wake[0].call_soon_threadsafe(wake[1].set)
+
+    # -- the commit --------------------------------------------------------------------------------
+
+    async def run(self, policy: Callable[[], Policy] = normal,
+                  committed: Callable[[], None] = lambda: None) -> None:
+        """The commit loop: commit the open window when the policy's interval has passed since it opened,
+        when commit_bytes are waiting, or when the policy asks for a commit now; the write in a worker
+        thread, so a slow flash never stalls polling. `committed()` after each commit that appended
+        blocks. Beats at least once a second. Cancel to stop (then close())."""
+        wake = asyncio.Event()
+        self._wake = (asyncio.get_running_loop(), wake)
+        asked = policy().commit_now
+        try:
+            while True:
+                self.beat = time.monotonic()
+                p = policy()
+                self.interval = p.commit_interval or self.cfg.commit_interval
+                remaining = self._window_start + self.interval - time.monotonic()
+                if remaining > 0 and p.commit_now == asked and not wake.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(remaining, 1.0)):
+                            await wake.wait()
+                    continue
+                asked = p.commit_now
+                wake.clear()
+                if await asyncio.to_thread(self.commit):
+                    committed()
+        finally:
+            self._wake = None
+
+    def commit(self) -> int:
+        """Commit the open window, the deletes of acknowledged blocks and the moves of refused ones: one
+        transaction, durable on return. Returns the number of blocks appended (0 also when it failed:
+        then everything stays pending). Callable from any thread; commits run one at a time."""
+        with self._commit_lock:
+            with self._lock:
+                if self._damage is not None:
+                    self._recover(self._damage)
+                sealed = self._seal()
+            if not sealed:
+                return 0
+            written = self._write(sealed)
+            with self._lock:
+                return self._settle(sealed, written)
+
+    def _seal(self) -> Sealed:  # _lock held
+        window, self._window = self._window, Window()
+        acked, self._acked = tuple(self._acked), []
+        rejecting, self._rejecting = tuple(self._rejecting), []
+        self._window_start = time.monotonic()
+        self._asked = False
+        self._settling = frozenset(b.seq for b in acked) | frozenset(b.seq for b, _ in rejecting)
+        return Sealed(window.seal() if window else EMPTY, acked, rejecting,
+                      frozenset(self._in_flight) | self._settling, self.next_seq,
+                      tuple(self._totals().items()))
+
+    def _settle(self, s: Sealed, w: Written) -> int:  # both locks held
+        self._settling = frozenset()
+        for note in w.notes:
+            self._once(note.split(":", 1)[0], logging.WARNING, "store: %s", note)
+        c = self.counters
+        self._count_drops(w)
+        if w.damage is not None:
+            self._window.prepend(s.batch)  # the window's readings go to the fresh store
+            self._recover(w.damage)
+            return 0
+        if w.error is not None:
+            self._window.prepend(s.batch)
+            self._acked[:0] = s.acked
+            self._rejecting[:0] = s.rejecting
+            c.commit_failures += 1
+            self._once("commit", logging.ERROR, "store: commit failed (%s): readings kept in RAM, dropping "
+                       "the oldest blocks to make room", w.error)
+            return 0
+        self._logged.discard("commit")
+        c.commits += 1
+        c.commit_seconds += w.seconds
+        c.blocks_committed += len(w.appended)
+        c.blocks_rejected += w.moved_blocks
+        c.readings_rejected += w.moved_readings
+        c.rejected_trimmed += w.trimmed
+        c.backlog_blocks += len(w.appended) - len(s.acked) - len(s.rejecting)
+        c.backlog_readings += sum(w.appended) - sum(b.n for b in s.acked) - sum(b.n for b, _ in s.rejecting)
+        self.next_seq = w.next_seq
+        self._oldest_ts = w.oldest_ts
+        if w.trimmed:
+            self._once("trim", logging.WARNING, "store: rejected blocks fill the store: dropping the "
+                       "oldest of them (counted in rejected_trimmed)")
+        if w.dropped:
+            self._once("full", logging.WARNING, "store: full (%.0f %% of map_size): dropping the oldest "
+                       "blocks (counted in blocks_dropped / readings_dropped)", 100 * self.cfg.high_watermark)
+        else:
+            self._logged.discard("full")
+        return len(w.appended)
+
+    def _count_drops(self, w: Written) -> None:
+        c = self.counters
+        c.blocks_dropped += len(w.dropped)
+        c.readings_dropped += w.dropped_readings
+        c.backlog_blocks -= len(w.dropped)
+        c.backlog_readings -= w.dropped_readings
+        for seq in w.dropped:  # taken after sealing: its accept/reject/keep is ignored (counted dropped)
+            self._in_flight.discard(seq)
+
+    # -- the worker thread's part: Sealed in, Written out --------------------------------------------
+
+    def _write(self, s: Sealed) -> Written:
+        blocks = self._pack(s.batch)
+        t0 = time.perf_counter()
+        try:
+            w = self._transaction(s, blocks)
+        except DAMAGE as e:
+            return Written(damage=f"found while committing: {e}")
+        except REFUSED as e:
+            dropped, readings, notes = self._drop_fraction(s, 0.1)
+            return Written(error=str(e), dropped=dropped, dropped_readings=readings, notes=notes)
+        self._unmap()
+        return replace(w, seconds=time.perf_counter() - t0)
+
+    def _pack(self, batch: Batch) -> list[tuple[int, bytes]]:
+        """Split readings into blocks whose values fit MAX_VALUE: [(n, value)]. Equal shares, not full
+        blocks plus a small tail: a tail under ~2 KB would be stored inside the B-tree leaf and make it
+        split and grow."""
+        out = []
+        i, n = 0, len(batch)
+        share = -(-n // -(-n // self._per_block)) if n else 0
+        while i < n:
+            k = min(share, n - i)
+            while True:
+                value = encode_block(batch.slice(i, i + k), ZSTD, self._compressor)
+                if len(value) <= MAX_VALUE or k == 1:
+                    break
+                k = max(1, k * MAX_VALUE * 9 // (len(value) * 10))
+            out.append((k, value))
+            i += k
+            if k >= self._per_block * 0.9 or len(value) > MAX_VALUE * 0.9:  # full blocks teach the ratio
+                self._per_block = max(1, min(10_000, int(k * MAX_VALUE * 0.92 / len(value))))
+        return out
+
+    def _transaction(self, s: Sealed, blocks: list[tuple[int, bytes]]) -> Written:
+        totals = dict(s.totals)
+        meta: dict[bytes, int] = {}
+        with self.env.begin(write=True) as txn:
+            for b in s.acked:
+                txn.delete(b.key, db=self.db_blocks)
+            moved = [b for b, reason in s.rejecting if self._move_rejected(txn, b, reason)]
+            if moved:
+                meta[b"blocks_rejected"] = totals["blocks_rejected"] + len(moved)
+                meta[b"readings_rejected"] = totals["readings_rejected"] + sum(b.n for b in moved)
+            new_pages = sum(pages_of(v) for _, v in blocks)
+            trimmed, dropped, readings = self._watermark(txn, new_pages, s.protected)
+            if trimmed:
+                meta[b"rejected_trimmed"] = totals["rejected_trimmed"] + trimmed
+            if dropped:
+                meta[b"blocks_dropped"] = totals["blocks_dropped"] + len(dropped)
+                meta[b"readings_dropped"] = totals["readings_dropped"] + readings
+            seq = s.next_seq
+            for n, value in blocks:
+                txn.put(key_of(seq, n), value, db=self.db_blocks, append=True)
+                seq += 1
+            if s.acked or s.rejecting or dropped:
+                last = txn.cursor(db=self.db_blocks)
+                if not last.last() or last.key() < FIRST_KEY or parse_key(last.key())[0] + 1 < seq:
+                    meta[b"next_seq"] = seq  # the newest block is gone: its key no longer tells it
+            for k, v in meta.items():
+                txn.put(k, U64.pack(v), db=self.db_meta)
+            oldest = oldest_ts(txn, self.db_blocks)
+        notes: tuple[str, ...] = ()
+        if len(meta) > (b"next_seq" in meta):
+            totals.update({k.decode(): v for k, v in meta.items() if k != b"next_seq"})
+            problem = self.files.save_totals(totals)
+            notes = (f"totals: {problem}",) if problem else ()
+        return Written(tuple(n for n, _ in blocks), seq, len(moved), sum(b.n for b in moved), trimmed,
+                       dropped, readings, oldest, notes=notes)
+
+    def _move_rejected(self, txn: lmdb.Transaction, block: Block, reason: str) -> bool:
+        if not txn.delete(block.key, db=self.db_blocks):
+            return False
+        raw = reason.encode()[:1000]
+        txn.put(block.key, struct.pack("<H", len(raw)) + raw + block.value, db=self.db_rejected)
+        return True
+
+    def _watermark(self, txn: lmdb.Transaction, new_pages: int,
+                   protected: frozenset[int]) -> tuple[int, tuple[int, ...], int]:
+        """Drop the oldest blocks (not protected) while pages in use exceed the watermark.
+        Returns (refused blocks trimmed, sequence numbers dropped, readings dropped)."""
+        total = self.cfg.map_size // 4096
+        used = pages_used(txn, (self.db_blocks, self.db_rejected, self.db_meta))
+        used += new_pages + new_pages // 50 + 2
+        if used <= self.cfg.high_watermark * total:
+            return 0, (), 0
+        excess = used - int(self.cfg.low_watermark * total)
+        trimmed = 0
+        rejected = txn.stat(self.db_rejected)
+        rejected_pages = rejected["leaf_pages"] + rejected["overflow_pages"] + rejected["branch_pages"]
+        if rejected_pages > total * REJECTED_SHARE:  # refused blocks are kept for inspection, not forever
+            seqs, _ = self._drop_oldest(txn, min(excess, rejected_pages - int(total * REJECTED_SHARE)),
+                                        frozenset(), self.db_rejected)
+            trimmed = len(seqs)
+            excess -= trimmed
+        if excess <= 0:
+            return trimmed, (), 0
+        return (trimmed, *self._drop_oldest(txn, excess, protected))
+
+    def _drop_oldest(self, txn: lmdb.Transaction, pages: int, protected: frozenset[int],
+                     db: Any = None) -> tuple[tuple[int, ...], int]:
+        """Delete the oldest blocks of `db` (default: the queue) not in `protected` until about `pages`
+        pages are freed or none is left. Returns (sequence numbers, readings) deleted."""
+        seqs: list[int] = []
+        readings = 0
+        cursor = txn.cursor(db=self.db_blocks if db is None else db)
+        ok = cursor.set_range(FIRST_KEY)
+        while ok and pages > 0:
+            seq, n = parse_key(cursor.key())
+            if seq in protected:
+                ok = cursor.next()
+                continue
+            pages -= pages_of(cursor.value())
+            seqs.append(seq)
+            readings += n
+            ok = cursor.delete() and bool(cursor.key())  # past the last key the cursor is unset
+        return tuple(seqs), readings
+
+    def _drop_fraction(self, s: Sealed, fraction: float) -> tuple[tuple[int, ...], int, tuple[str, ...]]:
+        """After a refused commit: drop the oldest blocks in a transaction of their own."""
+        totals = dict(s.totals)
+        try:
+            with self.env.begin(write=True) as txn:
+                entries = txn.stat(self.db_blocks)["entries"]
+                seqs, readings = self._drop_oldest(txn, max(1, int(entries * fraction)), s.protected)
+                txn.put(b"blocks_dropped", U64.pack(totals["blocks_dropped"] + len(seqs)), db=self.db_meta)
+                txn.put(b"readings_dropped", U64.pack(totals["readings_dropped"] + readings), db=self.db_meta)
+        except REFUSED as e:
+            return (), 0, (f"drop: cannot even drop blocks ({e})",)
+        return seqs, readings, ()
+
+    def _unmap(self) -> None:
+        """Drop this process's page-table entries of the map (module docstring, "Mapped pages")."""
+        if self._mapped is None or self._mapped[0] is not self.env:
+            self._mapped = (self.env, *_map_of(self.path / "data.mdb"))
+        _, address, length = self._mapped
+        if length and _libc is not None:
+            _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), mmap.MADV_DONTNEED)
+
+    # -- forwarder side ----------------------------------------------------------------------------
+
+    def take(self, limit: int) -> list[Block]:
+        """The oldest blocks not yet in flight (at most `limit`), marked in flight. A block that fails its
+        checksum is moved aside (rejected, reason "corrupt") instead of being returned."""
+        out: list[Block] = []
+        with self._lock:
+            if self._damage is not None:
+                return out
+            skip = (self._in_flight | self._settling | {b.seq for b in self._acked}
+                    | {b.seq for b, _ in self._rejecting})
+            try:
+                with self.env.begin(db=self.db_blocks, buffers=True) as txn:
+                    for key, value in queue_items(txn):
+                        seq, n = parse_key(key)
+                        if seq in skip:
+                            continue
+                        block = self._checked(Block(seq, n, bytes(value)), key)
+                        if block is not None:
+                            out.append(block)
+                            if len(out) >= limit:
+                                break
+            except DAMAGE as e:
+                self._damage = str(e)  # recovered from at the next commit, when no write is running
+                return []
+            self._in_flight.update(b.seq for b in out)
+        return out
+
+    def _checked(self, block: Block, key: Any) -> Block | None:  # _lock held
+        if not block_intact(block.value):
+            self._rejecting.append((block, "corrupt: block checksum mismatch"))
+            return None
+        count = block_header(block.value)[1]
+        if count != block.n:  # the key was damaged, the (checksummed) block was not: trust it
+            self._once("key", logging.WARNING, "store: block %d: its key says %d readings, its checksummed "
+                       "header %d: using the header", block.seq, block.n, count)
+            self.counters.backlog_readings += count - block.n
+            return Block(block.seq, count, block.value, bytes(key))
+        return block
+
+    def accept(self, blocks: Sequence[Block]) -> None:
+        """Delivered: deleted in the next commit (a crash before it re-sends them: at-least-once)."""
+        with self._lock:
+            c = self.counters
+            for b in blocks:
+                if b.seq in self._in_flight:  # not from before a recovery, not dropped meanwhile
+                    self._in_flight.discard(b.seq)
+                    c.blocks_forwarded += 1
+                    c.readings_forwarded += b.n
+                    self._acked.append(b)
+
+    def reject(self, blocks: Sequence[Block], reason: str) -> None:
+        """Refused by the receiver: moved to `rejected` in the next commit, kept for inspection."""
+        with self._lock:
+            for b in blocks:
+                if b.seq in self._in_flight:
+                    self._in_flight.discard(b.seq)
+                    self._rejecting.append((b, reason))
+
+    def keep(self, blocks: Sequence[Block]) -> None:
+        """Not delivered (connection lost): back in the queue, taken again later, oldest first."""
+        with self._lock:
+            for b in blocks:
+                self._in_flight.discard(b.seq)
+
+    # -- observers and the end ---------------------------------------------------------------------
+
+    def snapshot(self) -> StoreSnapshot:
+        with self._lock:
+            return StoreSnapshot(replace(self.counters), self._oldest_ts, self.interval, len(self._window))
+
+    def pending(self) -> int:
+        """Readings in the open window (RAM)."""
+        with self._lock:
+            return len(self._window)
+
+    def close(self) -> None:
+        """Commit the open window and close; a clean close clears the unclean-start marker."""
+        self.commit()
+        with self._commit_lock, self._lock:
+            lost = len(self._window)
+            if lost:
+                self.counters.readings_dropped += lost
+                log.error("store: %d readings could not be committed at stop and are lost", lost)
+            self.env.close()
+            self.files.marker.unlink(missing_ok=True)
+
+    def _once(self, kind: str, level: int, message: str, *args: object) -> None:
+        log.log(level if kind not in self._logged else logging.DEBUG, message, *args)
+        self._logged.add(kind)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None)
+        libc.madvise  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_libc = _load_libc()
+
+
+def _map_of(file: Path) -> tuple[int, int]:
+    """Address and length of this process's map of file (Linux /proc/self/maps; (0, 0) if none)."""
+    try:
+        st = os.stat(file)
+        dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+        with open("/proc/self/maps") as f:
+            for line in f:
+                span, _, _, at, inode, *_ = line.split()
+                if int(inode) == st.st_ino and at == dev:
+                    start, end = (int(x, 16) for x in span.split("-"))
+                    return start, end - start
+    except (OSError, ValueError):
+        pass
+    return 0, 0

@@ -1,0 +1,210 @@
+"""Opening a store and recovering from damage.
+
+Damage beyond LMDB's guarantees (a truncated file, flipped bytes: flash wear, not crashes) is detected at
+open (a file shorter than its last page, databases claiming more pages than the file has, a walk of
+every key) or later when a block is taken (its CRC). A damaged store is moved aside to
+`<path>.damaged-<time>` and a fresh one started: counted in meta `recoveries`, its totals carried over.
+The totals are also copied to `.<name>.totals` beside the store whenever they change, for a store whose
+meta cannot be trusted.
+
+LMDB cannot always survive arbitrary page damage without crashing the process (SIGBUS, SIGSEGV), so a
+marker file `.<name>.opening` beside the store counts starts not followed by a clean close: after such a
+start every page is read once at open (a bad page crashes there, not at random later), and after
+CRASHED_OPENS in a row the store is moved aside instead of crashing again. The appliance never refuses
+to start because of its store.
+
+Every function here runs with the store's locks held (edge.store.queue): nothing else uses the
+environment meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from edge.store.block import StoreDamaged, block_header, block_intact
+from edge.store.layout import FIRST_KEY, KEY, NAMED, U64, Block, open_env, pages_used, parse_key, queue_items
+
+log = logging.getLogger("edge.store")
+
+MARKER = ".opening"
+CRASHED_OPENS = 3  # unclean starts in a row (each reading the store through) before it is moved aside
+PERSISTED = ("blocks_rejected", "readings_rejected", "blocks_dropped", "readings_dropped", "recoveries",
+             "rejected_trimmed")  # the counters kept in meta and in the totals file
+
+
+@dataclass
+class Opened:
+    """An open environment and what a walk of it found."""
+
+    env: lmdb.Environment
+    blocks: Any  # the queue: LMDB's main database
+    rejected: Any
+    meta: Any
+    next_seq: int
+    backlog_blocks: int
+    backlog_readings: int
+    totals: dict[str, int]
+    oldest_ts: int | None
+    corrupt: list[Block] = field(default_factory=list)  # blocks failing their CRC (a full read only)
+
+
+class Files:
+    """The files beside a store: its unclean-start marker and the copy of its totals."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.marker = path.parent / f".{path.name}{MARKER}"
+        self.totals = path.parent / f".{path.name}.totals"
+
+    def unclean_starts(self) -> int:
+        try:
+            return int(self.marker.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def read_totals(self) -> dict[str, int]:
+        try:
+            data = json.loads(self.totals.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: int(v) for k, v in data.items() if k in PERSISTED and isinstance(v, int)}
+
+    def save_totals(self, totals: dict[str, int]) -> str | None:
+        """Write the totals (atomically); the error text if that failed."""
+        tmp = self.totals.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(totals))
+            tmp.replace(self.totals)
+        except OSError as e:
+            return f"cannot write {self.totals}: {e}"
+        return None
+
+
+def open_checked(path: Path, map_size: int, appliance_id: str, full: bool) -> Opened:
+    """Open the environment and check it (raises StoreDamaged, lmdb.Error, OSError, struct.error)."""
+    fresh = not (path / "data.mdb").exists()
+    env = open_env(path, map_size)
+    try:
+        _check_size(path, env)  # before any page beyond the meta pages is touched (SIGBUS)
+        blocks = env.open_db()  # the main database: no catalog page to rewrite per commit
+        rejected = env.open_db(b"rejected")
+        meta = env.open_db(b"meta")
+        opened = Opened(env, blocks, rejected, meta, 0, 0, 0, {}, None)
+        _check_file(opened)
+        _load(opened, appliance_id, fresh)
+        if full:
+            _verify_values(opened)
+    except BaseException:
+        env.close()
+        raise
+    return opened
+
+
+def _check_size(path: Path, env: lmdb.Environment) -> None:
+    """The file holds every page the meta page claims."""
+    size = (path / "data.mdb").stat().st_size
+    pages = env.info()["last_pgno"] + 1
+    if size < pages * env.stat()["psize"]:
+        raise StoreDamaged(f"data.mdb is {size} bytes, shorter than its {pages} pages")
+
+
+def _check_file(o: Opened) -> None:
+    """The databases fit in the pages of the file."""
+    pages = o.env.info()["last_pgno"] + 1
+    with o.env.begin() as txn:
+        used = pages_used(txn, (o.blocks, o.rejected, o.meta))
+    if used > pages:
+        raise StoreDamaged(f"its databases claim {used} pages of the {pages} in the file")
+
+
+def _load(o: Opened, appliance_id: str, fresh: bool) -> None:
+    """Walk every key (leaf pages only): the backlog, the next sequence number, the persisted totals."""
+    with o.env.begin(write=fresh) as txn:
+        if fresh:
+            txn.put(b"next_seq", U64.pack(time.time_ns() // 1000), db=o.meta)
+            txn.put(b"appliance", appliance_id.encode(), db=o.meta)
+        meta = {bytes(k): bytes(v) for k, v in txn.cursor(db=o.meta)}
+        if b"next_seq" not in meta:  # every store this code made has it: this file is not one
+            raise StoreDamaged("its meta database lost the sequence number (an emptied data.mdb?)")
+        last = -1
+        for key in txn.cursor(db=o.blocks).iternext(keys=True, values=False):
+            if key < FIRST_KEY:
+                if key not in NAMED:
+                    raise StoreDamaged(f"an unknown key {bytes(key)!r} (not a store of this layout)")
+                continue
+            if len(key) != KEY.size:
+                raise StoreDamaged("a key of the wrong size")
+            seq, n = parse_key(key)
+            if seq <= last:
+                raise StoreDamaged("keys out of order")
+            last = seq
+            o.backlog_blocks += 1
+            o.backlog_readings += n
+        rejected_last = txn.cursor(db=o.rejected)
+        if rejected_last.last():
+            last = max(last, parse_key(rejected_last.key())[0])
+        o.oldest_ts = oldest_ts(txn, o.blocks)
+    o.next_seq = max(U64.unpack(meta[b"next_seq"])[0], last + 1)
+    o.totals = {name: U64.unpack(meta.get(name.encode(), bytes(8)))[0] for name in PERSISTED}
+
+
+def oldest_ts(txn: lmdb.Transaction, blocks: Any) -> int | None:
+    """Timestamp (ns) of the oldest reading in the queue, or None when it is empty."""
+    cursor = txn.cursor(db=blocks)
+    if not cursor.set_range(FIRST_KEY):
+        return None
+    return block_header(cursor.value())[2]
+
+
+def _verify_values(o: Opened) -> None:
+    """Read every stored value once; blocks failing their checksum are moved aside at the next commit."""
+    with o.env.begin(buffers=True) as txn:
+        for key, value in queue_items(txn):
+            seq, n = parse_key(key)
+            if not block_intact(bytes(value)):
+                o.corrupt.append(Block(seq, n, bytes(value)))
+        for _ in txn.cursor(db=o.rejected):
+            pass
+
+
+def move_aside(path: Path, files: Files, reason: str, *, appliance_id: str, map_size: int,
+               totals: dict[str, int], next_seq: int) -> dict[str, int]:
+    """Move a damaged store aside and create an empty one carrying the totals (the larger of `totals` and
+    the totals file: the damaged meta is not trusted) plus one recovery, and a sequence number above
+    every one used. Returns the totals carried over."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    aside = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    log.error("store %s is damaged (%s): moved to %s, starting a fresh store; readings in it were not "
+              "forwarded and stay there for inspection", path, reason, aside)
+    if path.exists():
+        path.rename(aside)
+    saved = files.read_totals()
+    carried = {name: max(totals.get(name, 0), saved.get(name, 0)) for name in PERSISTED}
+    carried["recoveries"] += 1
+    if problem := files.save_totals(carried):
+        log.warning("store: %s", problem)
+    path.mkdir(parents=True, exist_ok=True)
+    env = open_env(path, map_size)
+    try:
+        with env.begin(write=True) as txn:
+            meta = env.open_db(b"meta", txn=txn)
+            txn.put(b"next_seq", U64.pack(max(time.time_ns() // 1000, next_seq)), db=meta)
+            txn.put(b"appliance", appliance_id.encode(), db=meta)
+            for name, value in carried.items():
+                txn.put(name.encode(), U64.pack(value), db=meta)
+    finally:
+        env.close()
+    return carried
