@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -228,8 +229,10 @@ class MetricsServer:
         failures = 0
         while True:
             try:
-                server = await asyncio.start_server(self._serve, self.cfg.listen, self.cfg.port,
-                                                    limit=MAX_REQUEST)
+                # Bound here, not by start_server(host, port): uvloop would resolve the address on libuv's
+                # thread pool and keep its four threads for the life of the process.
+                sock = socket.create_server((self.cfg.listen, self.cfg.port), backlog=MAX_CONNECTIONS)
+                server = await asyncio.start_server(self._serve, sock=sock, limit=MAX_REQUEST)
             except OSError as e:
                 self.problem = f"cannot listen on {self.cfg.listen}:{self.cfg.port} ({e.strerror or e})"
                 log.log(logging.ERROR if failures == 0 else logging.DEBUG, "metrics: %s; retrying, while "

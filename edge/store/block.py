@@ -38,6 +38,7 @@ import zlib
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, cast
 
 import zstandard
@@ -114,6 +115,8 @@ class Batch:
         return len(self.qualities)
 
     def slice(self, i: int, j: int) -> Batch:
+        if i == 0 and j >= len(self):
+            return self  # immutable: the whole batch is its own slice (the common one-block window)
         a = _string_offset(self.kinds, self.strings, i)
         b = _string_offset(self.kinds, self.strings, j, i, a)
         return Batch(self.tags[4 * i:4 * j], self.stamps[8 * i:8 * j], self.qualities[i:j], self.kinds[i:j],
@@ -192,7 +195,7 @@ def encode_block(readings: Sequence[Reading] | Batch, codec: int = ZSTD, compres
     stamps = array("q")
     stamps.frombytes(b.stamps)
     t0 = stamps[0]
-    deltas = array("q", map(operator.sub, stamps, (t0, *stamps[:-1])))
+    deltas = array("q", map(operator.sub, stamps, chain((t0,), stamps)))  # map stops with `stamps`
     payload = b"".join((b.tags, deltas.tobytes(), b.qualities, b.kinds, b.nums, b.strings))
     if codec == ZSTD:
         stored = (compressor or zstandard.ZstdCompressor(level=1)).compress(payload)

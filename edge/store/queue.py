@@ -254,13 +254,14 @@ class Store:
             window = self._window
             window.extend(readings)
             self.counters.readings_appended += len(readings)
-            excess = len(window) - self.max_buffer
-            if excess > 0:
-                window.drop_oldest(excess)
-                self.counters.readings_dropped += excess
+            n = len(window)
+            if n > self.max_buffer:
+                window.drop_oldest(n - self.max_buffer)
+                self.counters.readings_dropped += n - self.max_buffer
+                n = self.max_buffer
                 self._once("ram", logging.ERROR, "store: commits failing, RAM buffer full: dropping the "
                            "oldest readings (counted in readings_dropped)")
-            ask = not self._asked and len(window) * READING_BYTES >= self.cfg.commit_bytes
+            ask = not self._asked and n * READING_BYTES >= self.cfg.commit_bytes
             self._asked |= ask
             wake = self._wake
         if ask and wake is not None:
@@ -373,16 +374,15 @@ class Store:
 
     def _write(self, s: Sealed) -> Written:
         blocks = self._pack(s.batch)
-        t0 = time.perf_counter()
         try:
-            w = self._transaction(s, blocks)
+            w = self._transaction(s, blocks, time.perf_counter())
         except DAMAGE as e:
             return Written(damage=f"found while committing: {e}")
         except REFUSED as e:
             dropped, readings, notes = self._drop_fraction(s, 0.1)
             return Written(error=str(e), dropped=dropped, dropped_readings=readings, notes=notes)
         self._unmap()
-        return replace(w, seconds=time.perf_counter() - t0)
+        return w
 
     def _pack(self, batch: Batch) -> list[tuple[int, bytes]]:
         """Split readings into blocks whose values fit MAX_VALUE: [(n, value)]. Equal shares, not full
@@ -404,7 +404,7 @@ class Store:
                 self._per_block = max(1, min(10_000, int(k * MAX_VALUE * 0.92 / len(value))))
         return out
 
-    def _transaction(self, s: Sealed, blocks: list[tuple[int, bytes]]) -> Written:
+    def _transaction(self, s: Sealed, blocks: list[tuple[int, bytes]], t0: float) -> Written:
         totals = dict(s.totals)
         meta: dict[bytes, int] = {}
         with self.env.begin(write=True) as txn:
@@ -432,13 +432,14 @@ class Store:
             for k, v in meta.items():
                 txn.put(k, U64.pack(v), db=self.db_meta)
             oldest = oldest_ts(txn, self.db_blocks)
+        seconds = time.perf_counter() - t0
         notes: tuple[str, ...] = ()
         if len(meta) > (b"next_seq" in meta):
             totals.update({k.decode(): v for k, v in meta.items() if k != b"next_seq"})
             problem = self.files.save_totals(totals)
             notes = (f"totals: {problem}",) if problem else ()
         return Written(tuple(n for n, _ in blocks), seq, len(moved), sum(b.n for b in moved), trimmed,
-                       dropped, readings, oldest, notes=notes)
+                       dropped, readings, oldest, seconds, notes=notes)
 
     def _move_rejected(self, txn: lmdb.Transaction, block: Block, reason: str) -> bool:
         if not txn.delete(block.key, db=self.db_blocks):
