@@ -16,11 +16,12 @@ Observers (metrics, supervise) get narrow read-only views: snapshot() and beats(
 stage's own snapshot()/progress(), never this object.
 
 Signals: SIGTERM / SIGINT stop polling, commit the open window, let in-flight publishes finish within
-publish_timeout, publish "offline", exit 0. SIGHUP reloads the config: validated first, a bad one is
-refused (logged, counted in edge_config_reloads_refused_total) and the running one kept; a good one
-builds new poll and uplink stages from it and the governor's current policy (low power and stretches
-carry over, and so do their counters). Store settings other than the commit windows take effect at the
-next start. SIGUSR2 toggles low-power mode; SIGUSR1 dumps every stack.
+publish_timeout (15 s at most: what is not acknowledged stays stored), publish "offline", exit 0.
+SIGHUP reloads the config: validated first, a bad one is refused (logged, counted in
+edge_config_reloads_refused_total) and the running one kept; a good one builds new poll and uplink
+stages from it and the governor's current policy (low power and stretches carry over, and so do their
+counters). Store settings other than the commit windows take effect at the next start. SIGUSR2 toggles
+low-power mode; SIGUSR1 dumps every stack.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from edge.govern import Governor
 from edge.poll.engine import Poller
 from edge.store import Store
 from edge.supervise import Supervisor, dump_stacks, test_hooks
-from edge.uplink import Uplink
+from edge.uplink import STOP_WAIT, Uplink
 from edge.write import Commands
 
 if TYPE_CHECKING:
@@ -53,8 +54,8 @@ class Appliance:
     def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
         self.config_path = config_path
-        self.governor = Governor(config)
         self.store = Store(config.store, config.appliance.id)
+        self.governor = Governor(config)
         self.poller = Poller(config, self.store.add, self.governor.current)
         self.commands = Commands(lambda: self.poller)
         self.uplink = Uplink(config, self.store, self.commands, self.governor.current)
@@ -167,17 +168,17 @@ class Appliance:
         for name in ("reload", "supervise", "govern", "poll", "store"):
             await _cancel(self.tasks.pop(name, None))
         await asyncio.to_thread(self.store.commit)
-        await self._stop_uplink(self.config.uplink.publish_timeout)
+        await self._stop_uplink()
         await asyncio.to_thread(self.store.commit)  # the deletes of the last acknowledged blocks
         await _cancel(self.tasks.pop("metrics", None))
 
-    async def _stop_uplink(self, publish_timeout: float) -> None:
-        """Let in-flight publishes finish (within publish_timeout), publish "offline", end the task."""
+    async def _stop_uplink(self) -> None:
+        """Let in-flight publishes finish (at most STOP_WAIT s), publish "offline", end the task."""
         uplink = self.tasks.pop("uplink", None)
         if uplink is None:
             return
         self.uplink.stop()
-        await asyncio.wait({uplink}, timeout=publish_timeout + 2)
+        await asyncio.wait({uplink}, timeout=STOP_WAIT + 5)
         await _cancel(uplink)
 
     # -- reload -------------------------------------------------------------------------------------
@@ -205,7 +206,7 @@ class Appliance:
         self.config = config
         self.poller = Poller(config, self.store.add, self.governor.current, previous=self.poller)
         self._start("poll", self.poller.run())
-        await self._stop_uplink(old.uplink.publish_timeout)
+        await self._stop_uplink()
         stats = self.uplink.stats
         self.uplink = Uplink(config, self.store, self.commands, self.governor.current, stats=stats)
         if not config.governor.enabled:

@@ -307,6 +307,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+from edge.store.block import StoreUnavailable  # noqa: E402 (edge.store loads lmdb: here, not at the top)
+
 try:
     from lmdb import Error as StoreError
 except ImportError:  # pragma: no cover
@@ -325,6 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+    except StoreUnavailable as e:
+        print(f"edge: store: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     except StoreError as e:
         print(f"edge: store: {e}", file=sys.stderr)
         return EXIT_RUNTIME

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from edge.write import Commands
 
 log = logging.getLogger("edge.uplink")
+STOP_WAIT = 15.0  # seconds a stop waits at most for in-flight publishes (systemd's TimeoutStopSec is 45)
 UNKNOWN_TAG = Tag(0, "?", "", 0, "", device="?")  # a reading of a tag no longer in the config
 
 
@@ -254,8 +255,8 @@ class Uplink:
                 with contextlib.suppress(TimeoutError):  # a commit or a PUBACK sets wake
                     async with asyncio.timeout(1.0):
                         await self.wake.wait()
-            if pending:  # stopping: let what is in flight finish, within the publish timeout
-                await asyncio.wait(pending, timeout=self.cfg.publish_timeout)
+            if pending:  # stopping: let what is in flight finish (what is not acknowledged stays stored)
+                await asyncio.wait(pending, timeout=min(self.cfg.publish_timeout, STOP_WAIT))
         finally:
             for task in pending:
                 task.cancel()

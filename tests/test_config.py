@@ -102,6 +102,26 @@ def test_a_large_deeply_nested_config_is_refused_from_the_forked_loader(tmp_path
     assert info.value.problems == [f"{conf}: invalid TOML: arrays or tables nested too deeply"]
 
 
+@pytest.mark.parametrize("kind", ["device", "fifo", "directory", "too large"])
+def test_a_config_that_is_not_a_bounded_regular_file_is_refused_at_once(tmp_path: Path, kind: str) -> None:
+    """/dev/zero would be read until memory runs out, a FIFO would block `edge run` forever, a huge file
+    would take minutes and far more memory than the unit allows: each is one line, exit 2, at once."""
+    path = {"device": Path("/dev/zero"), "fifo": tmp_path / "fifo.toml", "directory": tmp_path,
+            "too large": tmp_path / "big.toml"}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "too large":
+        with open(path, "wb") as f:
+            f.truncate(config_module.MAX_CONFIG_BYTES + 1)  # sparse: its size is what is refused
+    for command in ("check", "run"):
+        proc = subprocess.run([sys.executable, "-m", "edge", command, str(path)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=30, check=False)
+        assert proc.returncode == 2 and proc.stdout == "", proc
+        expected = (f"above the {config_module.MAX_CONFIG_BYTES:,}" if kind == "too large"
+                    else f"not a regular file (a {kind.replace('fifo', 'FIFO')})")
+        assert proc.stderr.startswith(f"edge: {path}: ") and expected in proc.stderr and proc.stderr.count("\n") == 1
+
+
 def test_check_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)

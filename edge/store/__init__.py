@@ -7,10 +7,10 @@
     tools      read-only inspect and dump for `edge store`
 """
 
-from edge.store.block import StoreDamaged, decode_block, encode_block
+from edge.store.block import StoreDamaged, StoreUnavailable, decode_block, encode_block
 from edge.store.layout import Block
 from edge.store.queue import READING_BYTES, Counters, Store, StoreSnapshot
 from edge.store.tools import Summary, dump, inspect
 
-__all__ = ["READING_BYTES", "Block", "Counters", "Store", "StoreDamaged", "StoreSnapshot", "Summary",
-           "decode_block", "dump", "encode_block", "inspect"]
+__all__ = ["READING_BYTES", "Block", "Counters", "Store", "StoreDamaged", "StoreSnapshot", "StoreUnavailable",
+           "Summary", "decode_block", "dump", "encode_block", "inspect"]

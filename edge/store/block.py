@@ -58,6 +58,11 @@ class StoreDamaged(Exception):
     """The store cannot be trusted: it is moved aside and a fresh one started."""
 
 
+class StoreUnavailable(Exception):
+    """The store's directory cannot be used (read-only, not writable, not a directory): not damage, and
+    nothing to move aside; the appliance cannot start until it is fixed."""
+
+
 def _value_column(values: Sequence[Value | None]) -> tuple[bytes, bytes, bytes]:
     """(kinds, 8-byte values, strings) of a block's values."""
     types = set(map(type, values))

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -66,6 +67,7 @@ from edge.store.block import (
     ZSTD,
     Batch,
     StoreDamaged,
+    StoreUnavailable,
     Window,
     block_header,
     block_intact,
@@ -191,13 +193,12 @@ class Store:
 
     def _open(self) -> None:
         """After an unclean stop every page is read once; after CRASHED_OPENS such starts in a row the
-        store is moved aside."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        unclean = self.files.unclean_starts()
+        store is moved aside. A directory that cannot be written is StoreUnavailable, never damage."""
+        unclean = self._usable()
         if unclean >= CRASHED_OPENS:
             self._move_aside(f"the last {unclean} starts with it ended in a crash")
             unclean = 0
-        self.files.marker.write_text(str(unclean + 1))
+            self.files.marker.write_text("1")
         try:
             opened = open_checked(self.path, self.cfg.map_size, self.appliance_id, full=unclean > 0)
         except (lmdb.Error, StoreDamaged, OSError, struct.error) as e:
@@ -206,6 +207,26 @@ class Store:
         if unclean:
             self.files.marker.write_text("1")  # read through without a crash: only this start is pending
         self._use(opened)
+
+    def _usable(self) -> int:
+        """Create the directory and count this start in the marker (which proves the directory is
+        writable); the unclean starts before this one."""
+        try:
+            for d in (self.path.parent, *self.path.parent.parents):
+                if d.exists():
+                    if not d.is_dir():
+                        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(d))
+                    break
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            unclean = self.files.unclean_starts()
+            self.files.marker.write_text(str(unclean + 1))
+            data = self.path / "data.mdb"
+            if data.exists() and not os.access(data, os.R_OK | os.W_OK):
+                raise PermissionError(errno.EACCES, "not readable and writable by this user", str(data))
+        except OSError as e:
+            where = e.filename if e.filename and e.filename != str(self.files.marker) else self.path.parent
+            raise StoreUnavailable(f"cannot use {where}: {e.strerror or e}") from e
+        return unclean
 
     def _use(self, o: Opened) -> None:
         self.env, self.db_blocks, self.db_rejected, self.db_meta = o.env, o.blocks, o.rejected, o.meta

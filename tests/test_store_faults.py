@@ -1,0 +1,67 @@
+"""The store on a bad day: a state directory that cannot be used, a full file system, the store removed
+while the appliance runs. Real file systems (tmpfs mounts in a private mount namespace), real `edge run`."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def conf(tmp: Path, state_dir: Path, **store: str) -> Path:
+    path = tmp / "config.toml"
+    extra = "".join(f'{k} = "{v}"\n' for k, v in store.items())
+    path.write_text(f'[appliance]\nid = "f"\nstate_dir = "{state_dir}"\n[[device]]\nname = "d"\n'
+                    f'host = "127.0.0.1"\nport = 1\n[[device.tag]]\nname = "a"\naddress = 0\n'
+                    f"[store]\nmap_size = \"16MiB\"\n{extra}[metrics]\nport = 0\n[uplink]\nport = 1\n")
+    return path
+
+
+def in_mount_namespace(script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a shell script in a private mount namespace (its mounts vanish with it); skip where that is not
+    allowed."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) not installed")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here: {probe.stderr.strip()}")
+    return subprocess.run(["unshare", "-m", "sh", "-ec", script], capture_output=True, text=True,
+                          timeout=timeout, check=False, cwd=ROOT)
+
+
+def test_a_state_dir_that_is_a_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.write_text("not a directory\n")
+    proc = subprocess.run([sys.executable, "-m", "edge", "run", str(conf(tmp_path, state))], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert (proc.returncode, proc.stderr) == (2, f"edge: store: cannot use {state}: Not a directory\n")
+
+
+def test_a_read_only_state_dir_is_one_line_and_exit_2_and_its_store_is_kept(tmp_path: Path) -> None:
+    """A state directory on a read-only file system (empty, or holding a store: never moved aside)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    config = conf(tmp_path, mnt / "state")
+    edge = f"{sys.executable} -m edge run {config}"
+    make_store = (f"{sys.executable} -c 'from edge.config import load; from edge.store import Store; "
+                  f"c = load(\"{config}\"); s = Store(c.store, \"f\"); s.add([(1, 1, 1.0, 0)]); s.close()'")
+    proc = in_mount_namespace(f"""
+        mount -t tmpfs -o ro,size=4m tmpfs {mnt}
+        {edge} 2> {tmp_path}/empty.err || echo "exit $?" >> {tmp_path}/empty.err
+        mount -o remount,rw {mnt}
+        {make_store}
+        mount -o remount,ro {mnt}
+        {edge} 2> {tmp_path}/kept.err || echo "exit $?" >> {tmp_path}/kept.err
+        ls -a {mnt}/state
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "empty.err").read_text() == (
+        f"edge: store: cannot use {mnt}/state: Read-only file system\nexit 2\n")
+    assert (tmp_path / "kept.err").read_text() == (
+        f"edge: store: cannot use {mnt}/state: Read-only file system\nexit 2\n")
+    assert proc.stdout.split() == [".", "..", "store"]  # the store, not moved aside
