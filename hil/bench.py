@@ -86,6 +86,7 @@ from hil.cgroup import Group, Unavailable, limited  # noqa: E402
 from hil.mapgen import map_from_device, toml_text, write_map  # noqa: E402
 from tests.peers import (  # noqa: E402
     BrokerHandle,
+    EdgeProcess,
     Subscriber,
     free_port,
     pty_pair,
@@ -93,7 +94,6 @@ from tests.peers import (  # noqa: E402
     start_broker,
     start_sim,
 )
-from tests.test_pipeline import EdgeProcess  # noqa: E402
 
 KINDS = ("steady", "outage", "power_cut", "low_power", "reload", "device_faults", "memory_pressure")
 

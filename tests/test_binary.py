@@ -11,17 +11,8 @@ from pathlib import Path
 import pytest
 
 import edge
-from tests.peers import Subscriber, start_broker
-from tests.test_pipeline import (
-    ROOT,
-    EdgeProcess,
-    check_delivery,
-    config_dict,
-    delivered_count,
-    device,
-    stop,
-    write_config,
-)
+from tests.peers import EdgeProcess, Subscriber, start_broker, stop, write_config
+from tests.test_pipeline import ROOT, check_delivery, config_dict, delivered_count, device
 
 BINARY = Path(os.environ.get("EDGE_BINARY", ROOT / "dist" / "edge"))
 pytestmark = pytest.mark.skipif(

@@ -114,12 +114,13 @@ def test_a_config_that_is_not_a_bounded_regular_file_is_refused_at_once(tmp_path
         with open(path, "wb") as f:
             f.truncate(config_module.MAX_CONFIG_BYTES + 1)  # sparse: its size is what is refused
     for command in ("check", "run"):
-        proc = subprocess.run([sys.executable, "-m", "edge", command, str(path)], cwd=ROOT, capture_output=True,
-                              text=True, timeout=30, check=False)
+        proc = subprocess.run([sys.executable, "-m", "edge", command, str(path)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=30, check=False)
         assert proc.returncode == 2 and proc.stdout == "", proc
         expected = (f"above the {config_module.MAX_CONFIG_BYTES:,}" if kind == "too large"
                     else f"not a regular file (a {kind.replace('fifo', 'FIFO')})")
-        assert proc.stderr.startswith(f"edge: {path}: ") and expected in proc.stderr and proc.stderr.count("\n") == 1
+        assert proc.stderr.startswith(f"edge: {path}: ") and expected in proc.stderr
+        assert proc.stderr.count("\n") == 1
 
 
 def test_check_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,19 @@ from edge.config import load, parse
 from edge.reading import quality_name, strict_json
 from edge.store import Block, dump, encode_block, inspect
 from edge.uplink import Payloads
-from tests.peers import Subscriber, free_port, make_ca, start_broker, start_sim, write_map
+from tests.peers import (
+    EdgeProcess,
+    Subscriber,
+    free_port,
+    make_ca,
+    metric,
+    start_broker,
+    start_sim,
+    stop,
+    wait_metric,
+    write_config,
+    write_map,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_790_000_000_000_000_000
@@ -270,92 +282,6 @@ def test_tls_with_a_test_ca_and_server_name(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ as a real process
-
-class EdgeProcess:
-    """`edge run` as a subprocess; its log is read continuously (a full pipe would block its logging)."""
-
-    def __init__(self, config: Path, edge: Sequence[str] = (sys.executable, "-m", "edge")) -> None:
-        self.proc = subprocess.Popen([*edge, "run", str(config)], cwd=ROOT,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.lines: list[str] = []
-        self.changed = threading.Condition()
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            with self.changed:
-                self.lines.append(raw.decode(errors="replace"))
-                self.changed.notify_all()
-
-    @property
-    def log(self) -> str:
-        with self.changed:
-            return "".join(self.lines)
-
-    def metrics_port(self, timeout: float = 30.0) -> int:
-        with self.changed:
-            ok = self.changed.wait_for(lambda: any("/metrics" in x for x in self.lines) or
-                                       self.proc.poll() is not None, timeout)
-            line = next((x for x in self.lines if "/metrics" in x), None)
-        if not ok or line is None:
-            raise RuntimeError(f"appliance did not start:\n{self.log}")
-        return int(line.split("127.0.0.1:")[1].split("/")[0])
-
-
-def metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith((name + " ", name + "{")):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-def wait_metric(port: int, name: str, cond: Callable[[float], bool], timeout: float = 30.0) -> float:
-    deadline = time.monotonic() + timeout
-    while not cond(value := metric(port, name)):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{name} = {value}")
-        time.sleep(0.1)
-    return value
-
-
-def write_config(path: Path, cfg: dict[str, Any]) -> None:
-    def value(v: Any) -> str:
-        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
-
-    def table(name: str, entries: dict[str, Any]) -> None:
-        lines.append(f"[{name}]")
-        lines.extend(f"{k} = {value(v)}" for k, v in entries.items() if not isinstance(v, dict))
-        for k, v in entries.items():
-            if isinstance(v, dict):
-                table(f"{name}.{k}", v)
-
-    lines: list[str] = []
-    for section in ("appliance", "store", "uplink", "metrics", "governor"):
-        if section in cfg:
-            table(section, cfg[section])
-    for d in cfg["device"]:
-        lines.append("[[device]]")
-        lines += [f"{k} = {value(v)}" for k, v in d.items() if k != "tag"]
-        for t in d["tag"]:
-            lines.append("[[device.tag]]")
-            lines += [f"{k} = {value(v)}" for k, v in t.items()]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def stop(edge: EdgeProcess) -> int:
-    """SIGTERM and the exit code; a process still running after 30 s has its stacks dumped (SIGUSR1) into
-    the failure message before it is killed."""
-    edge.proc.send_signal(signal.SIGTERM)
-    try:
-        return edge.proc.wait(30)
-    except subprocess.TimeoutExpired:
-        edge.proc.send_signal(signal.SIGUSR1)
-        time.sleep(1)  # let faulthandler write the stacks before the kill
-        edge.proc.kill()
-        raise AssertionError(f"edge did not stop on SIGTERM:\n{edge.log[-6000:]}") from None
-
 
 def test_kill_9_during_a_backlog_drain_loses_nothing_committed(tmp_path: Path) -> None:
     port = free_port()

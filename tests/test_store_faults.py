@@ -10,15 +10,22 @@ from pathlib import Path
 
 import pytest
 
+from edge.store import inspect
+from tests.peers import EdgeProcess, start_sim, stop, wait_metric, write_map
+from tests.test_pipeline import STOPPED
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def conf(tmp: Path, state_dir: Path, **store: str) -> Path:
+def conf(tmp: Path, state_dir: Path, *, port: int = 1, interval: str = "1s", tags: int = 1,
+         **store: str) -> Path:
+    """A config of one TCP device (`tags` uint16 registers from 0) on 127.0.0.1:port."""
     path = tmp / "config.toml"
     extra = "".join(f'{k} = "{v}"\n' for k, v in store.items())
+    tag = "".join(f'[[device.tag]]\nname = "t{a}"\naddress = {a}\n' for a in range(tags))
     path.write_text(f'[appliance]\nid = "f"\nstate_dir = "{state_dir}"\n[[device]]\nname = "d"\n'
-                    f'host = "127.0.0.1"\nport = 1\n[[device.tag]]\nname = "a"\naddress = 0\n'
-                    f"[store]\nmap_size = \"16MiB\"\n{extra}[metrics]\nport = 0\n[uplink]\nport = 1\n")
+                    f'host = "127.0.0.1"\nport = {port}\ninterval = "{interval}"\n{tag}'
+                    f'[store]\nmap_size = "16MiB"\n{extra}[metrics]\nport = 0\n[uplink]\nport = 1\n')
     return path
 
 
@@ -65,3 +72,33 @@ def test_a_read_only_state_dir_is_one_line_and_exit_2_and_its_store_is_kept(tmp_
     assert (tmp_path / "kept.err").read_text() == (
         f"edge: store: cannot use {mnt}/state: Read-only file system\nexit 2\n")
     assert proc.stdout.split() == [".", "..", "store"]  # the store, not moved aside
+
+
+def test_the_store_removed_while_edge_runs_is_noticed_counted_and_replaced(tmp_path: Path) -> None:
+    """rm -rf of the state directory under a running appliance (offline: a backlog builds): the lost
+    backlog is counted and logged once, a fresh store takes the readings from then on, and the stop's
+    account adds up."""
+    points = [{"table": "holding", "address": a, "type": "uint16", "wave": "counter", "step": 1.0}
+              for a in range(20)]
+    write_map(tmp_path / "map.toml", [{"id": 1, "points": points}])
+    state = tmp_path / "state"
+    with start_sim(tmp_path / "map.toml") as sim:
+        assert sim.port is not None
+        path = conf(tmp_path, state, port=sim.port, interval="20ms", tags=20, commit_interval="100ms")
+        edge = EdgeProcess(path)
+        try:
+            mport = edge.metrics_port()
+            lost = wait_metric(mport, "edge_store_backlog_readings", lambda v: v >= 2000)
+            shutil.rmtree(state)
+            wait_metric(mport, "edge_store_readings_dropped_total", lambda v: v >= lost, timeout=30)
+            assert (state / "store" / "data.mdb").exists()  # a fresh store, taking readings again
+            wait_metric(mport, "edge_store_backlog_readings", lambda v: v >= 1000)
+        finally:
+            code = stop(edge)
+    assert code == 0, edge.log
+    assert edge.log.count("was removed while edge ran") == 1, edge.log
+    found = STOPPED.search(edge.log)
+    assert found, edge.log
+    polled, stored, delivered, backlog, dropped = map(int, found.groups())
+    assert polled == stored == backlog + dropped and delivered == 0 and dropped >= lost
+    assert inspect(state / "store", 16 << 20).readings == backlog  # what the fresh store holds at the end

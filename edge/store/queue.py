@@ -84,7 +84,16 @@ from edge.store.layout import (
     parse_key,
     queue_items,
 )
-from edge.store.recovery import CRASHED_OPENS, PERSISTED, Files, Opened, move_aside, oldest_ts, open_checked
+from edge.store.recovery import (
+    CRASHED_OPENS,
+    PERSISTED,
+    Files,
+    Opened,
+    create,
+    move_aside,
+    oldest_ts,
+    open_checked,
+)
 
 log = logging.getLogger("edge.store")
 
@@ -186,6 +195,7 @@ class Store:
         self._per_block = MAX_VALUE // 10  # readings per block estimate, adapted to the compression ratio
         self._compressor = zstandard.ZstdCompressor(level=1)
         self._mapped: tuple[lmdb.Environment, int, int] | None = None  # env, address, length of its map
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the data file opened
         self.next_seq = 0
         self._open()
 
@@ -230,6 +240,7 @@ class Store:
 
     def _use(self, o: Opened) -> None:
         self.env, self.db_blocks, self.db_rejected, self.db_meta = o.env, o.blocks, o.rejected, o.meta
+        self._identity = _identity(self.path / "data.mdb")
         self.next_seq = o.next_seq
         c = self.counters
         c.backlog_blocks, c.backlog_readings = o.backlog_blocks, o.backlog_readings
@@ -246,6 +257,46 @@ class Store:
                              map_size=self.cfg.map_size, totals=self._totals(), next_seq=self.next_seq)
         for name, value in carried.items():
             setattr(self.counters, name, value)
+
+    def _lost(self) -> str | None:
+        """Why the file this environment has open is no longer the store at `path` (removed, replaced),
+        else None. LMDB would go on writing into the unlinked file: whatever it holds is lost at exit."""
+        now = _identity(self.path / "data.mdb")
+        if now == self._identity:
+            return None
+        return "its data.mdb was removed" if now is None else "its data.mdb was replaced"
+
+    def _reopen(self, reason: str) -> None:  # both locks held
+        """The store was removed or replaced while open: its backlog is lost (counted as dropped); go on
+        with what is at `path` now, or a fresh store carrying the totals."""
+        c = self.counters
+        found = (self.path / "data.mdb").exists()
+        log.error("store %s: %s while edge ran: its %d readings in %d blocks are lost (counted in "
+                  "readings_dropped); going on with %s", self.path, reason, c.backlog_readings,
+                  c.backlog_blocks, "the store found there" if found else "a fresh store")
+        c.blocks_dropped += c.backlog_blocks
+        c.readings_dropped += c.backlog_readings
+        c.backlog_blocks = c.backlog_readings = 0
+        self._in_flight.clear()
+        self._acked.clear()
+        self._rejecting.clear()
+        self.env.close()
+        self._usable()
+        if not (self.path / "data.mdb").exists():
+            create(self.path, self.files, appliance_id=self.appliance_id, map_size=self.cfg.map_size,
+                   totals=self._totals(), next_seq=self.next_seq)
+        totals, seq = self._totals(), self.next_seq
+        try:
+            opened = open_checked(self.path, self.cfg.map_size, self.appliance_id, full=True)
+        except (lmdb.Error, StoreDamaged, OSError, struct.error) as e:
+            self._move_aside(str(e))
+            opened = open_checked(self.path, self.cfg.map_size, self.appliance_id, full=False)
+        self._use(opened)
+        for name, value in totals.items():  # the totals are the appliance's, not the file's
+            setattr(c, name, max(value, getattr(c, name)))
+        self.next_seq = max(seq, opened.next_seq)  # never a sequence number used before
+        if problem := self.files.save_totals(self._totals()):
+            log.warning("store: %s", problem)
 
     def recover(self, reason: str) -> None:
         """Damage found: move the store aside and continue with a fresh one. Its backlog is counted as
@@ -325,6 +376,8 @@ class Store:
             with self._lock:
                 if self._damage is not None:
                     self._recover(self._damage)
+                elif (lost := self._lost()) is not None:
+                    self._reopen(lost)
                 sealed = self._seal()
             if not sealed:
                 return 0
@@ -621,6 +674,15 @@ class Store:
     def _once(self, kind: str, level: int, message: str, *args: object) -> None:
         log.log(level if kind not in self._logged else logging.DEBUG, message, *args)
         self._logged.add(kind)
+
+
+def _identity(file: Path) -> tuple[int, int] | None:
+    """(device, inode) of a file, None if it is not there."""
+    try:
+        st = os.stat(file)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _load_libc() -> ctypes.CDLL | None:

@@ -194,7 +194,15 @@ def move_aside(path: Path, files: Files, reason: str, *, appliance_id: str, map_
     saved = files.read_totals()
     carried = {name: max(totals.get(name, 0), saved.get(name, 0)) for name in PERSISTED}
     carried["recoveries"] += 1
-    if problem := files.save_totals(carried):
+    create(path, files, appliance_id=appliance_id, map_size=map_size, totals=carried, next_seq=next_seq)
+    return carried
+
+
+def create(path: Path, files: Files, *, appliance_id: str, map_size: int, totals: dict[str, int],
+           next_seq: int) -> None:
+    """An empty store at `path` carrying `totals`, its sequence numbers above `next_seq` and every one a
+    store of this appliance used before (they start at the time in microseconds)."""
+    if problem := files.save_totals(totals):
         log.warning("store: %s", problem)
     path.mkdir(parents=True, exist_ok=True)
     env = open_env(path, map_size)
@@ -203,8 +211,7 @@ def move_aside(path: Path, files: Files, reason: str, *, appliance_id: str, map_
             meta = env.open_db(b"meta", txn=txn)
             txn.put(b"next_seq", U64.pack(max(time.time_ns() // 1000, next_seq)), db=meta)
             txn.put(b"appliance", appliance_id.encode(), db=meta)
-            for name, value in carried.items():
+            for name, value in totals.items():
                 txn.put(name.encode(), U64.pack(value), db=meta)
     finally:
         env.close()
-    return carried
