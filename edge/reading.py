@@ -8,6 +8,7 @@ never silence:
     0x02 DISCONNECTED  no connection / serial port not open
     0x03 BAD_FRAME     bytes arrived but no valid frame (CRC error, garbled reply)
     0x04 BREAKER_OPEN  not asked: the device's circuit breaker is open after repeated failures
+    0x05 BAD_EXCEPTION the device answered with an exception code outside 1..63 (the code is logged)
     0x40 | code        the device answered with Modbus exception `code`
                        (0x41 illegal function, 0x42 illegal address, 0x43 illegal value,
                         0x44 device failure, 0x46 busy, 0x4B gateway target failed to respond)
@@ -23,10 +24,11 @@ TIMEOUT = 0x01
 DISCONNECTED = 0x02
 BAD_FRAME = 0x03
 BREAKER_OPEN = 0x04
+BAD_EXCEPTION = 0x05
 EXCEPTION = 0x40
 
 _NAMES = {GOOD: "good", TIMEOUT: "timeout", DISCONNECTED: "disconnected", BAD_FRAME: "bad_frame",
-          BREAKER_OPEN: "breaker_open"}
+          BREAKER_OPEN: "breaker_open", BAD_EXCEPTION: "exception_out_of_range"}
 _EXCEPTIONS = {1: "illegal_function", 2: "illegal_address", 3: "illegal_value", 4: "device_failure",
                5: "acknowledge", 6: "busy", 8: "memory_parity", 10: "gateway_path",
                11: "gateway_no_response"}

@@ -46,6 +46,7 @@ from edge.poll.plan import Request, make_request, plan_device
 from edge.poll.schedule import Schedule
 from edge.poll.transport import Link, ReadError, serial_link, tcp_link
 from edge.reading import (
+    BAD_EXCEPTION,
     BAD_FRAME,
     BREAKER_OPEN,
     DISCONNECTED,
@@ -133,15 +134,22 @@ class DeviceRunner:
         return 0.0 if self.bus is None else self.bus.wire_time(9 + 2 * n + 8)
 
     def report(self, kind: str, message: str, *args: object) -> None:
-        """Log a failure kind once at WARNING, then at DEBUG until recovery."""
+        """Log a failure once at WARNING, then at DEBUG until it recovers. `kind` names the failure and
+        what failed ("timeout@holding 0+10"), so a device whose one request fails while the others
+        succeed logs that request once, not twice a cycle."""
         level = logging.DEBUG if kind in self.reported else logging.WARNING
         self.reported.add(kind)
         log.log(level, message, *args)
 
-    def recovered(self) -> None:
-        if self.reported - {"illegal"}:
-            log.info("device %s: answering again", self.device.name)
-        self.reported &= {"illegal"}
+    def recovered(self, job: Job, breaker_closed: bool) -> None:
+        """A good reply to `job`: what was reported of it is over (one line for all of it)."""
+        suffix = f"@{job.req}"
+        over = {k for k in self.reported if k.endswith(suffix)}
+        if breaker_closed:
+            over.add("breaker")
+        if over & self.reported:
+            self.reported -= over
+            log.info("device %s: %s answering again", self.device.name, job.req)
         self.stats.up = True
 
     def deadband(self, job: Job, values: list[Value], readings: list[Reading]) -> list[Reading]:
@@ -346,7 +354,7 @@ class Line:
             return bad(job, BREAKER_OPEN), None
         attempts = 1 if runner.breaker.is_open else 1 + dev.retries
         busy_left = BUSY_RETRIES
-        quality = TIMEOUT
+        quality, detail = TIMEOUT, ""
         attempt = 0
         late = False  # an attempt's reply may still come, and so may those of the attempts after it
         self.link.unanswered = 0  # every earlier request was answered, garbled, or settled
@@ -358,7 +366,7 @@ class Line:
                 regs = await self.link.read(dev.unit, req.function, req.start, req.count, runner.timeout(job))
             except ReadError as e:
                 self.last_end = runner.last_end = time.monotonic()
-                quality = e.quality
+                quality, detail = e.quality, str(e)
                 stats.errors[quality_name(quality)] += 1
                 if quality in (TIMEOUT, BAD_FRAME):
                     runner.filter.on_timeout()
@@ -378,7 +386,7 @@ class Line:
             end = self.last_end = runner.last_end = time.monotonic()
             # after a timeout the reply may be the late one of an earlier attempt: no latency sample
             return self.decoded(runner, job, regs, end - t0, not late), t0 if late else None
-        return self.failed(runner, job, quality), t0 if late else None
+        return self.failed(runner, job, quality, detail), t0 if late else None
 
     def decoded(self, runner: DeviceRunner, job: Job, regs: Sequence[int] | Sequence[bool],
                 latency: float, sample: bool = True) -> list[Reading]:
@@ -390,18 +398,19 @@ class Line:
             stats.latency_buckets[bucket] += 1
         if sample:
             runner.filter.update(max(0.0, latency - runner.wire_time(job)))
-        if runner.breaker.success() or not stats.up:
-            runner.recovered()
+        closed = runner.breaker.success()
+        if closed or runner.reported or not stats.up:
+            runner.recovered(job, closed)
         values = job.req.decoder.decode(regs)
         readings: list[Reading] = list(zip(job.ids, repeat(time.time_ns()), values, repeat(GOOD),
                                            strict=False))
         return runner.deadband(job, values, readings) if job.deadbands else readings
 
-    def failed(self, runner: DeviceRunner, job: Job, quality: int) -> list[Reading]:
+    def failed(self, runner: DeviceRunner, job: Job, quality: int, detail: str = "") -> list[Reading]:
         name = runner.device.name
         for _, tid, _, _, _ in job.deadbands:  # after a bad reading the next good one is always kept
             runner.last_kept.pop(tid, None)
-        if quality & EXCEPTION:
+        if quality & EXCEPTION or quality == BAD_EXCEPTION:
             runner.breaker.success()  # it answered: alive, but refuses this request
             if quality == ILLEGAL_ADDRESS:
                 t = job.req.tags[0]
@@ -409,12 +418,13 @@ class Line:
                               "illegal address; check the tag's table and address", name, t.name, t.table,
                               t.address)
             else:
-                runner.report(quality_name(quality), "device %s: %s for %s", name, quality_name(quality),
-                              job.req)
+                extra = f" ({detail})" if quality == BAD_EXCEPTION else ""
+                runner.report(f"{quality_name(quality)}@{job.req}", "device %s: %s for %s%s", name,
+                              quality_name(quality), job.req, extra)
             return bad(job, quality)
         runner.stats.up = False
-        runner.report(quality_name(quality), "device %s: %s (%s); its tags read bad quality", name,
-                      quality_name(quality), job.req)
+        runner.report(f"{quality_name(quality)}@{job.req}", "device %s: %s (%s); its tags read bad quality",
+                      name, quality_name(quality), job.req)
         if runner.breaker.failure(time.monotonic()):
             log.log(logging.WARNING if "breaker" not in runner.reported else logging.DEBUG,
                     "device %s: %d failures in a row, backing off", name, runner.breaker.failures)

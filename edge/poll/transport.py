@@ -3,9 +3,12 @@ imports pymodbus (pinned exactly: its API moves between minor versions).
 
 A link performs one read at a time and classifies every failure into a quality code (edge.reading):
 
-    device exception reply       -> ReadError(EXCEPTION | code)
+    device exception reply       -> ReadError(EXCEPTION | code), BAD_EXCEPTION for a code above 63
     no reply in time             -> ReadError(TIMEOUT), or BAD_FRAME when bytes did arrive but never
                                     formed a valid frame (pymodbus drops frames failing the CRC)
+    a frame pymodbus cannot parse -> ReadError(BAD_FRAME) at once (a hostile or broken device: a short
+                                    MBAP length, an exception without its code, an unknown function, a
+                                    byte count beyond the data); the bytes are discarded
     not connected / link lost    -> ReadError(DISCONNECTED)
 
 pymodbus's own retries and auto-reconnect are switched off: retries, backoff and the circuit breaker
@@ -29,7 +32,7 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from pymodbus.pdu.register_message import ReadHoldingRegistersResponse, ReadInputRegistersResponse
 
 from edge.config import Bus, Device
-from edge.reading import BAD_FRAME, DISCONNECTED, EXCEPTION, TIMEOUT
+from edge.reading import BAD_EXCEPTION, BAD_FRAME, DISCONNECTED, EXCEPTION, TIMEOUT
 
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
@@ -77,6 +80,7 @@ class Link:
         self.last_error = ""
         self._readers: dict[int, Any] = {}
         self.unanswered = 0  # requests sent whose reply has not come (yet): see settle()
+        self.garbled = 0  # frames the parser could not read
         self._answer = asyncio.Event()
 
     def _create(self) -> Any:
@@ -85,12 +89,32 @@ class Link:
         client.register(_InputResponse)
         client.ctx.trace_packet = self._trace
         client.ctx.trace_pdu = self._trace_pdu
+        client.ctx.callback_data = self._guard(client.ctx)
         self._answer = asyncio.Event()  # of this event loop, like the client
         self._readers = {
             1: client.read_coils, 2: client.read_discrete_inputs,
             3: client.read_holding_registers, 4: client.read_input_registers,
         }
         return client
+
+    def _guard(self, ctx: Any) -> Callable[..., int]:
+        """pymodbus's frame parser, with every failure of it caught where the device's bytes enter: a
+        frame it cannot parse raised out of data_received, and asyncio closed the connection with a
+        20-line traceback each time. Here the bytes are dropped and the waiting request fails at once
+        as a bad frame."""
+        parse = ctx.callback_data
+
+        def guarded(data: bytes, addr: tuple[Any, ...] | None = None) -> int:
+            try:
+                return int(parse(data, addr=addr))
+            except Exception as e:  # noqa: BLE001 (any parse failure of hostile bytes; one place)
+                self.garbled += 1
+                future = getattr(ctx, "response_future", None)
+                if future is not None and not future.done():
+                    future.set_exception(ModbusIOException(f"unparsable frame: {type(e).__name__}: {e}"))
+                return len(data)
+
+        return guarded
 
     def _trace(self, sending: bool, data: bytes) -> bytes:
         if not sending:
@@ -193,7 +217,9 @@ class Link:
         if rr.function_code & 0x7F != function:  # exception replies: function | 0x80
             raise self._foreign(f"function {rr.function_code:#04x} in the reply to function {function}")
         if rr.isError():
-            code = int(getattr(rr, "exception_code", 4)) & 0x3F
+            code = int(getattr(rr, "exception_code", 4))
+            if not 1 <= code <= 0x3F:  # no room in a quality byte: not to be mistaken for another code
+                raise ReadError(BAD_EXCEPTION, f"{self.name}: exception code {code}")
             raise ReadError(EXCEPTION | code, f"{self.name}: exception {code}")
         return rr
 
