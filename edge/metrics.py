@@ -8,11 +8,12 @@ snapshot()) when scraped: nothing is updated per reading, so metrics cost nothin
                    seconds (edge.supervise.stalled, the watchdog's definition); 503 otherwise, naming
                    the stalled stage
 
-Served from the event loop (asyncio), never a thread per connection: at most MAX_CONNECTIONS at once
-(more are closed at once), each request read within REQUEST_TIMEOUT and at most MAX_REQUEST bytes, one
-request per connection. Metrics are an observer: if the port cannot be bound (another process holds it)
-that is logged once, shown in the systemd status line, and retried with backoff; polling, storing and
-forwarding go on.
+Served from the event loop (asyncio), never a thread per connection: at most MAX_CONNECTIONS wait for
+their request at once (a new one closes the oldest waiting, so idle connections cannot lock scrapers
+out), each request read within REQUEST_TIMEOUT and at most MAX_REQUEST bytes, one request per connection.
+The rendered /metrics is reused for RENDER_REUSE seconds, so a flood of scrapes costs one render.
+Metrics are an observer: if the port cannot be bound (another process holds it) that is logged once,
+shown in the systemd status line, and retried with backoff; polling, storing and forwarding go on.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ HEALTH_STALE = 30.0  # seconds without a beat before /health names a stage stall
 MAX_CONNECTIONS = 16
 MAX_REQUEST = 8192  # bytes of request line and headers
 REQUEST_TIMEOUT = 5.0
+RENDER_REUSE = 0.5  # seconds a rendered /metrics answers further scrapes
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +224,8 @@ class MetricsServer:
         ProcessCollector(namespace="edge", registry=self.registry)
         self.port: int | None = None
         self.problem: str | None = None
-        self.active = 0
+        self.waiting: dict[asyncio.StreamWriter, None] = {}  # connected, request not read yet, oldest first
+        self.rendered = (-RENDER_REUSE, b"")
 
     async def run(self) -> None:
         """Listen and serve until cancelled; while the port cannot be bound, retry with backoff."""
@@ -248,13 +251,15 @@ class MetricsServer:
                 await server.serve_forever()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.active >= MAX_CONNECTIONS:
-            writer.close()
-            return
-        self.active += 1
+        if len(self.waiting) >= MAX_CONNECTIONS:
+            oldest = next(iter(self.waiting))
+            del self.waiting[oldest]
+            oldest.transport.abort()  # its readuntil() ends, and its handler with it
+        self.waiting[writer] = None
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
+                self.waiting.pop(writer, None)
                 status, ctype, body = self.respond(head)
                 writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                              "Connection: close\r\n\r\n".encode() + body)
@@ -262,7 +267,7 @@ class MetricsServer:
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
             pass  # a slow, silent, oversized or vanished client: dropped
         finally:
-            self.active -= 1
+            self.waiting.pop(writer, None)
             writer.close()
 
     def respond(self, head: bytes) -> tuple[str, str, bytes]:
@@ -274,7 +279,10 @@ class MetricsServer:
             return "405 Method Not Allowed", "text/plain", b"GET only\n"
         path = parts[1].split(b"?", 1)[0]
         if path == b"/metrics":
-            return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
+            now = time.monotonic()
+            if now - self.rendered[0] >= RENDER_REUSE:
+                self.rendered = (now, generate_latest(self.registry))
+            return "200 OK", CONTENT_TYPE_LATEST, self.rendered[1]
         if path == b"/health":
             ok, body = health(self.beats())
             status = "200 OK" if ok else "503 Service Unavailable"

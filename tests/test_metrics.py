@@ -1,0 +1,86 @@
+"""The metrics endpoint of a running appliance (`edge run`, a simulated device): served from the event
+loop, bounded, and never the reason the appliance stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.peers import EdgeProcess, free_port, start_sim, stop, wait_metric, write_config, write_map
+
+
+@pytest.fixture
+def edge(tmp_path: Path) -> Iterator[tuple[EdgeProcess, int]]:
+    write_map(tmp_path / "map.toml", [{"id": 1, "points": [
+        {"table": "holding", "address": 0, "type": "uint16", "wave": "counter", "step": 1.0}]}])
+    with start_sim(tmp_path / "map.toml") as sim:
+        conf = tmp_path / "config.toml"
+        write_config(conf, {
+            "appliance": {"id": "m", "state_dir": str(tmp_path / "state")},
+            "device": [{"name": "d", "host": "127.0.0.1", "port": sim.port, "interval": "100ms",
+                        "tag": [{"name": "a", "address": 0}]}],
+            "store": {"map_size": "16MiB"}, "uplink": {"port": free_port()}, "metrics": {"port": 0}})
+        process = EdgeProcess(conf)
+        try:
+            yield process, process.metrics_port()
+        finally:
+            assert stop(process) == 0, process.log
+
+
+def get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_two_hundred_idle_connections_lock_nobody_out(edge: tuple[EdgeProcess, int]) -> None:
+    """Connections that never send a request (a scanner, a stuck client, an attacker) hold no thread and
+    cannot fill the server: each new one pushes the oldest idle one out, and scrapes keep answering."""
+    process, port = edge
+    idle = []
+    try:
+        idle.extend(socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(200))
+        for _ in range(5):
+            status, body = get(port, "/metrics")
+            assert status == 200 and b"edge_uptime_seconds" in body
+            status, body = get(port, "/health")
+            assert status == 200 and json.loads(body)["ok"] is True
+        assert len(os.listdir(f"/proc/{process.proc.pid}/task")) <= 3  # no thread per connection
+        closed = sum(1 for s in idle if _closed(s))
+        assert closed >= 200 - 16  # the oldest idle ones were let go
+    finally:
+        for s in idle:
+            s.close()
+    wait_metric(port, "edge_store_commits_total", lambda v: v >= 2)  # the appliance went on meanwhile
+
+
+def _closed(s: socket.socket) -> bool:
+    """Closed (or reset) by the server; False while it is still open."""
+    s.settimeout(0.2)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_oversized_slow_and_malformed_requests_are_dropped(edge: tuple[EdgeProcess, int]) -> None:
+    _, port = edge
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 20_000 + b"\r\n\r\n")  # beyond the 8 KiB head
+        assert s.recv(100) == b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"NONSENSE\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 400")
+    assert get(port, "/nothing")[0] == 404
+    assert get(port, "/metrics")[0] == 200
