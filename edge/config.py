@@ -306,6 +306,7 @@ class Device:
 class Store:
     path: Path
     map_size: int = 1 << 30
+    reserve: bool = True  # allocate the data file up to map_size (fallocate, nothing written)
     commit_interval: float = 1.0
     commit_bytes: int = 256 * 1024
     low_power_commit_interval: float = 30.0
@@ -360,6 +361,18 @@ class Governor:
 
 
 @dataclass(frozen=True, slots=True)
+class Commands:
+    """Remote writes over MQTT (cmd/write): off unless keys are configured; each command signed."""
+
+    remote: bool = False
+    keys: tuple[tuple[str, bytes], ...] = ()  # (name, HMAC-SHA256 key) pairs, read from their files
+    max_age: float = 600.0  # a command's `expires` may be at most this far in the future
+
+    def __repr__(self) -> str:  # keys are secrets: never in a log line or a traceback
+        return f"Commands(remote={self.remote}, keys={[n for n, _ in self.keys]}, max_age={self.max_age})"
+
+
+@dataclass(frozen=True, slots=True)
 class Metrics:
     enabled: bool = True
     listen: str = "127.0.0.1"
@@ -375,6 +388,7 @@ class Config:
     uplink: Uplink
     governor: Governor
     metrics: Metrics
+    commands: Commands = field(default_factory=Commands)
 
     def bus(self, name: str) -> Bus:
         return next(b for b in self.buses if b.name == name)
@@ -743,6 +757,7 @@ def _store(r: _Reader, state_dir: Path) -> Store:
     s = Store(
         path=path,
         map_size=r.size("map_size", 1 << 30, lo=1 << 20),
+        reserve=r.flag("reserve", True),
         commit_interval=r.duration("commit_interval", 1.0, lo=0.01, hi=3600.0),
         commit_bytes=r.size("commit_bytes", 256 * 1024, lo=1024),
         low_power_commit_interval=r.duration("low_power_commit_interval", 30.0, lo=0.01, hi=86400.0),
@@ -829,6 +844,37 @@ def _governor(r: _Reader) -> Governor:
     return g
 
 
+MIN_KEY_BYTES = 32
+
+
+def _commands(r: _Reader) -> Commands:
+    remote = r.flag("remote", False)
+    keys: list[tuple[str, bytes]] = []
+    k = r.sub("keys")
+    for name in k.table:
+        path = k.file(name)
+        if path is None:
+            continue
+        if not _NAME.match(name):
+            k.fail(name, f"invalid key name {name!r} (letters, digits, _ . -)")
+            continue
+        try:
+            secret = path.read_bytes().strip()
+        except OSError as e:
+            k.fail(name, f"cannot read {path}: {e.strerror}")
+            continue
+        if len(secret) < MIN_KEY_BYTES:
+            k.fail(name, f"{path} holds {len(secret)} bytes; a key needs at least {MIN_KEY_BYTES} "
+                         "(e.g. `openssl rand -hex 32`)")
+            continue
+        keys.append((name, secret))
+    c = Commands(remote, tuple(keys), r.duration("max_age", 600.0, lo=1.0, hi=86400.0))
+    if remote and not keys and not k.table:
+        r.fail("keys", "remote = true needs at least one key ([commands.keys] name = \"/path/to/key\")")
+    r.done()
+    return c
+
+
 def _metrics(r: _Reader) -> Metrics:
     m = Metrics(r.flag("enabled", True), r.text("listen", "127.0.0.1"),
                 r.integer("port", 9108, lo=0, hi=65535))
@@ -865,7 +911,8 @@ def parse(data: dict[str, Any], base: Path | None = None) -> Config:
                        zip(dev_readers, devices, strict=True) if x.bus and x.unit], "bus/unit")
     _check_ids(problems, [(d.path, x, index) for d, (x, index) in zip(dev_readers, parsed, strict=True)])
     cfg = Config(appliance, tuple(buses), tuple(devices), _store(root.sub("store"), appliance.state_dir),
-                 _uplink(root.sub("uplink")), _governor(root.sub("governor")), _metrics(root.sub("metrics")))
+                 _uplink(root.sub("uplink")), _governor(root.sub("governor")), _metrics(root.sub("metrics")),
+                 _commands(root.sub("commands")))
     root.done()
     if problems:
         raise ConfigError(problems)

@@ -111,7 +111,7 @@ def test_unit_file_verifies_and_is_hardened(tmp_path: Path) -> None:
 
 
 def install(m: Manager, sim_port: int, metrics: int, *, commit: str = "500ms", env: str = "",
-            extra: str = "", service: str = "") -> None:
+            extra: str = "", service: str = "", store: str = "") -> None:
     m.state.mkdir(parents=True, exist_ok=True)
     conf = m.base / "config.toml"
     conf.write_text(f"""[appliance]
@@ -134,7 +134,7 @@ type = "float32"
 [store]
 commit_interval = "{commit}"
 map_size = "32MiB"
-[uplink]
+{store}[uplink]
 port = {free_port()}
 backoff_min = "200ms"
 backoff_max = "1s"
@@ -319,3 +319,76 @@ memory_soft = "{FLOOD_SOFT >> 20}MiB"
             hwm = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
             assert hwm and int(hwm[1]) * 1024 < FLOOD_MEMORY_MAX * 0.85
     assert "governor: memory soft" in manager.log()
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `path` (the unit's state directory) for the test's length."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                       capture_output=True, text=True, timeout=30, check=False)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30, check=False)
+
+
+def fill(directory: Path) -> Path:
+    """A file taking every free byte of the file system holding `directory`."""
+    filler = directory / "filler"
+    chunk = b"\0" * (1 << 20)
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(chunk)
+                f.flush()
+        except OSError:
+            pass
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        except OSError:
+            pass
+    assert shutil.disk_usage(directory).free < 64 << 10
+    return filler
+
+
+@pytest.mark.parametrize("reserve", [True, False])
+def test_a_full_file_system_stops_nothing_and_damages_nothing(manager: Manager, device: int,
+                                                             reserve: bool) -> None:
+    """The state directory on a small tmpfs, filled by another program while edge runs. Reserved (the
+    default), the store goes on committing inside its own blocks. Not reserved, commits fail: readings
+    wait in RAM, polling goes on, and when room returns they are committed. Either way: no restart, no
+    crash, no store moved aside as damaged."""
+    mport = free_port()
+    with small_tmpfs(manager.state, "48m"):
+        install(manager, device, mport, commit="200ms", store=f"reserve = {str(reserve).lower()}\n")
+        with running(manager):
+            manager.ctl("start", UNIT)
+            pid = manager.prop("MainPID")
+            manager.wait(lambda: metric(mport, "edge_store_commits_total") >= 3, "commits")
+            filler = fill(manager.state)
+            commits = metric(mport, "edge_store_commits_total")
+            if reserve:
+                manager.wait(lambda: metric(mport, "edge_store_commits_total") >= commits + 10,
+                             "commits inside the reserved file")
+                assert metric(mport, "edge_store_commit_failures_total") == 0
+            else:
+                manager.wait(lambda: metric(mport, "edge_store_commit_failures_total") >= 3, "failures")
+                appended = metric(mport, "edge_store_readings_appended_total")
+                manager.wait(lambda: metric(mport, "edge_store_readings_appended_total") > appended + 20,
+                             "polling going on")
+                assert metric(mport, "edge_store_window_readings") > 20  # waiting in RAM
+                filler.unlink()  # room returns
+                manager.wait(lambda: metric(mport, "edge_store_commits_total") >= commits + 3,
+                             "commits again")
+                manager.wait(lambda: metric(mport, "edge_store_window_readings") < 20, "RAM committed")
+            assert manager.prop("MainPID") == pid and int(manager.prop("NRestarts")) == 0
+            assert metric(mport, "edge_store_recoveries_total") == 0
+            assert metric(mport, "edge_store_readings_dropped_total") == 0  # RAM held them all
+            assert not [p for p in manager.state.iterdir() if ".damaged-" in p.name]
+    log = manager.log()
+    assert "Traceback" not in log and log.count("commit failed") <= 1, log

@@ -93,6 +93,7 @@ from edge.store.recovery import (
     move_aside,
     oldest_ts,
     open_checked,
+    reserve,
 )
 
 log = logging.getLogger("edge.store")
@@ -229,7 +230,13 @@ class Store:
                     break
             self.path.parent.mkdir(parents=True, exist_ok=True)
             unclean = self.files.unclean_starts()
-            self.files.marker.write_text(str(unclean + 1))
+            try:
+                self.files.marker.write_text(str(unclean + 1))
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                log.warning("store: cannot write %s (%s): this start is not counted", self.files.marker,
+                            e.strerror)  # a full file system is not a reason to stop
             data = self.path / "data.mdb"
             if data.exists() and not os.access(data, os.R_OK | os.W_OK):
                 raise PermissionError(errno.EACCES, "not readable and writable by this user", str(data))
@@ -241,6 +248,10 @@ class Store:
     def _use(self, o: Opened) -> None:
         self.env, self.db_blocks, self.db_rejected, self.db_meta = o.env, o.blocks, o.rejected, o.meta
         self._identity = _identity(self.path / "data.mdb")
+        if self.cfg.reserve and (problem := reserve(self.path / "data.mdb", self.cfg.map_size)):
+            self._once("reserve", logging.WARNING, "store: cannot reserve %d MiB for %s (%s): running "
+                       "without; a full file system will make commits fail until room returns",
+                       self.cfg.map_size >> 20, self.path, problem)
         self.next_seq = o.next_seq
         c = self.counters
         c.backlog_blocks, c.backlog_readings = o.backlog_blocks, o.backlog_readings

@@ -19,8 +19,10 @@ environment meanwhile.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +157,41 @@ def _load(o: Opened, appliance_id: str, fresh: bool) -> None:
         o.oldest_ts = oldest_ts(txn, o.blocks)
     o.next_seq = max(U64.unpack(meta[b"next_seq"])[0], last + 1)
     o.totals = {name: U64.unpack(meta.get(name.encode(), bytes(8)))[0] for name in PERSISTED}
+
+
+def reserve(file: Path, size: int) -> str | None:
+    """Allocate `file`'s blocks up to `size` bytes without writing them (fallocate(2), mode 0): LMDB then
+    writes inside blocks that are already the store's, so a file system filled by something else cannot
+    fail a commit, and no page of the map is ever a hole (on tmpfs, a read fault on a hole of a full file
+    system is SIGBUS). Returns None, or why it could not (the store then runs without)."""
+    if _fallocate is None:
+        return "fallocate is not available"
+    try:
+        fd = os.open(file, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return e.strerror
+    try:
+        if os.fstat(fd).st_blocks * 512 >= size:
+            return None
+        if _fallocate(fd, 0, 0, size) != 0:
+            return os.strerror(ctypes.get_errno())
+    finally:
+        os.close(fd)
+    return None
+
+
+def _load_fallocate() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _load_fallocate()
 
 
 def oldest_ts(txn: lmdb.Transaction, blocks: Any) -> int | None:
