@@ -57,7 +57,7 @@ class Appliance:
         self.store = Store(config.store, config.appliance.id)
         self.governor = Governor(config)
         self.poller = Poller(config, self.store.add, self.governor.current)
-        self.commands = Commands(lambda: self.poller)
+        self.commands = Commands(lambda: self.poller, config.commands)
         self.uplink = Uplink(config, self.store, self.commands, self.governor.current)
         self.supervisor = Supervisor(self.beats, self.status_line)
         self.metrics: MetricsServer | None = None
@@ -205,6 +205,7 @@ class Appliance:
         self.governor.reconfigure(config)
         self.config = config
         self.poller = Poller(config, self.store.add, self.governor.current, previous=self.poller)
+        self.commands.reconfigure(config.commands)
         self._start("poll", self.poller.run())
         await self._stop_uplink()
         stats = self.uplink.stats

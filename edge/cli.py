@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -171,8 +172,7 @@ async def _write(config: Config, tag: str, value: Value, by: str) -> int:
 
     poller = Poller(config, lambda readings: None)
     try:
-        cmd = {"id": f"local-{os.getpid()}", "tag": tag, "value": value, "by": by}
-        result = await Commands(lambda: poller).handle(json.dumps(cmd).encode())
+        result = await Commands(lambda: poller).execute(f"local-{os.getpid()}", tag, value, by)
     finally:
         poller.close()
     if result["ok"]:
@@ -182,14 +182,38 @@ async def _write(config: Config, tag: str, value: Value, by: str) -> int:
     return EXIT_RUNTIME
 
 
+def _value(text: str) -> Value:
+    """42.5, true, "text" as JSON; anything else is taken as a string."""
+    try:
+        value: Value = json.loads(text)
+    except ValueError:
+        return text
+    return value
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    """Print a signed write command (docs/payload.md) for `mosquitto_pub -t <prefix>/<id>/cmd/write -m`."""
+    import secrets  # noqa: PLC0415
+
+    from edge.config import MIN_KEY_BYTES  # noqa: PLC0415
+    from edge.write import sign  # noqa: PLC0415
+
+    try:
+        key = args.key_file.read_bytes().strip()
+    except OSError as e:
+        raise ConfigError([f"sign: cannot read {args.key_file}: {e.strerror}"]) from e
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError([f"sign: {args.key_file} holds {len(key)} bytes; a key needs {MIN_KEY_BYTES}"])
+    command = {"id": args.id or f"{args.by}-{secrets.token_hex(6)}", "tag": args.tag,
+               "value": _value(args.value), "expires": int(time.time() + args.expires), "by": args.by}
+    print(sign(key, args.key or args.key_file.stem, command).decode())
+    return 0
+
+
 def cmd_write(args: argparse.Namespace) -> int:
     """Write one tag now, with the checks of a remote write (its own connection to the device)."""
     config = load(args.config)
-    try:
-        value = json.loads(args.value)  # 42.5, true, "text"; anything else is taken as a string
-    except ValueError:
-        value = args.value
-    return run_loop(_write(config, args.tag, value, args.by))
+    return run_loop(_write(config, args.tag, _value(args.value), args.by))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -287,6 +311,15 @@ def parser() -> argparse.ArgumentParser:
     wr.add_argument("value", help="a number, true/false, or text")
     wr.add_argument("--by", default=f"{os.environ.get('USER', 'local')}@cli", help="who writes (logged)")
     wr.set_defaults(fn=cmd_write)
+    sg = sub.add_parser("sign", help="print a signed remote write command (to publish on .../cmd/write)")
+    sg.add_argument("tag", help="device/tag")
+    sg.add_argument("value", help="a number, true/false, or text")
+    sg.add_argument("--key-file", type=Path, required=True, help="the HMAC key, as in [commands.keys]")
+    sg.add_argument("--key", help="its name in [commands.keys] (default: the file name without suffix)")
+    sg.add_argument("--expires", type=float, default=300.0, metavar="SECONDS", help="valid for (default 300)")
+    sg.add_argument("--id", help="command id (default: by-<random>)")
+    sg.add_argument("--by", default=f"{os.environ.get('USER', 'local')}@sign", help="who asks (logged)")
+    sg.set_defaults(fn=cmd_sign)
     stat = sub.add_parser("status", help="summary from the running appliance's metrics endpoint")
     stat.add_argument("--config", type=Path, default=Path(os.environ.get("EDGE_CONFIG", DEFAULT_CONFIG)))
     stat.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",

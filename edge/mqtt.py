@@ -11,10 +11,13 @@ from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edge.config import Config
 
 CONNECTION_ERRORS = (aiomqtt.MqttError, OSError, ssl.SSLError)
+MAX_INCOMING = 16 * 1024  # bytes of an MQTT packet to us (only commands arrive: edge.write.MAX_COMMAND)
 PUBLISH_ERRORS = (aiomqtt.MqttError, OSError)
 
 
@@ -83,8 +86,10 @@ def connect(config: Config, topic_status: str) -> Client:
     password = None
     if cfg.password_file:
         password = cfg.password_file.read_text().strip()
+    connect_properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    connect_properties.MaximumPacketSize = MAX_INCOMING  # the broker drops anything larger meant for us
     return Client(
-        cfg.host, cfg.port, username=cfg.username, password=password,
+        cfg.host, cfg.port, username=cfg.username, password=password, properties=connect_properties,
         identifier=f"edge-{config.appliance.id}", protocol=aiomqtt.ProtocolVersion.V5,
         will=aiomqtt.Will(topic_status, b"offline", qos=1, retain=True),
         keepalive=int(cfg.keepalive), timeout=cfg.publish_timeout,

@@ -153,7 +153,7 @@ class Uplink:
             try:
                 async with mqtt.connect(self.config, self.topic_status) as client:
                     commands = None
-                    if self.commands is not None:
+                    if self.commands is not None and self.config.commands.remote:
                         await client.subscribe(self.topic_write, qos=1)
                         commands = asyncio.create_task(self._commands(client, self.commands),
                                                        name="uplink:commands")
@@ -176,7 +176,8 @@ class Uplink:
 
     async def _commands(self, client: Client, commands: Commands) -> None:
         """Each write command in turn; its result published. Ends quietly when the connection drops
-        (the forwarding loop notices and reconnects)."""
+        (the forwarding loop notices and reconnects). A command is hostile input: whatever it does,
+        it gets a result and the loop goes on."""
         from edge import mqtt  # noqa: PLC0415 (loaded by run())
 
         with contextlib.suppress(*mqtt.CONNECTION_ERRORS):
@@ -184,8 +185,13 @@ class Uplink:
                 if str(message.topic) != self.topic_write:
                     continue
                 raw = message.payload
-                result = await commands.handle(raw if isinstance(raw, bytes) else str(raw).encode())
-                await client.publish(self.topic_result, json.dumps(result).encode(), qos=1)
+                payload = raw if isinstance(raw, bytes) else str(raw).encode()
+                try:
+                    result = await commands.handle(payload)
+                except Exception as e:
+                    log.exception("uplink: a write command failed unexpectedly: %s", type(e).__name__)
+                    result = {"id": None, "ok": False, "error": "internal error", "detail": type(e).__name__}
+                await client.publish(self.topic_result, json.dumps(result, allow_nan=False).encode(), qos=1)
 
     async def _pause(self, seconds: float) -> None:
         """Wait (beating every second) until `seconds` passed or stop() was called."""

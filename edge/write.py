@@ -1,32 +1,56 @@
 """Writes: one tag (never a raw address), one value, checked against the config, written on the device's
 line between two polls.
 
-From upstream, `<prefix>/<appliance id>/cmd/write` (QoS 1) carries JSON commands and every command gets
-one result on `.../cmd/result` (docs/payload.md):
+Locally, `edge write CONFIG DEVICE/TAG VALUE` (a shell on the box is trusted). Remotely, over MQTT, only
+when `[commands] remote = true`, and only commands signed with a configured key: the appliance then
+subscribes to `<prefix>/<appliance id>/cmd/write` (QoS 1) and publishes one result per command on
+`.../cmd/result` (docs/payload.md). A command travels in an envelope:
 
-    {"id": "c-17", "tag": "pump1/setpoint", "value": 42.5, "expires": 1795459200, "by": "scada"}
-    {"id": "c-17", "ok": true, "tag": "pump1/setpoint", "value": 42.5}
-    {"id": "c-18", "ok": false, "error": "out of range", "detail": "42000 is above max 100"}
+    {"key": "scada", "command": "<the command, a JSON object, as a string>", "sig": "<hex>"}
+    command: {"id": "c-17", "tag": "pump1/setpoint", "value": 42.5, "expires": 1795459200, "by": "scada"}
+    sig = HMAC-SHA256(key, the UTF-8 bytes of `command`), 64 lowercase hex digits
+
+The signature covers the exact bytes of the command (no canonical form to agree on), its id and its
+expiry among them. Checked in this order, each refusal counted by reason and answered:
+
+    too large        the message is over MAX_COMMAND bytes (not parsed)
+    bad command      not a JSON envelope of three strings, or a command that is not a JSON object with
+                     an id (string or integer, at most MAX_ID characters) and a tag
+    unknown key      `key` is not one of [commands.keys]
+    bad signature    `sig` does not match (compared in constant time)
+    expired          `expires` (unix seconds, required) has passed, or lies more than max_age ahead
+    id reused        a different command signed with the same key and id was executed (a redelivery
+                     of the same command gets its first result again instead, MQTT being at-least-once)
+    then the write's own checks: unknown tag, not writable, bad value, out of range, device exception,
+    timeout, disconnected
+
+Only a verified command reaches the replay memory, so nobody without a key can occupy a future id. Ids
+are remembered until their command expires; when MAX_REMEMBERED unexpired ids are held, new commands
+are refused ("busy") rather than forgetting one that could then be replayed. Every command is logged with
+its fields escaped and cut (a newline in `by` cannot forge a journal line); results carry no field longer
+than MAX_ID / MAX_TAG characters.
 
 Only tags with `writable = true` can be written; the value must fit the tag's type and its min/max
 (engineering units, before scale and offset are undone); it is encoded with the tag's type and byte
 order and written with FC 5 (coil), FC 6 (one register) or FC 16 (several). On an RS-485 bus the write
-waits for the line, so it never falls inside another device's transaction. A command id seen before is
-not executed again: its first result is sent again (MQTT delivers at least once). A command whose
-`expires` (unix seconds) has passed is refused. Every write is logged: by whom, which tag, which value.
+waits for the line, so it never falls inside another device's transaction.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import math
 import struct
 import time
-from collections import OrderedDict
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from edge.config import Commands as CommandsConfig
 from edge.config import Config, Device, Tag
 from edge.poll.decode import CODES, encode
 from edge.poll.transport import ReadError
@@ -37,7 +61,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edge.write")
 
-REMEMBERED = 1000  # command ids whose results are kept, to answer a redelivery without writing again
 
 
 class Refused(Exception):
@@ -101,52 +124,151 @@ def failure(e: ReadError) -> Refused:
     return Refused("timeout" if e.quality in (TIMEOUT, BAD_FRAME) else "disconnected", str(e))
 
 
-def _check_expiry(expires: Any) -> None:
-    if expires is not None and (not isinstance(expires, int | float) or time.time() > expires):
-        raise Refused("expired", f"expires {expires!r}, now {time.time():.0f}")
+MAX_COMMAND = 4096  # bytes of a command message
+MAX_ID = 64  # characters of a command id
+MAX_TAG = 200  # characters of "device/tag"
+MAX_REMEMBERED = 1000  # unexpired command ids held for redeliveries
+
+
+def sign(key: bytes, key_name: str, command: dict[str, Any]) -> bytes:
+    """The signed envelope of a command (what `edge sign` prints and a sender publishes).
+
+    >>> env = json.loads(sign(b"k" * 32, "scada", {"id": "c-1", "tag": "d/t", "value": 1, "expires": 9}))
+    >>> env["key"], env["command"], len(env["sig"])
+    ('scada', '{"id":"c-1","tag":"d/t","value":1,"expires":9}', 64)
+    """
+    text = json.dumps(command, separators=(",", ":"), allow_nan=False)
+    return json.dumps({"key": key_name, "command": text, "sig": _mac(key, text)}).encode()
+
+
+def _mac(key: bytes, text: str) -> str:
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def safe(value: Any, limit: int = 80) -> str:
+    """A field from outside, fit for one log line: what is not printable escaped, cut at `limit`.
+
+    >>> print(safe("ok\\nforged: line\\x1b[31m"), safe("ünï"), safe("x" * 100, 8))
+    ok\\nforged: line\\x1b[31m ünï xxxxxxxx...
+    """
+    text = value if isinstance(value, str) else str(value)
+    cut = text[:limit]
+    shown = cut if cut.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
+    return shown + "..." if len(text) > limit else shown
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """A command whose signature checked out."""
+
+    key: str
+    id: str | int
+    text: str
+    fields: dict[str, Any]
+    expires: float
 
 
 class Commands:
-    """Executes write commands on the running poller's lines; remembers results by command id."""
+    """Executes writes on the running poller's lines: local ones at once, remote ones once verified;
+    remembers the results of remote ones by (key, id) until they expire."""
 
-    def __init__(self, poller: Callable[[], Poller]) -> None:
+    def __init__(self, poller: Callable[[], Poller], config: CommandsConfig | None = None) -> None:
         self.poller = poller  # the running poller (a reload replaces it)
-        self.results: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.config = config or CommandsConfig()
+        self.results: dict[tuple[str, str | int], tuple[float, str, dict[str, Any]]] = {}
         self.executed = 0
         self.refused = 0
+        self.refusals: Counter[str] = Counter()
+        self._logged: set[str] = set()
+
+    def reconfigure(self, config: CommandsConfig) -> None:
+        """A reloaded [commands]: its keys and limits apply to the next command."""
+        self.config = config
 
     async def handle(self, payload: bytes) -> dict[str, Any]:
-        """The result of one command message (always a dict with "id" and "ok")."""
+        """The result of one remote command message (always a dict with "id" and "ok"); never raises."""
         try:
-            cmd = json.loads(payload)
-        except ValueError as e:
-            cmd = str(e)
-        if not isinstance(cmd, dict) or not isinstance(cmd.get("id"), str | int):
-            self.refused += 1
-            detail = cmd if isinstance(cmd, str) else "not a JSON object with an id"
-            return {"id": None, "ok": False, "error": "bad command", "detail": detail}
-        cid = str(cmd["id"])
-        if cid in self.results:
-            log.info("write %s: already done (a redelivery); result sent again", cid)
-            return self.results[cid]
-        result = await self._execute(cid, cmd)
-        self.results[cid] = result
-        while len(self.results) > REMEMBERED:
-            self.results.popitem(last=False)
+            command = self._verify(payload)
+        except Refused as e:
+            return self._refuse(None, e, None)
+        answered = self._remembered(command)
+        if answered is not None:
+            return answered
+        result = await self.execute(command.id, command.fields.get("tag"), command.fields.get("value"),
+                                    command.fields.get("by", command.key))
+        self.results[(command.key, command.id)] = (command.expires, command.text, result)
         return result
 
-    async def _execute(self, cid: str, cmd: dict[str, Any]) -> dict[str, Any]:
-        name, value, by = str(cmd.get("tag", "")), cmd.get("value"), str(cmd.get("by", "upstream"))
+    def _verify(self, payload: bytes) -> Verified:
+        if len(payload) > MAX_COMMAND:
+            raise Refused("too large", f"{len(payload)} bytes; at most {MAX_COMMAND}")
+        envelope = _json(payload)
+        keys = dict(self.config.keys)
+        if not (isinstance(envelope, dict) and all(isinstance(envelope.get(k), str)
+                                                    for k in ("key", "command", "sig"))):
+            raise Refused("bad command", 'not a signed envelope {"key", "command", "sig"} (docs/payload.md)')
+        key = keys.get(envelope["key"])
+        if key is None:
+            raise Refused("unknown key", f"no key {safe(envelope['key'], 32)} in [commands.keys]")
+        if not hmac.compare_digest(_mac(key, envelope["command"]), envelope["sig"]):
+            raise Refused("bad signature", f"not signed with key {safe(envelope['key'], 32)}")
+        fields = _json(envelope["command"].encode())
+        cid = fields.get("id") if isinstance(fields, dict) else None
+        if not isinstance(cid, str | int) or isinstance(cid, bool) or len(str(cid)) > MAX_ID:
+            raise Refused("bad command", f"the command needs an id: a string or integer of at most {MAX_ID} "
+                                         "characters")
+        assert isinstance(fields, dict)
+        if not isinstance(fields.get("tag"), str) or len(fields["tag"]) > MAX_TAG:
+            raise Refused("bad command", f'"tag" must be "device/tag", at most {MAX_TAG} characters')
+        expires = fields.get("expires")
+        now = time.time()
+        if isinstance(expires, bool) or not isinstance(expires, int | float) or not math.isfinite(expires):
+            raise Refused("expired", "a signed command needs `expires` (unix seconds)")
+        if expires < now or expires > now + self.config.max_age:
+            raise Refused("expired", f"expires {expires:.0f}, now {now:.0f}, at most "
+                                     f"{self.config.max_age:.0f} s ahead")
+        return Verified(envelope["key"], cid, envelope["command"], fields, float(expires))
+
+    def _remembered(self, command: Verified) -> dict[str, Any] | None:
+        """The first result of a redelivered command; Refused for another command reusing its id."""
+        now = time.time()
+        for k in [k for k, (expires, _, _) in self.results.items() if expires < now]:
+            del self.results[k]
+        seen = self.results.get((command.key, command.id))
+        if seen is not None:
+            if seen[1] == command.text:
+                log.info("write %s: already done (a redelivery); result sent again", safe(command.id, MAX_ID))
+                return seen[2]
+            return self._refuse(command.id, Refused("id reused", "another command used this id"), command.key)
+        if len(self.results) >= MAX_REMEMBERED:
+            return self._refuse(command.id, Refused("busy", f"{MAX_REMEMBERED} unexpired commands held; "
+                                                            "retry later"), command.key)
+        return None
+
+    def _refuse(self, cid: str | int | None, e: Refused, key: str | None) -> dict[str, Any]:
+        self.refused += 1
+        self.refusals[e.reason] += 1
+        level = logging.WARNING if e.reason not in self._logged else logging.DEBUG
+        self._logged.add(e.reason)  # a flood of one kind of bad command: one line, then debug
+        log.log(level, "write command %s refused: %s: %s%s", safe(cid, MAX_ID) if cid is not None else "-",
+                e.reason, e.detail, f" (key {safe(key, 32)})" if key else "")
+        return {"id": cid, "ok": False, "error": e.reason, "detail": e.detail}
+
+    async def execute(self, cid: str | int, tag: Any, value: Any, by: Any) -> dict[str, Any]:
+        """One write, checked, with its result (also for a local `edge write`)."""
+        name, who = str(tag), safe(by, 64)
         try:
-            _check_expiry(cmd.get("expires"))
             await self.write(name, value)
         except Refused as e:
             self.refused += 1
-            log.warning("write %s by %s: %s = %r refused: %s", cid, by, name, value, e)
-            return {"id": cmd["id"], "ok": False, "tag": name, "error": e.reason, "detail": e.detail}
+            self.refusals[e.reason] += 1
+            log.warning("write %s by %s: %s = %s refused: %s", safe(cid, MAX_ID), who, safe(name, MAX_TAG),
+                        safe(json.dumps(value), 64), e)
+            return {"id": cid, "ok": False, "tag": name[:MAX_TAG], "error": e.reason, "detail": e.detail}
         self.executed += 1
-        log.warning("write %s by %s: %s = %r", cid, by, name, value)
-        return {"id": cmd["id"], "ok": True, "tag": name, "value": value}
+        log.warning("write %s by %s: %s = %s", safe(cid, MAX_ID), who, safe(name, MAX_TAG),
+                    safe(json.dumps(value), 64))
+        return {"id": cid, "ok": True, "tag": name, "value": value}
 
     async def write(self, name: str, value: Any) -> None:
         poller = self.poller()
@@ -157,3 +279,11 @@ class Commands:
             await line.write(runner, tag.table, tag.address, data)
         except ReadError as e:
             raise failure(e) from e
+
+
+def _json(raw: bytes) -> Any:
+    """JSON from outside: bounded by MAX_COMMAND already; nesting too deep or bad bytes are a refusal."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise Refused("bad command", f"not JSON: {type(e).__name__}") from e

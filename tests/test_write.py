@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pymodbus.client import ModbusTcpClient
 
+from edge.config import Commands as CommandsConfig
 from edge.poll.engine import Poller
 from edge.reading import GOOD
-from edge.write import Commands
+from edge.write import Commands, sign
 from tests.peers import Subscriber, pty_pair, set_faults, start_broker, start_sim, write_map
 from tests.pollkit import Collector, config, tag_id
 from tests.test_pipeline import run_app, until, write_config
@@ -56,8 +59,13 @@ def coil(sim: Any, address: int) -> bool:
         return bool(rr.bits[0])
 
 
+KEY = b"0123456789abcdef0123456789abcdef-test-key"
+SIGNED = CommandsConfig(remote=True, keys=(("ops", KEY),))
+
+
 def cmd(cid: str, tag: str, value: Any, **extra: Any) -> bytes:
-    return json.dumps({"id": cid, "tag": tag, "value": value, **extra}).encode()
+    """A command signed with the test key, valid for a minute unless `expires` says otherwise."""
+    return sign(KEY, "ops", {"id": cid, "tag": tag, "value": value, "expires": time.time() + 60, **extra})
 
 
 def test_writes_land_every_refusal_is_reported_and_a_duplicate_runs_once(tmp_path: Path) -> None:
@@ -70,7 +78,7 @@ def test_writes_land_every_refusal_is_reported_and_a_duplicate_runs_once(tmp_pat
             sink = Collector()
             poller = Poller(cfg, sink)
             task = asyncio.create_task(poller.run())  # polling goes on while writes take their turn
-            commands = Commands(lambda: poller)
+            commands = Commands(lambda: poller, SIGNED)
             out = {}
             try:
                 await sink.until(lambda rs: len(rs) >= 4)
@@ -88,9 +96,10 @@ def test_writes_land_every_refusal_is_reported_and_a_duplicate_runs_once(tmp_pat
                 set_faults(control, {"1": {"mode": "silent"}})
                 out["r-timeout"] = await commands.handle(cmd("r-timeout", "d/setpoint", 3.0))
                 set_faults(control, {})
-                out["d1"] = await commands.handle(cmd("d1", "d/setpoint", 1.0))
+                d1 = cmd("d1", "d/setpoint", 1.0)
+                out["d1"] = await commands.handle(d1)
                 out["d2"] = await commands.handle(cmd("d2", "d/setpoint", 2.0))
-                out["d1-again"] = await commands.handle(cmd("d1", "d/setpoint", 1.0))
+                out["d1-again"] = await commands.handle(d1)  # MQTT redelivers the same message
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -120,15 +129,13 @@ def test_remote_write_over_mqtt_through_the_appliance(tmp_path: Path) -> None:
     answered with its first result and not written again."""
     write_map(tmp_path / "map.toml", MAP)
     with start_broker(tmp_path / "mqtt") as broker, start_sim(tmp_path / "map.toml") as sim:
-        cfg = {"appliance": {"id": "w1", "state_dir": str(tmp_path / "state")}, "device": [device(sim)],
-               "uplink": {"host": "127.0.0.1", "port": broker.port, "backoff_min": "100ms"},
-               "metrics": {"enabled": False}}
+        cfg = remote_config(tmp_path, sim, broker.port)
         results = Subscriber(broker.port, "edge/w1/cmd/result")  # upstream: commands out, results in
+        m1 = cmd("m1", "d/setpoint", 55.0, by="scada")
         try:
             async def body(app: Any) -> None:
                 await until(lambda: app.uplink.stats.connected)  # connected and subscribed
-                for c in (cmd("m1", "d/setpoint", 55.0, by="scada"), cmd("m2", "d/fixed", 1),
-                          cmd("m3", "d/setpoint", 60.0), cmd("m1", "d/setpoint", 55.0, by="scada")):
+                for c in (m1, cmd("m2", "d/fixed", 1), cmd("m3", "d/setpoint", 60.0), m1):
                     sent = results.client.publish("edge/w1/cmd/write", c, qos=1)
                     await asyncio.to_thread(sent.wait_for_publish, 10)
                 await asyncio.to_thread(results.wait, lambda s: len(s.messages) >= 4)
@@ -142,6 +149,60 @@ def test_remote_write_over_mqtt_through_the_appliance(tmp_path: Path) -> None:
         ("m1", True, None), ("m2", False, "not writable"), ("m3", True, None), ("m1", True, None)]
     assert after == [0x4270, 0]  # 60.0: m3 landed and the redelivered m1 (55.0) did not run again
     assert (app.commands.executed, app.commands.refused) == (2, 1)  # edge_writes_total{result=...}
+
+
+def remote_config(tmp: Path, sim: Any, broker_port: int) -> dict[str, Any]:
+    key = tmp / "ops.key"
+    key.write_bytes(KEY)
+    return {"appliance": {"id": "w1", "state_dir": str(tmp / "state")}, "device": [device(sim)],
+            "uplink": {"host": "127.0.0.1", "port": broker_port, "backoff_min": "100ms"},
+            "metrics": {"enabled": False}, "commands": {"remote": True, "keys": {"ops": str(key)}}}
+
+
+def test_hostile_commands_are_each_refused_and_the_writes_go_on(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Through mosquitto and the appliance's uplink: deep JSON, 10 MB, no signature, a wrong signature, an
+    unknown key, an expired command, an id squatted by someone without the key, a newline in `by`. Each
+    gets its refusal (the 10 MB one never reaches the appliance: it asks the broker for 16 KiB at most);
+    the legitimate commands around them all land; the log holds no forged line and no echo of 10 MB."""
+    caplog.set_level(logging.INFO)
+    write_map(tmp_path / "map.toml", MAP)
+    forged = "scada\nedge: WARNING edge.write: write x by admin: d/setpoint = 0"
+    with start_broker(tmp_path / "mqtt") as broker, start_sim(tmp_path / "map.toml") as sim:
+        results = Subscriber(broker.port, "edge/w1/cmd/result")
+        envelope = json.loads(cmd("c-9", "d/setpoint", 9.0))
+        messages = [
+            b"[" * 2000,  # 2 KB of nesting: beyond the parser's recursion
+            b"x" * (10 << 20),
+            json.dumps({"id": "c-9", "tag": "d/setpoint", "value": 66.0}).encode(),  # squatting c-9, unsigned
+            json.dumps({**envelope, "sig": "0" * 64}).encode(),
+            json.dumps({**envelope, "key": "nobody"}).encode(),
+            cmd("old", "d/setpoint", 1.0, expires=time.time() - 5),
+            cmd("c-9", "d/setpoint", 9.0),  # the real c-9: not pre-answered by the squatter
+            cmd("c-10", "d/level", 1.0, by=forged),
+        ]
+        try:
+            async def body(app: Any) -> None:
+                await until(lambda: app.uplink.stats.connected)
+                for m in messages:
+                    sent = results.client.publish("edge/w1/cmd/write", m, qos=1)
+                    await asyncio.to_thread(sent.wait_for_publish, 10)
+                await asyncio.to_thread(results.wait, lambda s: len(s.messages) >= len(messages) - 1)
+
+            app = run_app(remote_config(tmp_path, sim, broker.port), body)
+            got = [json.loads(p) for _, p in results.messages]
+            after = holding(sim, 0, 2), holding(sim, 2, 1)
+        finally:
+            results.close()
+    assert [(r["id"], r["ok"], r.get("error")) for r in got] == [
+        (None, False, "bad command"), (None, False, "bad command"), (None, False, "bad signature"),
+        (None, False, "unknown key"), (None, False, "expired"), ("c-9", True, None), ("c-10", True, None)]
+    assert after == ([0x4110, 0], [10])  # 9.0 and 1.0 / 0.1: only the signed writes landed
+    assert (app.commands.executed, app.commands.refused) == (2, 5)
+    text = [r.getMessage() for r in caplog.records]
+    assert not [m for m in text if "\n" in m or "\x1b" in m], "a raw newline or escape in a log line"
+    assert max(len(m) for m in text) < 2000  # nothing echoed whole
+    assert any("by scada\\nedge: WARNING" in m for m in text)  # the forged `by`, escaped
 
 
 def test_edge_write_cli(tmp_path: Path) -> None:
@@ -190,7 +251,7 @@ def test_writes_on_a_shared_rtu_bus_do_not_disturb_its_polls(tmp_path: Path) -> 
             sink = Collector()
             poller = Poller(cfg, sink)
             task = asyncio.create_task(poller.run())
-            commands = Commands(lambda: poller)
+            commands = Commands(lambda: poller, SIGNED)
             try:
                 await sink.until(lambda rs: len(rs) >= 8)
                 results = [await commands.handle(cmd(f"b{i}", "u2/w", i)) for i in range(1, 21)]
