@@ -111,7 +111,7 @@ def test_unit_file_verifies_and_is_hardened(tmp_path: Path) -> None:
 
 
 def install(m: Manager, sim_port: int, metrics: int, *, commit: str = "500ms", env: str = "",
-            extra: str = "", service: str = "", store: str = "") -> None:
+            extra: str = "", service: str = "", store: str = "", tags: str = "") -> None:
     m.state.mkdir(parents=True, exist_ok=True)
     conf = m.base / "config.toml"
     conf.write_text(f"""[appliance]
@@ -131,6 +131,7 @@ type = "uint32"
 name = "temp"
 address = 2
 type = "float32"
+{tags}
 [store]
 commit_interval = "{commit}"
 map_size = "32MiB"
@@ -321,56 +322,64 @@ memory_soft = "{FLOOD_SOFT >> 20}MiB"
     assert "governor: memory soft" in manager.log()
 
 
+def in_manager(m: Manager, *cmd: str) -> subprocess.CompletedProcess[str]:
+    """A command in the manager's mount namespace (private: a mount made outside is not seen there)."""
+    return subprocess.run(["nsenter", "-t", m.env["SYSTEMD_SANDBOX_PID"], "-m", *cmd], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
 @contextlib.contextmanager
-def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of `size` mounted at `path` (the unit's state directory) for the test's length."""
-    path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-                       capture_output=True, text=True, timeout=30, check=False)
+def small_tmpfs(m: Manager, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` at the unit's state directory, in the manager's mount namespace."""
+    m.state.mkdir(parents=True, exist_ok=True)
+    r = in_manager(m, "mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(m.state))
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
-        yield path
+        yield m.state
     finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30, check=False)
+        in_manager(m, "umount", "-l", str(m.state))
 
 
-def fill(directory: Path) -> Path:
-    """A file taking every free byte of the file system holding `directory`."""
-    filler = directory / "filler"
-    chunk = b"\0" * (1 << 20)
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(chunk)
-                f.flush()
-        except OSError:
-            pass
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-                f.flush()
-        except OSError:
-            pass
-    assert shutil.disk_usage(directory).free < 64 << 10
+def fill(m: Manager) -> str:
+    """A file taking every free byte of the unit's state file system; returns its path."""
+    filler = f"{m.state}/filler"
+    in_manager(m, "sh", "-c", f"cat /dev/zero > {filler} 2>/dev/null; true")
+    r = in_manager(m, "df", "--output=avail", "-B1", str(m.state))
+    assert int(r.stdout.split()[-1]) < 64 << 10, r.stdout
     return filler
 
 
+@pytest.fixture
+def busy_device(tmp_path: Path) -> Iterator[int]:
+    """200 changing registers: 2,000 readings/s at 100 ms, so the store needs new pages every second."""
+    write_map(tmp_path / "map.toml", [{"id": 1, "points": [
+        {"table": "holding", "address": a, "type": "uint16", "wave": "counter", "step": 1.0}
+        for a in range(200)]}])
+    with start_sim(tmp_path / "map.toml") as sim:
+        assert sim.port is not None
+        yield sim.port
+
+
+BUSY = "\n".join(f'[[device.tag]]\nname = "r{a}"\naddress = {a}\ntype = "uint16"' for a in range(4, 200))
+
+
 @pytest.mark.parametrize("reserve", [True, False])
-def test_a_full_file_system_stops_nothing_and_damages_nothing(manager: Manager, device: int,
+def test_a_full_file_system_stops_nothing_and_damages_nothing(manager: Manager, busy_device: int,
                                                              reserve: bool) -> None:
     """The state directory on a small tmpfs, filled by another program while edge runs. Reserved (the
     default), the store goes on committing inside its own blocks. Not reserved, commits fail: readings
     wait in RAM, polling goes on, and when room returns they are committed. Either way: no restart, no
     crash, no store moved aside as damaged."""
     mport = free_port()
-    with small_tmpfs(manager.state, "48m"):
-        install(manager, device, mport, commit="200ms", store=f"reserve = {str(reserve).lower()}\n")
+    with small_tmpfs(manager, "48m"):
+        install(manager, busy_device, mport, commit="200ms", store=f"reserve = {str(reserve).lower()}\n",
+                tags=BUSY)
         with running(manager):
             manager.ctl("start", UNIT)
             pid = manager.prop("MainPID")
             manager.wait(lambda: metric(mport, "edge_store_commits_total") >= 3, "commits")
-            filler = fill(manager.state)
+            filler = fill(manager)
             commits = metric(mport, "edge_store_commits_total")
             if reserve:
                 manager.wait(lambda: metric(mport, "edge_store_commits_total") >= commits + 10,
@@ -382,13 +391,14 @@ def test_a_full_file_system_stops_nothing_and_damages_nothing(manager: Manager, 
                 manager.wait(lambda: metric(mport, "edge_store_readings_appended_total") > appended + 20,
                              "polling going on")
                 assert metric(mport, "edge_store_window_readings") > 20  # waiting in RAM
-                filler.unlink()  # room returns
+                in_manager(manager, "rm", filler)  # room returns
                 manager.wait(lambda: metric(mport, "edge_store_commits_total") >= commits + 3,
                              "commits again")
                 manager.wait(lambda: metric(mport, "edge_store_window_readings") < 20, "RAM committed")
             assert manager.prop("MainPID") == pid and int(manager.prop("NRestarts")) == 0
             assert metric(mport, "edge_store_recoveries_total") == 0
             assert metric(mport, "edge_store_readings_dropped_total") == 0  # RAM held them all
-            assert not [p for p in manager.state.iterdir() if ".damaged-" in p.name]
+            listing = in_manager(manager, "ls", "-a", str(manager.state)).stdout.split()
+            assert "store" in listing and not [n for n in listing if ".damaged-" in n], listing
     log = manager.log()
     assert "Traceback" not in log and log.count("commit failed") <= 1, log
