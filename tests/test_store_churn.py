@@ -30,7 +30,7 @@ class Sample:
     window: int
     appended: int
     backlog: int
-    file_bytes: int
+    file_bytes: int  # the part of data.mdb LMDB has used: (last_pgno + 1) pages (the file is reserved whole)
     last_pgno: int
     used_pages: int
 
@@ -41,8 +41,8 @@ def used_pages(store: Store) -> int:
 
 
 def sample(store: Store, window: int, appended: int) -> Sample:
-    return Sample(window, appended, store.counters.backlog_readings,
-                  (store.path / "data.mdb").stat().st_size, store.env.info()["last_pgno"], used_pages(store))
+    last = store.env.info()["last_pgno"]
+    return Sample(window, appended, store.counters.backlog_readings, (last + 1) * PAGE, last, used_pages(store))
 
 
 def keys(store: Store) -> list[tuple[int, int]]:

@@ -109,7 +109,9 @@ class Template:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        store = Store(StoreConfig(path=path, map_size=MAP_SIZE), APPLIANCE)
+        # Not reserved: the file is the pages LMDB uses, so truncating or flipping it hits them (a
+        # reserved file's tail is unused; opening a copy reserves it after the damage checks)
+        store = Store(StoreConfig(path=path, map_size=MAP_SIZE, reserve=False), APPLIANCE)
         i = 0
         for _ in range(20):  # twenty commit windows
             store.add([noisy_reading(k) for k in range(i, i + 12_000)])
