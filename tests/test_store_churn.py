@@ -42,7 +42,8 @@ def used_pages(store: Store) -> int:
 
 def sample(store: Store, window: int, appended: int) -> Sample:
     last = store.env.info()["last_pgno"]
-    return Sample(window, appended, store.counters.backlog_readings, (last + 1) * PAGE, last, used_pages(store))
+    backlog = store.counters.backlog_readings
+    return Sample(window, appended, backlog, (last + 1) * PAGE, last, used_pages(store))
 
 
 def keys(store: Store) -> list[tuple[int, int]]:
