@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,9 @@ def test_dead_unit_costs_only_its_bounded_timeouts(tmp_path: Path) -> None:
             return elapsed, poller.runners[2].stats.requests
 
         elapsed, dead_requests = asyncio.run(body())
-    # 20 cycles at 200 ms = 4 s; the dead unit may cost a few 150 ms timeouts before its breaker opens.
-    assert elapsed < 4.0 * 1.15, elapsed
+    # 20 cycles at 200 ms = 4 s; the dead unit may cost a few 150 ms timeouts before its breaker opens,
+    # each followed by 150 ms of silence on the line (a late reply must not meet the next request).
+    assert elapsed < 4.0 * 1.15 + 3 * 0.15, elapsed
     assert dead_requests < 12  # breaker: probes only, not one timeout per cycle
 
 
@@ -154,3 +156,51 @@ def test_a_late_reply_never_puts_its_values_on_another_request(tmp_path: Path) -
     wrong = [(r[0], r[2], expected[r[0]]) for r in good if r[2] != expected[r[0]]]
     assert not wrong, f"{len(wrong)} of {len(good)} good readings carry another block's value: {wrong[:3]}"
     assert len(good) >= 200  # the line kept working through the late replies
+
+
+def test_replies_later_than_the_timeout_never_land_on_another_request(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Unit 2 answers 350 ms after each request while its timeout says 200 ms, to two requests of the
+    same size (holding 0 and holding 100): no good reading ever carries the other block's value, the
+    unit's wait is raised to what it takes (one log line) so its readings come through, and unit 1 on
+    the same line keeps being polled."""
+    caplog.set_level(logging.INFO)
+    units = [{"id": 1, "points": [{"table": "holding", "address": 0, "type": "uint16", "value": 7}]},
+             {"id": 2, "points": [
+                 *({"table": "holding", "address": a, "type": "uint16", "value": 1000 + a}
+                   for a in range(10)),
+                 *({"table": "holding", "address": 100 + a, "type": "uint16", "value": 2000 + a}
+                   for a in range(10))]}]
+    control = tmp_path / "faults.json"
+    set_faults(control, {"2": {"mode": "slow", "delay": 0.35}})
+    u2_tags = [{"name": f"{block}{a}", "address": base + a, "type": "uint16"}
+               for block, base in (("a", 0), ("b", 100)) for a in range(10)]
+    sink = Collector()
+    with bus(tmp_path, 19200, control, units) as port:
+        cfg = config([{"name": "u1", "bus": "rs485", "unit": 1, "interval": "100ms", "timeout": "200ms",
+                       "retries": 0, "tag": [{"name": "n", "address": 0, "type": "uint16"}]},
+                      {"name": "u2", "bus": "rs485", "unit": 2, "interval": "500ms", "timeout": "200ms",
+                       "retries": 1, "tag": u2_tags}],
+                     [{"name": "rs485", "port": port, "baud": 19200, **LINE}])
+        poller = Poller(cfg, sink)
+        u2 = {tag_id(cfg, "u2", t["name"]): (1000 if t["address"] < 100 else 1900) + t["address"]
+              for t in u2_tags}
+
+        async def body() -> None:
+            task = asyncio.create_task(poller.run(), name="rtu-poller")
+            try:
+                await sink.until(lambda rs: sum(1 for r in rs if r[0] in u2 and r[3] == GOOD) >= 200,
+                                 timeout=60)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+        asyncio.run(body())
+    good = [r for r in sink.readings if r[0] in u2 and r[3] == GOOD]
+    wrong = [(r[0], r[2], u2[r[0]]) for r in good if r[2] != u2[r[0]]]
+    assert not wrong, f"{len(wrong)} of {len(good)} good readings carry the other block's value: {wrong[:3]}"
+    late = [r.getMessage() for r in caplog.records if "beyond its timeout" in r.getMessage()]
+    assert len(late) == 1 and "device u2 answers" in late[0], late
+    u1 = [r for r in sink.readings if r[0] == tag_id(cfg, "u1", "n")]
+    assert len(u1) >= 20 and all(r[2] == 7 for r in u1 if r[3] == GOOD)

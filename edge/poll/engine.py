@@ -8,8 +8,11 @@ device's own `pause` workaround. Readings go to the sink per request, as soon as
 Failure handling, per request (see health.py for the timeout and breaker):
 
     timeout / bad frame  -> retry up to `retries`, then TIMEOUT/BAD_FRAME readings; breaker counts it;
-                            after a timeout on a serial bus, no other request goes out until the late
-                            reply has come (or the device's configured timeout has passed): Link.settle
+                            after a timeout on a serial bus (or a TCP gateway that does not echo
+                            transaction ids) no other request goes out until the late replies came or the
+                            line was silent for the device's timeout (Link.settle); a device whose
+                            replies come later than its timeout has its wait raised to what it takes
+                            (logged once): its late replies are never matched to another request
     busy (6) / ack (5)   -> wait (jittered backoff from 50 ms) and ask again, at most 3 times
     illegal address (2)  -> a multi-tag request is split into one request per tag, so the one bad tag is
                             found and named once in the log while its neighbours keep flowing
@@ -67,6 +70,7 @@ Carried = dict[tuple[str, str], Schedule]  # (device, group) -> the schedule a r
 BUSY = (EXCEPTION | 5, EXCEPTION | 6)
 ILLEGAL_ADDRESS = EXCEPTION | 2
 BUSY_RETRIES = 3
+MAX_REPLY_WAIT = 30.0  # seconds: the longest wait a late-answering device is given
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)  # seconds, "le"
 
 
@@ -127,6 +131,22 @@ class DeviceRunner:
 
     def wire_time(self, job: Job) -> float:
         return 0.0 if self.bus is None else self.bus.wire_time(job.wire_bytes)
+
+    def max_reply(self) -> float:
+        """The longest this device may take to answer, beyond wire time: its configured timeout, or what
+        it was seen to take. A request that timed out is followed by this much silence on its line."""
+        return max(self.device.timeout, self.filter.cap)
+
+    def late_reply(self, seconds: float) -> None:
+        """A reply came `seconds` after its request (beyond wire time), after the timeout: wait that long
+        (and a quarter more) for this device from now on, up to MAX_REPLY_WAIT."""
+        wait = min(MAX_REPLY_WAIT, 1.25 * seconds)
+        if wait <= self.filter.cap:
+            return
+        self.filter.cap = wait
+        self.report("late", "device %s answers %.0f ms after a request, beyond its timeout of %.0f ms: "
+                    "waiting up to %.0f ms for it from now on (raise its `timeout` in the config)",
+                    self.device.name, 1e3 * seconds, 1e3 * self.device.timeout, 1e3 * wait)
 
     def wire_time_of(self, value: list[int] | bool) -> float:
         """Request and reply of a write on an RTU line (FC 16 request: 9 + 2 per register; replies 8)."""
@@ -333,31 +353,45 @@ class Line:
             await asyncio.sleep(delay)
 
     async def execute(self, runner: DeviceRunner, job: Job) -> list[Reading]:
-        readings, late_since = await self.attempts(runner, job)
-        if late_since is not None and self.link.connected:
-            await self.settle(runner, job, late_since)
+        readings, late = await self.attempts(runner, job)
+        if self.link.late:
+            self.learn_late()  # first: the settling below then waits as long as replies were seen to take
+        if late and self.link.connected:
+            await self.settle(runner, job)
+            if self.link.late:
+                self.learn_late()
         return readings
 
-    async def settle(self, runner: DeviceRunner, job: Job, sent: float) -> None:
-        """Hold the line until the late replies came, or the device's configured timeout (the longest it
-        may take) passed since `sent`: RTU frames carry no transaction id, and a late reply taken as the
-        reply to the next request of the same size would put its values on that request's tags."""
-        await self.link.settle(sent + runner.wire_time(job) + runner.device.timeout)
+    async def settle(self, runner: DeviceRunner, job: Job) -> None:
+        """Hold the line after a timeout (Link.settle): until the late replies came, or it was silent for
+        the longest the device may take to answer."""
+        quiet = runner.wire_time(job) + runner.max_reply()
+        await self.link.settle(quiet, 4 * quiet)
         self.last_end = runner.last_end = time.monotonic()
 
-    async def attempts(self, runner: DeviceRunner, job: Job) -> tuple[list[Reading], float | None]:
-        """The job's readings and, on a serial line where an attempt had no reply in time, when its last
-        attempt was sent (the replies to settle)."""
+    def learn_late(self) -> None:
+        """Frames that came after their request's timeout: their devices get to take that long."""
+        late, self.link.late = self.link.late, []
+        alone = self.runners[0] if len(self.runners) == 1 else None
+        for unit, seconds in late:
+            runner = next((r for r in self.runners if r.device.unit == unit), alone)
+            if runner is not None:
+                runner.late_reply(seconds)
+
+    async def attempts(self, runner: DeviceRunner, job: Job) -> tuple[list[Reading], bool]:
+        """The job's readings, and whether an attempt's reply may still come on a line whose replies
+        cannot be told apart (the line must then be settled)."""
         dev, stats, req = runner.device, runner.stats, job.req
         if not runner.breaker.allow(time.monotonic()):
             stats.skipped += 1
-            return bad(job, BREAKER_OPEN), None
+            return bad(job, BREAKER_OPEN), False
         attempts = 1 if runner.breaker.is_open else 1 + dev.retries
         busy_left = BUSY_RETRIES
         quality, detail = TIMEOUT, ""
         attempt = 0
         late = False  # an attempt's reply may still come, and so may those of the attempts after it
-        self.link.unanswered = 0  # every earlier request was answered, garbled, or settled
+        settles = runner.bus is not None or not self.link.echoes_tid  # replies that cannot be told apart
+        self.link.forget()
         while attempt < attempts:
             await self.wait_gap(runner)
             stats.requests += 1
@@ -372,21 +406,21 @@ class Line:
                     runner.filter.on_timeout()
                     attempt += 1
                     stats.retries += attempt < attempts
-                    late = late or (e.pending and runner.bus is not None)
+                    late = late or (e.pending and settles)
                 elif quality in BUSY and busy_left:
                     busy_left -= 1
                     await asyncio.sleep(backoff(BUSY_RETRIES - busy_left, 0.05, 1.0))
                 elif quality == ILLEGAL_ADDRESS and len(req.tags) > 1:
                     if late:
-                        await self.settle(runner, job, t0)
-                    return await self.split(runner, job), None
+                        await self.settle(runner, job)
+                    return await self.split(runner, job), False
                 else:
                     break
                 continue
             end = self.last_end = runner.last_end = time.monotonic()
             # after a timeout the reply may be the late one of an earlier attempt: no latency sample
-            return self.decoded(runner, job, regs, end - t0, not late), t0 if late else None
-        return self.failed(runner, job, quality, detail), t0 if late else None
+            return self.decoded(runner, job, regs, end - t0, not late), late
+        return self.failed(runner, job, quality, detail), late
 
     def decoded(self, runner: DeviceRunner, job: Job, regs: Sequence[int] | Sequence[bool],
                 latency: float, sample: bool = True) -> list[Reading]:

@@ -23,6 +23,7 @@ import logging
 import struct
 import termios
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -79,8 +80,12 @@ class Link:
         self.rx_bytes = 0
         self.last_error = ""
         self._readers: dict[int, Any] = {}
-        self.unanswered = 0  # requests sent whose reply has not come (yet): see settle()
+        self.sent_at: deque[float] = deque()  # send times of requests whose frame has not come (yet)
+        self.last_rx = 0.0  # monotonic time of the last byte received
+        self.late: list[tuple[int, float]] = []  # (unit, s after its request) of frames no request waited for
+        self.echoes_tid = True  # False once a TCP reply carried transaction id 0: a gateway that drops it
         self.garbled = 0  # frames the parser could not read
+        self._taken = 0.0  # send time of the request the last frame answered
         self._answer = asyncio.Event()
 
     def _create(self) -> Any:
@@ -119,35 +124,56 @@ class Link:
     def _trace(self, sending: bool, data: bytes) -> bytes:
         if not sending:
             self.rx_bytes += len(data)
+            self.last_rx = time.monotonic()
         return data
 
     def _trace_pdu(self, sending: bool, pdu: Any) -> Any:
         # every request sent, and every valid frame from the unit last asked, taken or not (pymodbus
-        # drops one that comes when no request is waiting: a late reply)
+        # drops one that comes when no request is waiting: a late reply, recorded in `late`)
         if sending:
-            self.unanswered += 1
-        else:
-            self.unanswered = max(0, self.unanswered - 1)
-            self._answer.set()
+            self.sent_at.append(time.monotonic())
+            return pdu
+        if self.sent_at:
+            # frames answer requests in order: this one answers the oldest outstanding request, which is
+            # late if no request waits any more or a later attempt was sent after it timed out
+            retried = len(self.sent_at) > 1
+            self._taken = self.sent_at.popleft()
+            future = getattr(self.client.ctx, "response_future", None) if self.client is not None else None
+            if retried or (future is not None and future.done()):
+                self.late.append((int(pdu.dev_id), time.monotonic() - self._taken))
+        if pdu.transaction_id == 0 and getattr(self.client.ctx, "request_transaction_id", 0):
+            self.echoes_tid = False
+        self._answer.set()
         return pdu
 
-    async def settle(self, deadline: float) -> None:
-        """Wait until every request sent has had its reply, or until `deadline` (monotonic).
+    @property
+    def unanswered(self) -> int:
+        return len(self.sent_at)
 
-        After a timeout on a serial line the reply may still come, and an RTU frame cannot say which
-        request it answers: taken as the reply to the next request of the same unit and size, it would
-        put one block's values on another block's tags, as good readings. So the line is held until the
-        late replies came (pymodbus drops them: no request waits) or the device's configured timeout
-        passed; then the count starts afresh."""
-        while self.unanswered > 0:
-            left = deadline - time.monotonic()
-            if left <= 0:
+    def forget(self) -> None:
+        """Every earlier request was answered, garbled, or settled: count afresh."""
+        self.sent_at.clear()
+
+    async def settle(self, quiet: float, cap: float) -> None:
+        """After a timeout: hold the line until every request sent has had its frame, or until it has been
+        silent for `quiet` seconds (counted from the later of now and the last byte received), `cap`
+        seconds at most.
+
+        An RTU frame (and the frame of a TCP gateway that does not echo transaction ids) cannot say
+        which request it answers: a late reply taken as the reply to the next request of the same unit
+        and size would put one block's values on another block's tags, as good readings. Frames that come
+        while the line is held are dropped (no request waits for them) and recorded in `late`."""
+        start = time.monotonic()
+        while self.sent_at:
+            now = time.monotonic()
+            until = min(start + cap, max(start, self.last_rx) + quiet)
+            if now >= until:
                 break
             self._answer.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
+                async with asyncio.timeout(until - now):
                     await self._answer.wait()
-        self.unanswered = 0
+        self.sent_at.clear()
 
     @property
     def connected(self) -> bool:
@@ -157,7 +183,7 @@ class Link:
         if self.client is None:
             self.client = self._create()
         self.client.ctx.comm_params.timeout_connect = timeout
-        self.unanswered = 0
+        self.sent_at.clear()
         try:
             async with asyncio.timeout(timeout + 1.0):  # not wait_for: in 3.11 it can swallow a cancel
                 return bool(await self.client.connect())
@@ -194,7 +220,7 @@ class Link:
 
     def _foreign(self, what: str) -> ReadError:
         """A valid frame that does not answer the request: this request's own reply may still come."""
-        self.unanswered += 1  # the frame counted as its reply was not
+        self.sent_at.appendleft(self._taken)  # the frame counted as its reply was not
         return ReadError(BAD_FRAME, f"{self.name}: {what}", pending=True)
 
     async def _request(self, timeout: float, function: int, send: Callable[[], Awaitable[Any]]) -> Any:
