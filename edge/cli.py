@@ -271,6 +271,14 @@ def cmd_store_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_salvage_read(args: argparse.Namespace) -> int:
+    """Stream the intact blocks of a moved-aside store to stdout (binary; read by the store itself)."""
+    from edge.store.recovery import salvage_read  # noqa: PLC0415
+
+    salvage_read(args.aside, sys.stdout.buffer)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """One line, exit 2 (argparse would print the whole usage first)."""
@@ -337,6 +345,9 @@ def parser() -> argparse.ArgumentParser:
     sd.add_argument("--from", dest="start", type=int, default=0, help="first sequence number")
     sd.add_argument("--limit", type=int, default=10, help="blocks to print")
     sd.set_defaults(fn=cmd_store_dump)
+    sv = stsub.add_parser("salvage-read", help=argparse.SUPPRESS)  # the store's own child (recovery.py)
+    sv.add_argument("aside", type=Path)
+    sv.set_defaults(fn=cmd_store_salvage_read)
     return p
 
 

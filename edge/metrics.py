@@ -167,7 +167,9 @@ class ApplianceCollector:
                           ("readings_dropped", "Readings dropped because the store was full"),
                           ("recoveries", "Damaged stores moved aside"),
                           ("rejected_trimmed", "Refused blocks dropped to keep room for pending ones"),
-                          ("commit_failures", "Commits that failed (readings kept in RAM)")):
+                          ("commit_failures", "Commits that failed (readings kept in RAM)"),
+                          ("blocks_salvaged", "Blocks of moved-aside stores put back in the queue"),
+                          ("readings_salvaged", "Readings of moved-aside stores put back in the queue")):
             yield _one(_counter(f"store_{name}", doc), getattr(c, name))
         yield _one(_counter("store_write_bytes", "Bytes this process wrote to storage (/proc/self/io)"),
                    write_bytes())

@@ -89,17 +89,21 @@ from edge.store.recovery import (
     PERSISTED,
     Files,
     Opened,
+    asides,
     create,
+    mark_salvaged,
     move_aside,
     oldest_ts,
     open_checked,
     reserve,
+    salvage_stream,
 )
 
 log = logging.getLogger("edge.store")
 
 READING_BYTES = 21  # u32 + u64 + f64 + u8: the raw size used for commit_bytes and ratios
 REJECTED_SHARE = 0.1  # refused blocks kept for inspection may use this share of the map
+SALVAGE_BATCH = 256  # salvaged blocks put back per transaction
 DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, StoreDamaged, struct.error)
 REFUSED = (lmdb.MapFullError, lmdb.DiskError, lmdb.Error, OSError)  # after DAMAGE: the file system said no
 
@@ -117,7 +121,9 @@ class Counters:
     blocks_dropped: int = 0
     readings_dropped: int = 0
     recoveries: int = 0
-    rejected_trimmed: int = 0  # ... to here
+    rejected_trimmed: int = 0
+    blocks_salvaged: int = 0  # from moved-aside stores, back in the queue
+    readings_salvaged: int = 0  # ... to here
     commit_failures: int = 0
     backlog_blocks: int = 0
     backlog_readings: int = 0
@@ -189,6 +195,7 @@ class Store:
         self._in_flight: set[int] = set()
         self._settling: frozenset[int] = frozenset()
         self._damage: str | None = None
+        self._asides: list[Path] = []  # moved-aside stores whose blocks are to be salvaged
         self._oldest_ts: int | None = None
         self._logged: set[str] = set()
         self._wake: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
@@ -218,6 +225,7 @@ class Store:
         if unclean:
             self.files.marker.write_text("1")  # read through without a crash: only this start is pending
         self._use(opened)
+        self._asides = asides(self.path)
 
     def _usable(self) -> int:
         """Create the directory and count this start in the marker (which proves the directory is
@@ -327,6 +335,7 @@ class Store:
         self.env.close()
         self._move_aside(reason)
         self._use(open_checked(self.path, self.cfg.map_size, self.appliance_id, full=False))
+        self._asides = asides(self.path)
 
     # -- producer side -----------------------------------------------------------------------------
 
@@ -389,12 +398,69 @@ class Store:
                     self._recover(self._damage)
                 elif (lost := self._lost()) is not None:
                     self._reopen(lost)
+                aside = self._asides.pop(0) if self._asides else None
+            if aside is not None:
+                self._salvage(aside)
+            with self._lock:
                 sealed = self._seal()
             if not sealed:
                 return 0
             written = self._write(sealed)
             with self._lock:
                 return self._settle(sealed, written)
+
+    def _salvage(self, aside: Path) -> None:  # _commit_lock held
+        """Put the intact blocks of a moved-aside store back in the queue, under their own keys (module
+        docstring of edge.store.recovery), in transactions of SALVAGE_BATCH blocks; stop where the map
+        would pass its high watermark."""
+        blocks = readings = 0
+        full = False
+        batch: list[tuple[bytes, bytes]] = []
+        stream = salvage_stream(aside)
+        try:
+            for item in stream:
+                batch.append(item)
+                if len(batch) >= SALVAGE_BATCH:
+                    added, full = self._put_salvaged(batch)
+                    blocks, readings, batch = blocks + added[0], readings + added[1], []
+                    if full:
+                        break
+            if batch and not full:
+                added, full = self._put_salvaged(batch)
+                blocks, readings = blocks + added[0], readings + added[1]
+        except REFUSED as e:
+            log.error("store: salvaging %s stopped: %s", aside, e)  # noqa: TRY400 (one line, no traceback)
+        finally:
+            stream.close()
+        with self._lock, self.env.begin(buffers=True) as txn:
+            self._oldest_ts = oldest_ts(txn, self.db_blocks)
+        try:
+            done = mark_salvaged(aside)
+        except OSError as e:
+            log.error("store: cannot rename %s after salvaging it (%s): it will be salvaged again",  # noqa: TRY400
+                      aside, e)
+            done = aside
+        log.warning("store: %d readings in %d blocks salvaged from %s%s; they are sent first (kept: %s)",
+                    readings, blocks, aside, ", stopped at the high watermark" if full else "", done)
+
+    def _put_salvaged(self, batch: list[tuple[bytes, bytes]]) -> tuple[tuple[int, int], bool]:
+        """Insert salvaged blocks not in the queue already; ((blocks, readings) added, map full)."""
+        added = readings = 0
+        with self.env.begin(write=True) as txn:
+            used = pages_used(txn, (self.db_blocks, self.db_rejected, self.db_meta))
+            if used > self.cfg.high_watermark * self.cfg.map_size // 4096:
+                return (0, 0), True
+            for key, value in batch:
+                if txn.put(key, value, db=self.db_blocks, overwrite=False):
+                    added += 1
+                    readings += parse_key(key)[1]
+        with self._lock:
+            c = self.counters
+            c.backlog_blocks += added
+            c.backlog_readings += readings
+            c.blocks_salvaged += added
+            c.readings_salvaged += readings
+        return (added, readings), False
 
     def _seal(self) -> Sealed:  # _lock held
         window, self._window = self._window, Window()

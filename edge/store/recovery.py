@@ -4,6 +4,11 @@ Damage beyond LMDB's guarantees (a truncated file, flipped bytes: flash wear, no
 open (a file shorter than its last page, databases claiming more pages than the file has, a walk of
 every key) or later when a block is taken (its CRC). A damaged store is moved aside to
 `<path>.damaged-<time>` and a fresh one started: counted in meta `recoveries`, its totals carried over.
+Then its blocks are salvaged: a child process (`edge store salvage-read`, so that a page that crashes
+LMDB crashes only the child) walks the moved-aside store and streams every block whose CRC holds; they
+go back into the queue under their own keys (same sequence numbers: upstream de-duplicates as before),
+oldest first, and the directory is renamed `<path>.salvaged-<time>`. What the child could not read stays
+there for inspection.
 The totals are also copied to `.<name>.totals` beside the store whenever they change, for a store whose
 meta cannot be trusted.
 
@@ -23,22 +28,39 @@ import ctypes
 import json
 import logging
 import os
+import struct
+import subprocess
+import sys
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import lmdb
 
 from edge.store.block import StoreDamaged, block_header, block_intact
-from edge.store.layout import FIRST_KEY, KEY, NAMED, U64, Block, open_env, pages_used, parse_key, queue_items
+from edge.store.layout import (
+    FIRST_KEY,
+    KEY,
+    MAX_VALUE,
+    NAMED,
+    U64,
+    Block,
+    open_env,
+    pages_used,
+    parse_key,
+    queue_items,
+)
 
 log = logging.getLogger("edge.store")
 
 MARKER = ".opening"
 CRASHED_OPENS = 3  # unclean starts in a row (each reading the store through) before it is moved aside
 PERSISTED = ("blocks_rejected", "readings_rejected", "blocks_dropped", "readings_dropped", "recoveries",
-             "rejected_trimmed")  # the counters kept in meta and in the totals file
+             "rejected_trimmed", "blocks_salvaged", "readings_salvaged")  # kept in meta and the totals file
+FRAME = struct.Struct(">II")  # salvage stream: key length, value length, then key and value
+SALVAGE_TIMEOUT = 600.0  # seconds a salvage child may take
 
 
 @dataclass
@@ -192,6 +214,61 @@ def _load_fallocate() -> Any:
 
 
 _fallocate = _load_fallocate()
+
+
+def asides(path: Path) -> list[Path]:
+    """Moved-aside stores of `path` not salvaged yet, oldest first."""
+    return sorted(p for p in path.parent.glob(f"{path.name}.damaged-*") if p.is_dir())
+
+
+def salvage_read(aside: Path, out: BinaryIO) -> int:
+    """Stream the intact blocks of a moved-aside store to `out` (FRAME, key, value each): the child's
+    side. Returns the number of blocks written; LMDB may kill this process on a bad page first."""
+    size = max(1 << 20, (aside / "data.mdb").stat().st_size)
+    env = open_env(aside, map_size=-(-size // 4096) * 4096, readonly=True)
+    written = 0
+    try:
+        with env.begin(buffers=True) as txn:
+            for key, value in queue_items(txn):
+                if len(key) == KEY.size and block_intact(bytes(value)):
+                    out.write(FRAME.pack(len(key), len(value)) + bytes(key) + bytes(value))
+                    out.flush()
+                    written += 1
+    finally:
+        env.close()
+    return written
+
+
+def salvage_stream(aside: Path) -> Generator[tuple[bytes, bytes], None, None]:
+    """The (key, value) of the intact blocks of a moved-aside store, read by a child process. A child
+    that dies on a damaged page ends the stream where it died."""
+    frozen = getattr(sys, "frozen", False)
+    argv = [sys.executable, *(() if frozen else ("-m", "edge")), "store", "salvage-read", str(aside)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + SALVAGE_TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            head = proc.stdout.read(FRAME.size)
+            if len(head) < FRAME.size:
+                break
+            k, v = FRAME.unpack(head)
+            if k != KEY.size or v > MAX_VALUE:
+                break  # not our stream: stop reading it
+            data = proc.stdout.read(k + v)
+            if len(data) < k + v:
+                break
+            yield data[:k], data[k:]
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def mark_salvaged(aside: Path) -> Path:
+    done = aside.with_name(aside.name.replace(".damaged-", ".salvaged-", 1))
+    aside.rename(done)
+    return done
 
 
 def oldest_ts(txn: lmdb.Transaction, blocks: Any) -> int | None:
