@@ -102,3 +102,34 @@ def test_the_store_removed_while_edge_runs_is_noticed_counted_and_replaced(tmp_p
     polled, stored, delivered, backlog, dropped = map(int, found.groups())
     assert polled == stored == backlog + dropped and delivered == 0 and dropped >= lost
     assert inspect(state / "store", 16 << 20).readings == backlog  # what the fresh store holds at the end
+
+
+def test_the_reservation_leaves_room_and_is_taken_when_the_file_system_grows(tmp_path: Path) -> None:
+    """A map larger than the file system can hold (a small /data before it is grown at first boot):
+    nothing is reserved (a failed fallocate could keep what it got and fill the disk), one line says
+    so, the store works; once the file system has room, the next attempt reserves the file."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = f"""
+import logging, os, subprocess, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+import edge.store.queue as queue
+from pathlib import Path
+from edge.config import Store as StoreConfig
+queue.RESERVE_RETRY = 0.0
+data = Path("{mnt}/store/data.mdb")
+s = queue.Store(StoreConfig(path=data.parent, map_size=64 << 20), "r")
+print("ALLOCATED", os.stat(data).st_blocks * 512)
+subprocess.run(["mount", "-o", "remount,size=256m", "{mnt}"], check=True)
+s.add([(1, 1, 1.0, 0)])
+s.commit()
+print("ALLOCATED", os.stat(data).st_blocks * 512)
+s.close()
+"""
+    proc = in_mount_namespace(f"mount -t tmpfs -o size=48m tmpfs {mnt}\n{sys.executable} -c '{script}'")
+    assert proc.returncode == 0, proc.stderr
+    allocated = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("ALLOCATED")]
+    assert allocated[0] < 1 << 20 and allocated[1] >= 64 << 20, proc.stdout
+    lines = proc.stdout.splitlines()
+    assert sum("cannot reserve 64 MiB" in line for line in lines) == 1, lines
+    assert any("64 MiB reserved for" in line for line in lines), lines

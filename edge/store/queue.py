@@ -104,6 +104,7 @@ log = logging.getLogger("edge.store")
 READING_BYTES = 21  # u32 + u64 + f64 + u8: the raw size used for commit_bytes and ratios
 REJECTED_SHARE = 0.1  # refused blocks kept for inspection may use this share of the map
 SALVAGE_BATCH = 256  # salvaged blocks put back per transaction
+RESERVE_RETRY = 600.0  # seconds between attempts to reserve the data file
 DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, StoreDamaged, struct.error)
 REFUSED = (lmdb.MapFullError, lmdb.DiskError, lmdb.Error, OSError)  # after DAMAGE: the file system said no
 
@@ -204,6 +205,7 @@ class Store:
         self._compressor = zstandard.ZstdCompressor(level=1)
         self._mapped: tuple[lmdb.Environment, int, int] | None = None  # env, address, length of its map
         self._identity: tuple[int, int] | None = None  # (device, inode) of the data file opened
+        self._reserve_at = 0.0  # when to try reserving the data file again (0: reserved, or not wanted)
         self.next_seq = 0
         self._open()
 
@@ -256,10 +258,6 @@ class Store:
     def _use(self, o: Opened) -> None:
         self.env, self.db_blocks, self.db_rejected, self.db_meta = o.env, o.blocks, o.rejected, o.meta
         self._identity = _identity(self.path / "data.mdb")
-        if self.cfg.reserve and (problem := reserve(self.path / "data.mdb", self.cfg.map_size)):
-            self._once("reserve", logging.WARNING, "store: cannot reserve %d MiB for %s (%s): running "
-                       "without; a full file system will make commits fail until room returns",
-                       self.cfg.map_size >> 20, self.path, problem)
         self.next_seq = o.next_seq
         c = self.counters
         c.backlog_blocks, c.backlog_readings = o.backlog_blocks, o.backlog_readings
@@ -267,6 +265,23 @@ class Store:
             setattr(c, name, value)
         self._oldest_ts = o.oldest_ts
         self._rejecting.extend((b, "corrupt: block checksum mismatch") for b in o.corrupt)
+        self._reserve()
+
+    def _reserve(self) -> None:
+        """Reserve the data file (recovery.reserve); where that is not possible yet, try again at a
+        commit RESERVE_RETRY seconds later (the file system may grow, or room return)."""
+        if not self.cfg.reserve:
+            return
+        problem = reserve(self.path / "data.mdb", self.cfg.map_size)
+        if problem is None:
+            if self._reserve_at:
+                log.info("store: %d MiB reserved for %s", self.cfg.map_size >> 20, self.path)
+            self._reserve_at = 0.0
+            return
+        self._once("reserve", logging.WARNING, "store: cannot reserve %d MiB for %s (%s): running without "
+                   "for now; a full file system would make commits fail until room returns",
+                   self.cfg.map_size >> 20, self.path, problem)
+        self._reserve_at = time.monotonic() + RESERVE_RETRY
 
     def _totals(self) -> dict[str, int]:
         return {name: getattr(self.counters, name) for name in PERSISTED}
@@ -401,6 +416,8 @@ class Store:
                 aside = self._asides.pop(0) if self._asides else None
             if aside is not None:
                 self._salvage(aside)
+            if self._reserve_at and time.monotonic() >= self._reserve_at:
+                self._reserve()
             with self._lock:
                 sealed = self._seal()
             if not sealed:

@@ -193,8 +193,13 @@ def reserve(file: Path, size: int) -> str | None:
     except OSError as e:
         return e.strerror
     try:
-        if os.fstat(fd).st_blocks * 512 >= size:
+        missing = size - os.fstat(fd).st_blocks * 512
+        if missing <= 0:
             return None
+        fs = os.fstatvfs(fd)
+        spare = fs.f_bavail * fs.f_frsize - fs.f_blocks * fs.f_frsize // 20
+        if missing > spare:  # 5 % stay free: a failed fallocate may keep what it got, filling the disk
+            return f"{missing >> 20} MiB more needed, {max(0, spare) >> 20} MiB to spare on its file system"
         if _fallocate(fd, 0, 0, size) != 0:
             return os.strerror(ctypes.get_errno())
     finally:
