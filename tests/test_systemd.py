@@ -402,3 +402,24 @@ def test_a_full_file_system_stops_nothing_and_damages_nothing(manager: Manager, 
             assert "store" in listing and not [n for n in listing if ".damaged-" in n], listing
     log = manager.log()
     assert "Traceback" not in log and log.count("commit failed") <= 1, log
+
+
+BINARY = Path(os.environ.get("EDGE_BINARY", ROOT / "dist" / "edge"))
+
+
+@pytest.mark.skipif(not BINARY.exists(), reason=f"no binary at {BINARY}: scripts/build-binary builds it")
+def test_the_single_binary_needs_notify_access_all(manager: Manager, device: int) -> None:
+    """The binary's main process is PyInstaller's unpacking parent; READY=1 comes from its Python child.
+    With the shipped NotifyAccess=all the unit becomes active; with `main`, systemd drops the child's
+    messages and the start times out. This is why the unit says all."""
+    conf = manager.base / "config.toml"
+    install(manager, device, free_port(), service=f"ExecStart={BINARY} run {conf}")
+    with running(manager):
+        manager.ctl("start", UNIT)
+        assert manager.prop("ActiveState") == "active"
+    install(manager, device, free_port(),
+            service=f"ExecStart={BINARY} run {conf}\nNotifyAccess=main\nTimeoutStartSec=8")
+    with running(manager):
+        manager.ctl("start", UNIT, check=False)
+        assert manager.prop("Result") == "timeout"
+    assert "reception only permitted for main PID" in manager.log()
