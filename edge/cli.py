@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import struct
 import sys
 import time
 from collections.abc import Coroutine, Sequence
@@ -72,6 +73,7 @@ class Printer:
         self.as_json = as_json
         self.out = out
         self.count = 0
+        self.good = 0
 
     def __call__(self, readings: list[Reading]) -> None:
         for tag, ts, value, quality in readings:
@@ -86,17 +88,29 @@ class Printer:
                 shown = "-" if value is None else f"{value:.6g}" if isinstance(value, float) else value
                 q = "" if quality == GOOD else f" [{quality_name(quality)}]"
                 line = f"{when} {device}/{name} {shown}{' ' + unit if unit else ''}{q}"
-            print(line, file=self.out)
+            try:
+                print(line, file=self.out)
+            except BrokenPipeError:  # `| head`: the reader is gone (inside the event loop: end it all here)
+                raise SystemExit(_closed_pipe()) from None
         self.count += len(readings)
-        self.out.flush()
+        self.good += sum(1 for r in readings if r[3] == GOOD)
+        try:
+            self.out.flush()
+        except BrokenPipeError:
+            raise SystemExit(_closed_pipe()) from None
 
 
 async def _poll(config: Config, once: bool, as_json: bool) -> int:
     from edge.poll.engine import Poller  # noqa: PLC0415
 
-    poller = Poller(config, Printer(config, as_json, sys.stdout))
+    printer = Printer(config, as_json, sys.stdout)
+    poller = Poller(config, printer)
     if once:
         await poller.run_once()
+        if printer.good == 0:
+            print(f"edge: poll: none of the {printer.count} readings is good (their qualities are above)",
+                  file=sys.stderr)
+            return EXIT_RUNTIME
         return 0
     task = asyncio.create_task(poller.run(), name="poll")
     loop = asyncio.get_running_loop()
@@ -120,7 +134,8 @@ async def _probe(url: str, table: str, address: int, count: int, timeout: float)
     link, unit = url_link(url, timeout)
     try:
         if not await link.connect(timeout):
-            print(f"edge: probe: cannot connect to {url}", file=sys.stderr)
+            reason = f" ({link.last_error})" if link.last_error else ""
+            print(f"edge: probe: cannot connect to {url}{reason}", file=sys.stderr)
             return EXIT_RUNTIME
         function, bits = TABLES[table]
         try:
@@ -130,13 +145,32 @@ async def _probe(url: str, table: str, address: int, count: int, timeout: float)
             return EXIT_RUNTIME
     finally:
         link.close()
-    print(f"# {url} unit {unit} {table} {address}..{address + count - 1}")
-    for i, v in enumerate(list(values)[:count]):
-        if bits:
-            print(f"{address + i:5d}  {int(v)}")
-        else:
-            print(f"{address + i:5d}  0x{v:04X}  {v:6d}  {v - 65536 if v > 32767 else v:6d}")
+    print(f"# {url} unit {unit}, {table} {address}..{address + count - 1} (function {function})")
+    if bits:
+        print("#  addr  bit")
+        for i, v in enumerate(list(values)[:count]):
+            print(f"{address + i:7d}  {int(v)}")
+        return 0
+    regs = [int(v) for v in list(values)[:count]]
+    print("#  addr     hex  uint16   int16  ascii  | float32 of this register and the next, by byte order:")
+    print(f"#{'':37}|        ABCD         CDAB         BADC         DCBA")
+    for i, v in enumerate(regs):
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in v.to_bytes(2, "big"))
+        floats = "  ".join(f"{f:11.6g}" for f in _float_orders(v, regs[i + 1])) if i + 1 < len(regs) else ""
+        signed = v - 65536 if v > 32767 else v
+        print(f"{address + i:7d}  0x{v:04X}  {v:6d}  {signed:6d}  {text:>5}  | {floats}")
     return 0
+
+
+def _float_orders(first: int, second: int) -> tuple[float, float, float, float]:
+    """The float32 two registers hold in each byte order: ABCD, CDAB, BADC, DCBA (edge.poll.decode).
+
+    >>> _float_orders(0x4148, 0x0000)[0], _float_orders(0x0000, 0x4148)[1]
+    (12.5, 12.5)
+    """
+    big, little = struct.pack(">HH", first, second), struct.pack("<HH", first, second)
+    return (struct.unpack(">f", big)[0], struct.unpack("<f", little)[0], struct.unpack(">f", little)[0],
+            struct.unpack("<f", big)[0])
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -172,13 +206,14 @@ async def _write(config: Config, tag: str, value: Value, by: str) -> int:
 
     poller = Poller(config, lambda readings: None)
     try:
-        result = await Commands(lambda: poller).execute(f"local-{os.getpid()}", tag, value, by)
+        result = await Commands(lambda: poller).execute(f"local-{os.getpid()}", tag, value, by, quiet=True)
     finally:
         poller.close()
     if result["ok"]:
-        print(f"{tag} = {value!r}: written")
+        print(f"{tag} = {json.dumps(value)}: written")
         return 0
-    print(f"edge: write refused: {result['error']}: {result.get('detail', '')}", file=sys.stderr)
+    print(f"edge: write {tag} = {json.dumps(value)} refused: {result['error']}: {result.get('detail', '')}",
+          file=sys.stderr)
     return EXIT_RUNTIME
 
 
@@ -219,7 +254,9 @@ def cmd_write(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from edge.status import status  # noqa: PLC0415
 
-    return status(load(args.config), args.watch, args.json)
+    if args.window <= 0:
+        raise ConfigError([f"status: --window {args.window}: must be above 0"])
+    return status(load(args.config), args.watch, args.json, args.window)
 
 
 def _when(ts: int | None) -> str:
@@ -245,9 +282,13 @@ def cmd_store_inspect(args: argparse.Namespace) -> int:
           f"sequence {info.first_seq}..{info.last_seq}, next {info.next_seq}")
     print(f"  oldest    {_when(info.oldest_ts)} (age {age}), newest {_when(info.newest_ts)}")
     print(f"  rejected  {plural(info.rejected_blocks, 'block')} kept for inspection")
-    print(f"  size      file {info.file_bytes / 2**20:.1f} MiB, in use {info.used_bytes / 2**20:.1f} MiB of "
-          f"map {info.map_size / 2**20:.0f} MiB")
-    print("  totals    " + ", ".join(f"{k} {v}" for k, v in sorted(info.persisted.items())))
+    mib = 2**20
+    reserved = " (reserved)" if info.allocated_bytes >= info.file_bytes > info.written_bytes else ""
+    print(f"  size      data.mdb {info.file_bytes / mib:.1f} MiB{reserved}, "
+          f"{info.allocated_bytes / mib:.1f} MiB on disk, {info.written_bytes / mib:.1f} MiB written to, "
+          f"{info.used_bytes / mib:.1f} MiB in use, map {info.map_size / mib:.0f} MiB")
+    totals = sorted(info.persisted.items())
+    print("  totals    " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in totals))
     return 0
 
 
@@ -258,16 +299,18 @@ def cmd_store_dump(args: argparse.Namespace) -> int:
         raise ConfigError([f"store dump: --from {args.start} --limit {args.limit}: need --from >= 0, "
                            "--limit >= 1"])
     config = load(args.config)
-    names = {t.id: (d.name, t.name) for d in config.devices for t in d.tags}
+    names = {t.id: (d.name, t.name, t.unit) for d in config.devices for t in d.tags}
     for seq, readings in dump(config.store.path, config.store.map_size, args.start, args.limit):
         for tag, ts, value, quality in readings:
-            device, name = names.get(tag, ("?", f"tag-{tag}"))
+            device, name, unit = names.get(tag, ("?", f"tag-{tag}", ""))
             if args.json:
                 row = {"seq": seq, "device": device, "tag": name, "tag_id": tag, "ts": ts, "value": value,
-                       "quality": quality_name(quality)}
+                       "unit": unit, "quality": quality_name(quality)}
                 print(json.dumps(strict_json(row), allow_nan=False))
             else:
-                print(f"{seq} {_when(ts)} {device}/{name} {value} {quality_name(quality)}")
+                shown = "-" if value is None else json.dumps(strict_json({"value": value})["value"])
+                print(f"{seq} {_when(ts)} {device}/{name} {shown}{' ' + unit if unit else ''} "
+                      f"{quality_name(quality)}")
     return 0
 
 
@@ -277,6 +320,25 @@ def cmd_store_salvage_read(args: argparse.Namespace) -> int:
 
     salvage_read(args.aside, sys.stdout.buffer)
     return 0
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    """The config, named the same way in every subcommand: a first argument or --config."""
+    default = os.environ.get("EDGE_CONFIG", DEFAULT_CONFIG)
+    p.add_argument("config", type=Path, nargs="?", default=None,
+                   help=f"the config file (default: $EDGE_CONFIG, else {DEFAULT_CONFIG}; here {default})")
+    p.add_argument("--config", dest="config_option", type=Path, metavar="CONFIG",
+                   help="the same, as an option")
+
+
+def _config_of(args: argparse.Namespace) -> None:
+    if getattr(args, "config_option", None) is not None:
+        if args.config is not None and args.config != args.config_option:
+            raise ConfigError([f"{args.command}: two configs named: {args.config} and "
+                               f"--config {args.config_option}"])
+        args.config = args.config_option
+    if hasattr(args, "config_option") and args.config is None:
+        args.config = Path(os.environ.get("EDGE_CONFIG", DEFAULT_CONFIG))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -293,10 +355,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="validate a config and print its request plan")
-    c.add_argument("config", type=Path)
+    _config_args(c)
     c.set_defaults(fn=cmd_check)
     po = sub.add_parser("poll", help="poll the devices of a config and print readings")
-    po.add_argument("config", type=Path)
+    _config_args(po)
     mode = po.add_mutually_exclusive_group()
     mode.add_argument("--once", action="store_true", help="poll every group once and exit (default)")
     mode.add_argument("--follow", action="store_true", help="poll on schedule until interrupted")
@@ -310,11 +372,10 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--timeout", type=float, default=1.0)
     pr.set_defaults(fn=cmd_probe)
     run = sub.add_parser("run", help="run the appliance: poll, store, forward (until SIGTERM)")
-    run.add_argument("config", type=Path, nargs="?",
-                     default=Path(os.environ.get("EDGE_CONFIG", DEFAULT_CONFIG)))
+    _config_args(run)
     run.set_defaults(fn=cmd_run)
     wr = sub.add_parser("write", help="write one writable tag now (checked like a remote write)")
-    wr.add_argument("config", type=Path)
+    _config_args(wr)
     wr.add_argument("tag", help="device/tag")
     wr.add_argument("value", help="a number, true/false, or text")
     wr.add_argument("--by", default=f"{os.environ.get('USER', 'local')}@cli", help="who writes (logged)")
@@ -329,17 +390,19 @@ def parser() -> argparse.ArgumentParser:
     sg.add_argument("--by", default=f"{os.environ.get('USER', 'local')}@sign", help="who asks (logged)")
     sg.set_defaults(fn=cmd_sign)
     stat = sub.add_parser("status", help="summary from the running appliance's metrics endpoint")
-    stat.add_argument("--config", type=Path, default=Path(os.environ.get("EDGE_CONFIG", DEFAULT_CONFIG)))
+    _config_args(stat)
     stat.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
                       help="refresh every SECONDS (default 2) until interrupted")
-    stat.add_argument("--json", action="store_true")
+    stat.add_argument("--window", type=float, default=5.0, metavar="SECONDS",
+                      help="rates are averages over this many seconds (default 5)")
+    stat.add_argument("--json", action="store_true", help="every metric with its labels, as one JSON object")
     stat.set_defaults(fn=cmd_status)
     st = sub.add_parser("store", help="look into the store (read-only; safe while the appliance runs)")
     stsub = st.add_subparsers(dest="store_command", required=True)
     si = stsub.add_parser("inspect", help="backlog, oldest/newest, sizes, counters")
     sd = stsub.add_parser("dump", help="decoded readings from a sequence number on")
     for x in (si, sd):
-        x.add_argument("--config", type=Path, default=Path(os.environ.get("EDGE_CONFIG", DEFAULT_CONFIG)))
+        _config_args(x)
         x.add_argument("--json", action="store_true")
     si.set_defaults(fn=cmd_store_inspect)
     sd.add_argument("--from", dest="start", type=int, default=0, help="first sequence number")
@@ -364,7 +427,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="edge: %(levelname)s %(name)s: %(message)s")
     try:
+        _config_of(args)
         code: int = args.fn(args)
+    except BrokenPipeError:
+        return _closed_pipe()
     except ConfigError as e:
         for problem in e.problems:
             print(f"edge: {problem}", file=sys.stderr)
@@ -378,6 +444,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edge: store: {e}", file=sys.stderr)
         return EXIT_RUNTIME
     return code
+
+
+def _closed_pipe() -> int:
+    """The reader of our output went away (`edge store dump | head`): end quietly. Python would complain
+    once more while flushing stdout at exit, so stdout points at /dev/null from here."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
 
 
 if __name__ == "__main__":

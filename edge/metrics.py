@@ -30,12 +30,14 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from edge import __version__
 from edge.config import Metrics as MetricsConfig
 from edge.govern import LEVELS as GOVERNOR_LEVELS
 from edge.govern import GovernorSnapshot
 from edge.policy import Policy
 from edge.poll.engine import LATENCY_BUCKETS, PollSnapshot
 from edge.poll.health import backoff
+from edge.reading import EXCEPTION, quality_name
 from edge.store import StoreSnapshot
 from edge.supervise import stalled
 from edge.uplink import UplinkStats
@@ -43,6 +45,9 @@ from edge.uplink import UplinkStats
 log = logging.getLogger("edge.metrics")
 
 HEALTH_STALE = 30.0  # seconds without a beat before /health names a stage stalled
+# the kinds of edge_device_errors_total exported from the start, at 0: rate() of them is 0, not absent
+ERROR_KINDS = ("timeout", "bad_frame", "disconnected", "connect_failed", "exception_out_of_range",
+               *(quality_name(EXCEPTION | c) for c in (1, 2, 3, 4, 5, 6, 8, 10, 11)))
 MAX_CONNECTIONS = 16
 MAX_REQUEST = 8192  # bytes of request line and headers
 REQUEST_TIMEOUT = 5.0
@@ -88,6 +93,9 @@ class ApplianceCollector:
         yield from self._store(s.store)
         yield from self._uplink(s.uplink, s.policy)
         yield _one(_gauge("uptime_seconds", "Seconds since the appliance started"), time.time() - s.started)
+        info = _gauge("build_info", "1, labelled with the running version", ["version"])
+        info.add_metric([__version__], 1.0)
+        yield info
         yield _one(_counter("config_reloads", "Configs reloaded on SIGHUP"), s.reloads)
         yield _one(_counter("config_reloads_refused", "Reloads refused (the config was bad; the running one "
                             "was kept)"), s.reloads_refused)
@@ -121,23 +129,31 @@ class ApplianceCollector:
             "skipped": _counter("device_requests_skipped", "Requests not sent: breaker open or link down",
                                 ["device"]),
         }
-        errors = _counter("device_errors", "Failed requests by kind", ["device", "kind"])
+        errors = _counter("device_errors", "Failed requests by kind, and failed connections (connect_failed)",
+                          ["device", "kind"])
         up = _gauge("device_up", "1 while the device answers", ["device"])
+        since = _gauge("device_down_since_timestamp_seconds",
+                       "Unix time the device stopped answering (0: up)", ["device"])
+        problem = _gauge("device_problem", "1 for the reason a device is down (its last failure), per reason",
+                         ["device", "problem"])
         latency = HistogramMetricFamily("edge_device_latency_seconds", "Request round trip",
                                         labels=["device"])
         for d, st in poll.devices:
             for key, fam in fams.items():
                 fam.add_metric([d], getattr(st, key))
-            for kind, n in st.errors.items():
-                errors.add_metric([d, kind], n)
+            for kind in sorted(set(ERROR_KINDS) | set(st.errors)):  # every kind from the start: rate() is 0
+                errors.add_metric([d, kind], st.errors.get(kind, 0))
             up.add_metric([d], 1.0 if st.up else 0.0)
+            since.add_metric([d], st.down_since)
+            if not st.up and st.problem:
+                problem.add_metric([d, st.problem], 1.0)
             cumulative, buckets = 0, []
             for bound, n in zip(LATENCY_BUCKETS, st.latency_buckets, strict=True):
                 cumulative += n
                 buckets.append((str(bound), cumulative))
             buckets.append(("+Inf", st.good))
             latency.add_metric([d], buckets, st.latency_sum)
-        yield from (*fams.values(), errors, up, latency)
+        yield from (*fams.values(), errors, up, since, problem, latency)
 
     def _groups(self, poll: PollSnapshot) -> Iterator[Metric]:
         cycles = _counter("poll_cycles", "Poll cycles run", ["device", "group"])
@@ -146,14 +162,17 @@ class ApplianceCollector:
         jitter = _counter("poll_jitter_seconds", "Total lateness of cycle starts", ["device", "group"])
         jmax = _gauge("poll_jitter_max_seconds", "Largest lateness of a cycle start", ["device", "group"])
         stretch = _gauge("poll_stretch", "Interval multiplier (governor, low power)", ["device", "group"])
+        interval = _gauge("poll_interval_seconds", "Configured interval of the group (in force: x stretch)",
+                          ["device", "group"])
         for g in poll.groups:
             labels = [g.device, g.group]
+            interval.add_metric(labels, g.interval)
             cycles.add_metric(labels, g.cycles)
             overruns.add_metric(labels, g.overruns)
             jitter.add_metric(labels, g.jitter_sum)
             jmax.add_metric(labels, g.jitter_max)
             stretch.add_metric(labels, g.stretch)
-        yield from (cycles, overruns, jitter, jmax, stretch)
+        yield from (cycles, overruns, jitter, jmax, stretch, interval)
 
     def _store(self, s: StoreSnapshot) -> Iterator[Metric]:
         c = s.counters
@@ -223,7 +242,7 @@ class MetricsServer:
         self.beats = beats
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ApplianceCollector(snapshot))
-        ProcessCollector(namespace="edge", registry=self.registry)
+        ProcessCollector(registry=self.registry)  # the standard process_* names dashboards expect
         self.port: int | None = None
         self.problem: str | None = None
         self.waiting: dict[asyncio.StreamWriter, None] = {}  # connected, request not read yet, oldest first

@@ -254,20 +254,23 @@ class Commands:
                 e.reason, e.detail, f" (key {safe(key, 32)})" if key else "")
         return {"id": cid, "ok": False, "error": e.reason, "detail": e.detail}
 
-    async def execute(self, cid: str | int, tag: Any, value: Any, by: Any) -> dict[str, Any]:
-        """One write, checked, with its result (also for a local `edge write`)."""
+    async def execute(self, cid: str | int, tag: Any, value: Any, by: Any, *,
+                      quiet: bool = False) -> dict[str, Any]:
+        """One write, checked, with its result (also for a local `edge write`, which prints a refusal
+        itself: `quiet` leaves it out of the log)."""
         name, who = str(tag), safe(by, 64)
         try:
             await self.write(name, value)
         except Refused as e:
             self.refused += 1
             self.refusals[e.reason] += 1
-            log.warning("write %s by %s: %s = %s refused: %s", safe(cid, MAX_ID), who, safe(name, MAX_TAG),
-                        safe(json.dumps(value), 64), e)
+            if not quiet:
+                log.warning("write %s by %s: %s = %s refused: %s", safe(cid, MAX_ID), who,
+                            safe(name, MAX_TAG), safe(json.dumps(value), 64), e)
             return {"id": cid, "ok": False, "tag": name[:MAX_TAG], "error": e.reason, "detail": e.detail}
         self.executed += 1
-        log.warning("write %s by %s: %s = %s", safe(cid, MAX_ID), who, safe(name, MAX_TAG),
-                    safe(json.dumps(value), 64))
+        log.info("write %s by %s: %s = %s", safe(cid, MAX_ID), who, safe(name, MAX_TAG),
+                 safe(json.dumps(value), 64))
         return {"id": cid, "ok": True, "tag": name, "value": value}
 
     async def write(self, name: str, value: Any) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -13,7 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import EdgeProcess, free_port, start_sim, stop, wait_metric, write_config, write_map
+from edge import __version__
+from edge.status import _plural
+from tests.peers import (
+    EdgeProcess,
+    free_port,
+    set_faults,
+    start_sim,
+    stop,
+    wait_metric,
+    write_config,
+    write_map,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -84,3 +99,53 @@ def test_oversized_slow_and_malformed_requests_are_dropped(edge: tuple[EdgeProce
         assert s.recv(100).startswith(b"HTTP/1.1 400")
     assert get(port, "/nothing")[0] == 404
     assert get(port, "/metrics")[0] == 200
+
+
+def test_metrics_follow_prometheus_conventions(edge: tuple[EdgeProcess, int]) -> None:
+    """The standard process_* names, a build_info, and every error kind exported at 0 from the start (so
+    rate() is 0, not absent, until the first error)."""
+    _, port = edge
+    text = get(port, "/metrics")[1].decode()
+    assert "\nprocess_resident_memory_bytes " in text and "\nprocess_cpu_seconds_total " in text
+    assert f'edge_build_info{{version="{__version__}"}} 1.0' in text
+    for kind in ("timeout", "bad_frame", "connect_failed", "exception_2_illegal_address"):
+        assert f'edge_device_errors_total{{device="d",kind="{kind}"}} 0.0' in text, kind
+
+
+def test_status_says_why_a_device_is_down_and_since_when(tmp_path: Path) -> None:
+    write_map(tmp_path / "map.toml", [{"id": 1, "points": [
+        {"table": "holding", "address": 0, "type": "uint16", "wave": "counter", "step": 1.0}]}])
+    control = tmp_path / "faults.json"
+    set_faults(control, {})
+    with start_sim(tmp_path / "map.toml", control=control) as sim:
+        conf = tmp_path / "config.toml"
+        write_config(conf, {
+            "appliance": {"id": "m", "state_dir": str(tmp_path / "state")},
+            "device": [{"name": "meter", "host": "127.0.0.1", "port": sim.port, "interval": "100ms",
+                        "timeout": "200ms", "retries": 0, "tag": [{"name": "a", "address": 0}]}],
+            "store": {"map_size": "16MiB"}, "uplink": {"port": free_port()},
+            "metrics": {"port": free_port()}})
+        process = EdgeProcess(conf)
+        try:
+            port = process.metrics_port()
+            wait_metric(port, "edge_store_commits_total", lambda v: v >= 2)
+            set_faults(control, {"1": {"mode": "silent"}})
+            wait_metric(port, "edge_device_up", lambda v: v == 0)
+            shown = status(conf, "--window", "2")
+            as_json = json.loads(status(conf, "--config", str(conf), "--json", "--window", "1"))
+        finally:
+            assert stop(process) == 0, process.log
+    assert shown.count("DOWN") == 1 and "rates over the last 2 s" in shown, shown
+    lines = shown.splitlines()
+    down = lines[next(i for i, x in enumerate(lines) if "DOWN" in x) + 1]  # the line under the device's
+    assert ("timeout" in down or "breaker_open" in down) and " for " in down, shown
+    assert _plural(1, "block") == "1 block" and _plural(2, "block") == "2 blocks"
+    assert as_json["metrics"]["edge_device_up"] == [{"labels": {"device": "meter"}, "value": 0.0}]
+    assert {s["labels"]["kind"] for s in as_json["metrics"]["edge_device_errors_total"]} >= {"timeout"}
+
+
+def status(conf: Path, *args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "edge", "status", *(() if "--config" in args else (str(conf),)),
+                        *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    return r.stdout

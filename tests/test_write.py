@@ -227,7 +227,10 @@ def test_edge_write_cli(tmp_path: Path) -> None:
         for args, reason in ((("d/setpoint", "101"), "out of range"), (("d/fixed", "1"), "not writable"),
                              (("d/none", "1"), "unknown tag")):
             r = edge(*args)
-            assert r.returncode == 1 and f"write refused: {reason}" in r.stderr, r.stderr
+            assert r.returncode == 1 and f"{args[0]} = {args[1]} refused: {reason}" in r.stderr, r.stderr
+            assert r.stderr.count("refused") == 1  # printed once, not also logged
+        flag = edge("d/setpoint", "false")
+        assert flag.returncode == 1 and "d/setpoint = false refused: bad value" in flag.stderr  # as JSON
         assert holding(sim, 0, 2) == [0x4148, 0]
 
 

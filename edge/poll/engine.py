@@ -105,6 +105,8 @@ class DeviceStats:
     latency_sum: float = 0.0
     latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
     up: bool = True
+    down_since: float = 0.0  # unix time it stopped answering (0: up)
+    problem: str = ""  # why it is down: the last failure's quality name
 
     def copy(self) -> DeviceStats:
         return replace(self, errors=Counter(self.errors), latency_buckets=list(self.latency_buckets))
@@ -171,6 +173,15 @@ class DeviceRunner:
             self.reported -= over
             log.info("device %s: %s answering again", self.device.name, job.req)
         self.stats.up = True
+        self.stats.down_since, self.stats.problem = 0.0, ""
+
+    def down(self, problem: str) -> None:
+        """Not answering: since when (the first failure of the episode) and why (the latest)."""
+        st = self.stats
+        if st.up or not st.down_since:
+            st.down_since = time.time()
+        st.up = False
+        st.problem = problem
 
     def deadband(self, job: Job, values: list[Value], readings: list[Reading]) -> list[Reading]:
         """Report by exception: a good reading is stored when it moved at least its tag's deadband from
@@ -242,6 +253,7 @@ class Line:
         self.beat = time.monotonic()  # heartbeat: the loop is alive (sleeping in <= 1 s steps, or working)
         self.started = asyncio.Event()
         self.schedules: list[Scheduled] = []  # set when run() starts
+        self.once = False  # one pass (`edge poll --once`): nothing is retried
 
     @property
     def name(self) -> str:
@@ -293,6 +305,7 @@ class Line:
 
     async def run_once(self) -> None:
         """Every poll group of every device on this line, once (for `edge poll --once`)."""
+        self.once = True
         for runner in self.runners:
             for group in list(runner.jobs):
                 await self.cycle(runner, group)
@@ -339,10 +352,12 @@ class Line:
         level = logging.WARNING if self.connect_failures == 0 else logging.DEBUG
         self.connect_failures += 1
         self.next_connect = time.monotonic() + backoff(self.connect_failures - 1, 0.5, 30.0)
-        log.log(level, "%s: cannot connect%s; retrying with backoff", self.name,
-                f" ({self.link.last_error})" if self.link.last_error else "")
+        log.log(level, "%s: cannot connect%s%s", self.name,
+                f" ({self.link.last_error})" if self.link.last_error else "",
+                "" if self.once else "; retrying with backoff")
         for r in self.runners:
-            r.stats.up = False
+            r.stats.errors["connect_failed"] += 1  # a failed connection is an error of each device behind it
+            r.down("disconnected")
         return False
 
     async def wait_gap(self, runner: DeviceRunner) -> None:
@@ -384,6 +399,7 @@ class Line:
         dev, stats, req = runner.device, runner.stats, job.req
         if not runner.breaker.allow(time.monotonic()):
             stats.skipped += 1
+            runner.down(quality_name(BREAKER_OPEN))
             return bad(job, BREAKER_OPEN), False
         attempts = 1 if runner.breaker.is_open else 1 + dev.retries
         busy_left = BUSY_RETRIES
@@ -456,7 +472,7 @@ class Line:
                 runner.report(f"{quality_name(quality)}@{job.req}", "device %s: %s for %s%s", name,
                               quality_name(quality), job.req, extra)
             return bad(job, quality)
-        runner.stats.up = False
+        runner.down(quality_name(quality))
         runner.report(f"{quality_name(quality)}@{job.req}", "device %s: %s (%s); its tags read bad quality",
                       name, quality_name(quality), job.req)
         if runner.breaker.failure(time.monotonic()):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import struct
 import termios
 import time
@@ -73,8 +74,9 @@ class Link:
     The pymodbus client is made on first connect: it binds to the running event loop.
     """
 
-    def __init__(self, make_client: Callable[[], Any], name: str) -> None:
+    def __init__(self, make_client: Callable[[], Any], name: str, device: str | None = None) -> None:
         self.make_client = make_client
+        self.device = device  # a serial port: opened once before connecting, for the OS's reason if it fails
         self.client: Any = None
         self.name = name
         self.rx_bytes = 0
@@ -180,6 +182,12 @@ class Link:
         return self.client is not None and bool(self.client.connected)
 
     async def connect(self, timeout: float) -> bool:
+        if self.device is not None:
+            try:  # pymodbus reports a port it cannot open only as "not connected"
+                os.close(os.open(self.device, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK))
+            except OSError as e:
+                self.last_error = f"{self.device}: {e.strerror}"
+                return False
         if self.client is None:
             self.client = self._create()
         self.client.ctx.comm_params.timeout_connect = timeout
@@ -265,7 +273,7 @@ def serial_link(bus: Bus) -> Link:
         return AsyncModbusSerialClient(bus.port, framer=FramerType.RTU, baudrate=bus.baud,
                                        bytesize=bus.byte_size, parity=bus.parity, stopbits=bus.stop_bits,
                                        timeout=bus.timeout, retries=0, reconnect_delay=0, name=bus.name)
-    return Link(make, f"{bus.name}@{bus.port}")
+    return Link(make, f"{bus.name}@{bus.port}", bus.port)
 
 
 def url_link(url: str, timeout: float) -> tuple[Link, int]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from edge.reading import Reading
 from edge.store.block import block_header, decode_block
 from edge.store.layout import FIRST_KEY, U64, key_of, open_env, pages_used, parse_key, queue_items
+from edge.store.recovery import PERSISTED
 
 
 @dataclass
@@ -22,7 +23,9 @@ class Summary:
     oldest_ts: int | None
     newest_ts: int | None
     rejected_blocks: int
-    file_bytes: int
+    file_bytes: int  # data.mdb's size (the map, when reserved)
+    allocated_bytes: int  # the blocks of it the file system holds
+    written_bytes: int  # the part LMDB has used: its last page
     used_bytes: int
     map_size: int
     next_seq: int
@@ -53,10 +56,14 @@ def inspect(path: Path, map_size: int) -> Summary:
                 newest = max(ts for _, ts, _, _ in decode_block(c.value()))
             used = pages_used(txn, (blocks, rejected, meta_db))
             n_rejected = txn.stat(rejected)["entries"]
-        counters = {k: U64.unpack(v)[0] for k, v in meta.items() if k not in ("appliance",)}
+        counters = dict.fromkeys(PERSISTED, 0)  # every total, 0 until it happened
+        counters.update({k: U64.unpack(v)[0] for k, v in meta.items() if k not in ("appliance", "next_seq")})
+        next_seq = U64.unpack(meta["next_seq"])[0] if "next_seq" in meta else 0
+        st = (path / "data.mdb").stat()
         return Summary(str(path), meta.get("appliance", b"").decode(), n_blocks, readings, first, last,
-                       oldest, newest, n_rejected, (path / "data.mdb").stat().st_size, used * 4096,
-                       map_size, max(counters.pop("next_seq", 0), (last or -1) + 1), counters)
+                       oldest, newest, n_rejected, st.st_size, st.st_blocks * 512,
+                       (env.info()["last_pgno"] + 1) * 4096, used * 4096, map_size,
+                       max(next_seq, (last or -1) + 1), counters)
     finally:
         env.close()
 
