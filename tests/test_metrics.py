@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -149,3 +150,21 @@ def status(conf: Path, *args: str) -> str:
                         *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 0, r.stderr
     return r.stdout
+
+
+def test_the_grafana_dashboard_names_only_metrics_the_appliance_exports(
+        edge: tuple[EdgeProcess, int]) -> None:
+    """docs/grafana-dashboard.json imports into Grafana as it is; a metric renamed or dropped here
+    would leave one of its panels empty: every metric its expressions name must be exported."""
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    named = {re.sub(r"_(bucket|sum|count)$", "", m)
+             for e in exprs for m in re.findall(r"\b(?:edge|process)_\w+", e)}
+    _, port = edge
+    text = get(port, "/metrics")[1].decode()  # a family without samples yet still has its # TYPE line
+    exported = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    exported |= {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and line[0] != "#"}
+    exported |= {re.sub(r"_(bucket|sum|count)$", "", m) for m in exported}
+    assert len(exprs) >= 12 and named, exprs
+    assert named <= exported, sorted(named - exported)
+    assert all(p["datasource"]["uid"] == "${DS_PROMETHEUS}" for p in dashboard["panels"])
