@@ -37,6 +37,7 @@ from edge.govern import GovernorSnapshot
 from edge.policy import Policy
 from edge.poll.engine import LATENCY_BUCKETS, PollSnapshot
 from edge.poll.health import backoff
+from edge.poll.schedule import LATENESS_BUCKETS
 from edge.reading import EXCEPTION, quality_name
 from edge.store import StoreSnapshot
 from edge.supervise import stalled
@@ -147,20 +148,15 @@ class ApplianceCollector:
             since.add_metric([d], st.down_since)
             if not st.up and st.problem:
                 problem.add_metric([d, st.problem], 1.0)
-            cumulative, buckets = 0, []
-            for bound, n in zip(LATENCY_BUCKETS, st.latency_buckets, strict=True):
-                cumulative += n
-                buckets.append((str(bound), cumulative))
-            buckets.append(("+Inf", st.good))
-            latency.add_metric([d], buckets, st.latency_sum)
+            latency.add_metric([d], _buckets(LATENCY_BUCKETS, st.latency_buckets, st.good), st.latency_sum)
         yield from (*fams.values(), errors, up, since, problem, latency)
 
     def _groups(self, poll: PollSnapshot) -> Iterator[Metric]:
         cycles = _counter("poll_cycles", "Poll cycles run", ["device", "group"])
         overruns = _counter("poll_overruns", "Poll cycles skipped because the previous one ran late",
                             ["device", "group"])
-        jitter = _counter("poll_jitter_seconds", "Total lateness of cycle starts", ["device", "group"])
-        jmax = _gauge("poll_jitter_max_seconds", "Largest lateness of a cycle start", ["device", "group"])
+        late = HistogramMetricFamily("edge_poll_lateness_seconds", "How late poll cycles started (behind "
+                                     "their deadline)", labels=["device", "group"])
         stretch = _gauge("poll_stretch", "Interval multiplier (governor, low power)", ["device", "group"])
         interval = _gauge("poll_interval_seconds", "Configured interval of the group (in force: x stretch)",
                           ["device", "group"])
@@ -169,15 +165,15 @@ class ApplianceCollector:
             interval.add_metric(labels, g.interval)
             cycles.add_metric(labels, g.cycles)
             overruns.add_metric(labels, g.overruns)
-            jitter.add_metric(labels, g.jitter_sum)
-            jmax.add_metric(labels, g.jitter_max)
+            late.add_metric(labels, _buckets(LATENESS_BUCKETS, g.lateness, g.cycles), g.jitter_sum)
             stretch.add_metric(labels, g.stretch)
-        yield from (cycles, overruns, jitter, jmax, stretch, interval)
+        yield from (cycles, overruns, late, stretch, interval)
 
     def _store(self, s: StoreSnapshot) -> Iterator[Metric]:
         c = s.counters
         for name, doc in (("readings_appended", "Readings handed to the store"),
-                          ("blocks_committed", "Blocks written"), ("commits", "Write transactions"),
+                          ("blocks_committed", "Blocks written to the store"),
+                          ("commits", "Write transactions of the store (one per commit window)"),
                           ("blocks_forwarded", "Blocks acknowledged upstream"),
                           ("readings_forwarded", "Readings acknowledged upstream"),
                           ("blocks_rejected", "Blocks refused upstream, kept aside"),
@@ -185,12 +181,14 @@ class ApplianceCollector:
                           ("blocks_dropped", "Blocks dropped because the store was full"),
                           ("readings_dropped", "Readings dropped because the store was full"),
                           ("recoveries", "Damaged stores moved aside"),
-                          ("rejected_trimmed", "Refused blocks dropped to keep room for pending ones"),
+                          ("rejected_blocks_trimmed", "Refused blocks dropped to keep room for pending ones"),
                           ("commit_failures", "Commits that failed (readings kept in RAM)"),
                           ("blocks_salvaged", "Blocks of moved-aside stores put back in the queue"),
                           ("readings_salvaged", "Readings of moved-aside stores put back in the queue")):
-            yield _one(_counter(f"store_{name}", doc), getattr(c, name))
-        yield _one(_counter("store_write_bytes", "Bytes this process wrote to storage (/proc/self/io)"),
+            value = getattr(c, name.replace("rejected_blocks_", "rejected_"))
+            yield _one(_counter(f"store_{name}", doc), value)
+        yield _one(_counter("process_write_bytes", "Bytes this process caused to be written to storage, all "
+                            "of it: the store's commits and every other file (/proc/self/io write_bytes)"),
                    write_bytes())
         age = 0.0 if s.oldest_ts is None else max(0.0, time.time() - s.oldest_ts / 1e9)
         for name, value, doc in (("backlog_readings", c.backlog_readings, "Readings waiting upstream"),
@@ -204,13 +202,31 @@ class ApplianceCollector:
 
     def _uplink(self, st: UplinkStats, policy: Policy) -> Iterator[Metric]:
         yield _one(_gauge("uplink_connected", "1 while connected to the broker"), float(st.connected))
-        for name in ("connects", "connect_failures", "published", "acked", "rejected", "kept",
-                     "readings_delivered", "bytes_published"):
-            yield _one(_counter(f"uplink_{name}", f"Uplink {name.replace('_', ' ')}"), getattr(st, name))
+        for name, field, doc in (
+                ("connections", "connects", "Connections made to the broker"),
+                ("connection_failures", "connect_failures", "Connection attempts that failed"),
+                ("blocks_published", "published", "Blocks published, one message each"),
+                ("blocks_acked", "acked", "Blocks the broker acknowledged (deleted from the store)"),
+                ("blocks_rejected", "rejected", "Blocks the broker refused (moved aside in the store)"),
+                ("blocks_kept", "kept", "Blocks sent but not acknowledged (kept, sent again later)"),
+                ("readings_delivered", "readings_delivered", "Readings in blocks the broker acknowledged"),
+                ("bytes_published", "bytes_published", "Bytes of payload published")):
+            yield _one(_counter(f"uplink_{name}", doc), getattr(st, field))
         yield _one(_gauge("uplink_last_delivery_timestamp_seconds",
                           "Unix time of the last acknowledged block"), st.last_delivery)
         yield _one(_gauge("uplink_session_interval_seconds", "Seconds between uplink sessions in low-power "
                           "mode (0: connected continuously)"), policy.session_interval or 0.0)
+
+
+def _buckets(bounds: Iterable[float], counts: Iterable[int], total: int) -> list[tuple[str, float]]:
+    """Cumulative histogram buckets from per-bucket counts; `total` is the +Inf bucket."""
+    out: list[tuple[str, float]] = []
+    cumulative = 0
+    for bound, n in zip(bounds, counts, strict=True):
+        cumulative += n
+        out.append((str(bound), cumulative))
+    out.append(("+Inf", total))
+    return out
 
 
 def write_bytes() -> int:

@@ -124,14 +124,14 @@ def summary(a: Samples, b: Samples, dt_s: float, hl: dict[str, Any], appliance: 
     stretched = _stretched(b)
     if stretched:
         lines.append("  intervals in force: " + ", ".join(stretched))
-    per_day = rate("edge_store_write_bytes_total") * 86400 / 1e6
+    per_day = rate("edge_process_write_bytes_total") * 86400 / 1e6
     oldest = _ago(_one(b, "edge_store_oldest_age_seconds"))
     lines += [
         "store",
         f"  backlog {_plural(_one(b, 'edge_store_backlog_readings'), 'reading')} in "
         f"{_plural(_one(b, 'edge_store_backlog_blocks'), 'block')}, oldest {oldest}; stored "
         f"{rate('edge_store_readings_appended_total'):,.1f} readings/s",
-        f"  written {_one(b, 'edge_store_write_bytes_total') / 1e6:,.1f} MB so far, {per_day:,.1f} MB/day "
+        f"  written {_one(b, 'edge_process_write_bytes_total') / 1e6:,.1f} MB so far, {per_day:,.1f} MB/day "
         f"now; dropped {_plural(_one(b, 'edge_store_readings_dropped_total'), 'reading')}, rejected "
         f"{_plural(_one(b, 'edge_store_readings_rejected_total'), 'reading')}",
         "uplink",

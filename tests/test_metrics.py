@@ -111,6 +111,14 @@ def test_metrics_follow_prometheus_conventions(edge: tuple[EdgeProcess, int]) ->
     assert f'edge_build_info{{version="{__version__}"}} 1.0' in text
     for kind in ("timeout", "bad_frame", "connect_failed", "exception_2_illegal_address"):
         assert f'edge_device_errors_total{{device="d",kind="{kind}"}} 0.0' in text, kind
+    # names say what is counted, in what unit: blocks, readings, bytes, connections, seconds
+    uplink = sorted(set(re.findall(r"^edge_uplink_\w+_total", text, re.M)))
+    nouns = r"edge_uplink_(blocks|readings|bytes|connections?)_"
+    assert uplink and all(re.match(nouns, m) for m in uplink), uplink
+    assert 'edge_poll_lateness_seconds_bucket{device="d",group="default",le="0.001"}' in text  # a histogram
+    assert "edge_process_write_bytes_total" in text and "edge_store_write_bytes" not in text  # the process's
+    helps = re.findall(r"^# HELP (edge_\w+) (.*)$", text, re.M)
+    assert all(len(doc.split()) >= 3 for _, doc in helps), [h for h in helps if len(h[1].split()) < 3]
 
 
 def test_status_says_why_a_device_is_down_and_since_when(tmp_path: Path) -> None:

@@ -296,7 +296,7 @@ def test_kill_9_during_a_backlog_drain_loses_nothing_committed(tmp_path: Path) -
         wait_metric(mport, "edge_store_backlog_readings", lambda v: v >= 1500)  # offline: a backlog builds
         with start_broker(tmp_path / "mqtt", port):
             sub = Subscriber(port, "edge/t1/data")
-            wait_metric(mport, "edge_uplink_acked_total", lambda v: v >= 2)  # draining...
+            wait_metric(mport, "edge_uplink_blocks_acked_total", lambda v: v >= 2)  # draining...
             edge.proc.kill()  # ...power cut
             edge.proc.wait()
             committed = {seq for seq, _ in dump(tmp_path / "state" / "store", 64 << 20, 0, 10**6)}
@@ -310,9 +310,9 @@ def test_kill_9_during_a_backlog_drain_loses_nothing_committed(tmp_path: Path) -
     check_values_and_order(received(sub))
 
 
-COUNTERS = ("edge_uplink_acked_total", "edge_uplink_readings_delivered_total", "edge_uplink_connects_total",
-            "edge_device_requests_total", "edge_device_readings_total", "edge_poll_cycles_total",
-            "edge_store_readings_appended_total")
+COUNTERS = ("edge_uplink_blocks_acked_total", "edge_uplink_readings_delivered_total",
+            "edge_uplink_connections_total", "edge_device_requests_total", "edge_device_readings_total",
+            "edge_poll_cycles_total", "edge_store_readings_appended_total")
 
 
 def test_status_health_and_reload(tmp_path: Path) -> None:
@@ -325,7 +325,7 @@ def test_status_health_and_reload(tmp_path: Path) -> None:
         proc = edge.proc
         try:
             mport = edge.metrics_port()
-            wait_metric(mport, "edge_uplink_acked_total", lambda v: v >= 3)
+            wait_metric(mport, "edge_uplink_blocks_acked_total", lambda v: v >= 3)
             with urllib.request.urlopen(f"http://127.0.0.1:{mport}/health", timeout=5) as r:
                 assert r.status == 200 and json.loads(r.read())["ok"] is True
             out = subprocess.run([sys.executable, "-m", "edge", "status", "--config", str(conf)], cwd=ROOT,
@@ -338,8 +338,8 @@ def test_status_health_and_reload(tmp_path: Path) -> None:
                 conf.write_bytes(bad)
                 proc.send_signal(signal.SIGHUP)  # a bad config is refused, the running one kept
                 wait_metric(mport, "edge_config_reloads_refused_total", lambda v, n=refused: v >= n)
-            acked = metric(mport, "edge_uplink_acked_total")
-            wait_metric(mport, "edge_uplink_acked_total", lambda v: v >= acked + 3)
+            acked = metric(mport, "edge_uplink_blocks_acked_total")
+            wait_metric(mport, "edge_uplink_blocks_acked_total", lambda v: v >= acked + 3)
             before = {name: metric(mport, name) for name in COUNTERS}
             conf.write_text(good.replace('interval = "50ms"', 'interval = "20ms"'))
             proc.send_signal(signal.SIGHUP)
@@ -436,7 +436,7 @@ def test_a_taken_metrics_port_stops_nothing_and_is_retried(tmp_path: Path) -> No
             assert out.returncode == 1 and "something else answers" in out.stderr, out
             squatter.close()
             assert edge.metrics_port(timeout=90) == mport  # bound on a retry
-            wait_metric(mport, "edge_uplink_acked_total", lambda v: v >= 5)
+            wait_metric(mport, "edge_uplink_blocks_acked_total", lambda v: v >= 5)
         finally:
             squatter.close()
             code = stop(edge)

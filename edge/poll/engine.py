@@ -224,7 +224,7 @@ class GroupSnapshot:
     cycles: int
     overruns: int
     jitter_sum: float
-    jitter_max: float
+    lateness: tuple[int, ...]  # cycles per LATENESS_BUCKETS bucket
 
 
 @dataclass(frozen=True, slots=True)
@@ -560,7 +560,7 @@ class Poller:
             tuple((r.device.name, r.stats.copy()) for r in self.runners),
             tuple(GroupSnapshot(s.runner.device.name, s.group, s.schedule.interval, s.schedule.stretch,
                                 s.schedule.cycles, s.schedule.overruns, s.schedule.jitter_sum,
-                                s.schedule.jitter_max) for line in self.lines for s in line.schedules))
+                                tuple(s.schedule.lateness)) for line in self.lines for s in line.schedules))
 
     def summary(self) -> list[str]:
         """One line per device and poll group: requests, errors, cycles, overruns, jitter."""

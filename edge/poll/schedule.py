@@ -15,7 +15,10 @@ current deadline so changing it never causes a burst.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from bisect import bisect_left
+from dataclasses import dataclass, field
+
+LATENESS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)  # seconds a cycle started late, "le"
 
 
 @dataclass
@@ -29,6 +32,7 @@ class Schedule:
     jitter_last: float = 0.0
     jitter_max: float = 0.0
     jitter_sum: float = 0.0
+    lateness: list[int] = field(default_factory=lambda: [0] * len(LATENESS_BUCKETS))  # per bucket
 
     @property
     def period(self) -> float:
@@ -45,6 +49,9 @@ class Schedule:
         self.jitter_last = jitter
         self.jitter_sum += jitter
         self.jitter_max = max(self.jitter_max, jitter)
+        bucket = bisect_left(LATENESS_BUCKETS, jitter)
+        if bucket < len(LATENESS_BUCKETS):
+            self.lateness[bucket] += 1
         return jitter
 
     def advance(self, now: float) -> int:
@@ -62,6 +69,7 @@ class Schedule:
         if old is not None:
             self.cycles, self.overruns = old.cycles, old.overruns
             self.jitter_sum, self.jitter_max = old.jitter_sum, old.jitter_max
+            self.lateness = list(old.lateness)
 
     def set_stretch(self, stretch: float) -> None:
         if stretch != self.stretch:
