@@ -27,7 +27,7 @@ from typing import Any, NoReturn, TextIO
 
 from edge import __version__
 from edge.config import TABLES, Config, ConfigError, load, load_for_run
-from edge.reading import GOOD, Reading, Value, quality_name, strict_json
+from edge.reading import GOOD, Reading, Value, float32, quality_name, strict_json
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
@@ -76,16 +76,17 @@ class Printer:
         self.good = 0
 
     def __call__(self, readings: list[Reading]) -> None:
-        for tag, ts, value, quality in readings:
+        for tag, ts, raw, quality in readings:
             t = self.tags[tag]
             device, name, unit = t.device, t.name, t.unit
+            value = float32(raw) if t.type == "float32" and isinstance(raw, float) else raw
             when = dt.datetime.fromtimestamp(ts / 1e9, dt.UTC).isoformat(timespec="milliseconds")
             if self.as_json:
                 row = {"device": device, "tag": name, "ts": ts, "time": when, "value": value, "unit": unit,
                        "quality": quality_name(quality)}
                 line = json.dumps(strict_json(row), allow_nan=False)
             else:
-                shown = "-" if value is None else f"{value:.6g}" if isinstance(value, float) else value
+                shown = "-" if value is None else json.dumps(strict_json({"value": value})["value"])
                 q = "" if quality == GOOD else f" [{quality_name(quality)}]"
                 line = f"{when} {device}/{name} {shown}{' ' + unit if unit else ''}{q}"
             try:
@@ -299,10 +300,11 @@ def cmd_store_dump(args: argparse.Namespace) -> int:
         raise ConfigError([f"store dump: --from {args.start} --limit {args.limit}: need --from >= 0, "
                            "--limit >= 1"])
     config = load(args.config)
-    names = {t.id: (d.name, t.name, t.unit) for d in config.devices for t in d.tags}
+    names = {t.id: (d.name, t.name, t.unit, t.type) for d in config.devices for t in d.tags}
     for seq, readings in dump(config.store.path, config.store.map_size, args.start, args.limit):
-        for tag, ts, value, quality in readings:
-            device, name, unit = names.get(tag, ("?", f"tag-{tag}", ""))
+        for tag, ts, raw, quality in readings:
+            device, name, unit, kind = names.get(tag, ("?", f"tag-{tag}", "", ""))
+            value = float32(raw) if kind == "float32" and isinstance(raw, float) else raw
             if args.json:
                 row = {"seq": seq, "device": device, "tag": name, "tag_id": tag, "ts": ts, "value": value,
                        "unit": unit, "quality": quality_name(quality)}

@@ -17,6 +17,7 @@ never silence:
 from __future__ import annotations
 
 import math
+import struct
 from typing import TypeAlias
 
 GOOD = 0x00
@@ -49,6 +50,32 @@ def quality_name(q: int) -> str:
         code = q & 0x3F
         return f"exception_{code}_{_EXCEPTIONS.get(code, 'unknown')}"
     return _NAMES.get(q, f"quality_{q}")
+
+
+_F32 = struct.Struct("<f")
+
+
+def float32(value: float) -> float:
+    """The shortest decimal that reads back as the same float32: what a float32 device meant, not the
+    binary expansion of its float32 (51.90218, not 51.90217971801758). Tried at 7, 8 and 9 significant
+    digits (%g drops trailing zeros, so a value of fewer digits comes out whole); for about 2 of 100,000
+    values a shorter decimal off that path exists. Applied where values are written out (payloads,
+    `edge poll`, `edge store dump`), not in the poll loop: it costs about a microsecond a value.
+
+    >>> float32(_F32.unpack(_F32.pack(51.90218))[0]), float32(_F32.unpack(_F32.pack(0.1))[0]), float32(21.5)
+    (51.90218, 0.1, 21.5)
+    """
+    try:
+        want = _F32.pack(value)
+    except OverflowError:  # beyond float32 (a scaled value): nothing to shorten
+        return value
+    if not math.isfinite(value):
+        return value
+    for digits in (7, 8):
+        short = float(f"{value:.{digits}g}")
+        if _F32.pack(short) == want:
+            return short
+    return float(f"{value:.9g}")
 
 
 def nonfinite(value: object) -> str | None:

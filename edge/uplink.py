@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 from edge.config import Config, Tag
 from edge.policy import Policy, normal
 from edge.poll.health import backoff
-from edge.reading import quality_name, strict_json
+from edge.reading import float32, quality_name, strict_json
 from edge.store import Block, Store
 
 if TYPE_CHECKING:
@@ -102,11 +102,12 @@ class Payloads:
         readings = block.readings()
         for i in range(0, len(readings), self.ROWS):
             rows = []
-            for tag, ts, value, quality in readings[i:i + self.ROWS]:
+            for tag, ts, raw, quality in readings[i:i + self.ROWS]:
                 j = tag & mask
                 while (t := slots[j]) is not None and ids[j] != tag:
                     j = (j + 1) & mask
                 k, name = (t or unknown).kind_and_name()
+                value = float32(raw) if k.type == "float32" and raw.__class__ is float else raw
                 rows.append({"device": k.device, "tag": name, "unit": k.unit, "ts": ts, "value": value,
                              "quality": quality_name(quality) if quality else "good"})
             if i:

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from edge.app import Appliance
 from edge.config import load, parse
 from edge.reading import quality_name, strict_json
-from edge.store import Block, dump, encode_block, inspect
+from edge.store import Block, Store, dump, encode_block, inspect
 from edge.uplink import Payloads
 from tests.peers import (
     EdgeProcess,
@@ -546,3 +546,41 @@ def test_nan_and_infinity_travel_as_strict_json(tmp_path: Path) -> None:
     lines = [json.loads(line, parse_constant=no_nan) for line in polled.stdout.splitlines()]
     assert {r["tag"]: (r["value"], r.get("nonfinite")) for r in lines} == {
         "nan": (None, "nan"), "up": (None, "inf"), "down": (None, "-inf"), "ok": (1.5, None)}
+
+
+def test_float32_values_are_written_as_the_decimals_the_device_meant(tmp_path: Path) -> None:
+    """51.90218 travels as float32 0x424F9C4E, which is 51.90217971801758 as a double: payloads, `edge
+    poll` and `edge store dump` write 51.90218 (the shortest decimal that is the same float32); a float64
+    tag keeps every digit it has."""
+    meant = 51.90218
+    points = [{"table": "holding", "address": 0, "type": "float32", "value": meant},
+              {"table": "holding", "address": 2, "type": "float64", "value": 51.90217971801758}]
+    write_map(tmp_path / "map.toml", [{"id": 1, "points": points}])
+    tags = [{"name": "f32", "address": 0, "type": "float32"},
+            {"name": "f64", "address": 2, "type": "float64"}]
+    with start_sim(tmp_path / "map.toml") as sim, start_broker(tmp_path / "mqtt") as broker:
+        cfg = config_dict(tmp_path, sim.port, broker.port)
+        cfg["device"][0]["tag"] = tags
+        sub = Subscriber(broker.port, "edge/t1/data")
+
+        async def body(app: Appliance) -> None:
+            await until(lambda: app.store.counters.blocks_forwarded >= 1)
+
+        run_app(cfg, body)
+        sub.wait(lambda s: len(blocks_received(s)) >= 1)
+        sub.close()
+        conf = tmp_path / "config.toml"
+        write_config(conf, cfg)
+        polled = subprocess.run([sys.executable, "-m", "edge", "poll", str(conf), "--json"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60, check=False)
+    store = Store(load(conf).store, "t1")  # a backlog of its own (the run above delivered everything)
+    store.add([(load(conf).devices[0].tags[0].id, T0, 51.90217971801758, 0)])
+    store.close()
+    dumped = subprocess.run([sys.executable, "-m", "edge", "store", "dump", str(conf)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60, check=False)
+    with sub.cond:
+        payload = next(p for t, p in sub.messages if t.endswith("/data"))
+    assert b'"tag":"f32","unit":"","ts":' in payload and b'"value":51.90218,' in payload, payload[:300]
+    assert b'"value":51.90217971801758,' in payload  # the float64 tag: every digit
+    assert '"value": 51.90218,' in polled.stdout and '"value": 51.90217971801758,' in polled.stdout, polled
+    assert " pump/f32 51.90218 good" in dumped.stdout, dumped
