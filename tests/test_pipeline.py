@@ -508,6 +508,31 @@ def dumped(store: Path, conf: Path) -> list[tuple[str, str, int]]:
     return [(*names[tag], ts) for _, rs in dump(store, 64 << 20, 0, 10**6) for tag, ts, _, _ in rs]
 
 
+def deliver_and_poll(tmp: Path, points: list[dict[str, Any]], tags: list[dict[str, Any]],
+                     blocks: int) -> tuple[list[bytes], subprocess.CompletedProcess[str], Path]:
+    """A simulated device with `points` polled for `tags` by the appliance until `blocks` blocks reached a
+    subscriber, then once by `edge poll --json`: (the data payloads, that poll, the config file)."""
+    write_map(tmp / "map.toml", [{"id": 1, "points": points}])
+    with start_sim(tmp / "map.toml") as sim, start_broker(tmp / "mqtt") as broker:
+        assert sim.port is not None
+        cfg = config_dict(tmp, sim.port, broker.port)
+        cfg["device"][0]["tag"] = tags
+        sub = Subscriber(broker.port, "edge/t1/data")
+
+        async def body(app: Appliance) -> None:
+            await until(lambda: app.store.counters.blocks_forwarded >= blocks)
+
+        run_app(cfg, body)
+        sub.wait(lambda s: len(blocks_received(s)) >= blocks)
+        sub.close()
+        conf = tmp / "config.toml"
+        write_config(conf, cfg)
+        polled = subprocess.run([sys.executable, "-m", "edge", "poll", str(conf), "--json"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60, check=False)
+    with sub.cond:
+        return [p for t, p in sub.messages if t.endswith("/data")], polled, conf
+
+
 def no_nan(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -515,27 +540,9 @@ def no_nan(name: str) -> Any:
 def test_nan_and_infinity_travel_as_strict_json(tmp_path: Path) -> None:
     points = [{"table": "holding", "address": 2 * i, "type": "float32", "value": v}
               for i, v in enumerate([math.nan, math.inf, -math.inf, 1.5])]
-    write_map(tmp_path / "map.toml", [{"id": 1, "points": points}])
     names = ["nan", "up", "down", "ok"]
     tags = [{"name": n, "address": 2 * i, "type": "float32"} for i, n in enumerate(names)]
-    with start_sim(tmp_path / "map.toml") as sim, start_broker(tmp_path / "mqtt") as broker:
-        assert sim.port is not None
-        cfg = config_dict(tmp_path, sim.port, broker.port)
-        cfg["device"][0]["tag"] = tags
-        sub = Subscriber(broker.port, "edge/t1/data")
-
-        async def body(app: Appliance) -> None:
-            await until(lambda: app.store.counters.blocks_forwarded >= 2)
-
-        run_app(cfg, body)
-        sub.wait(lambda s: len(blocks_received(s)) >= 2)
-        sub.close()
-        conf = tmp_path / "config.toml"
-        write_config(conf, cfg)
-        polled = subprocess.run([sys.executable, "-m", "edge", "poll", str(conf), "--json"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=60, check=False)
-    with sub.cond:
-        payloads = [p for t, p in sub.messages if t.endswith("/data")]
+    payloads, polled, _ = deliver_and_poll(tmp_path, points, tags, blocks=2)
     seen = {}
     for payload in payloads:
         for r in json.loads(payload, parse_constant=no_nan)["readings"]:
@@ -555,31 +562,15 @@ def test_float32_values_are_written_as_the_decimals_the_device_meant(tmp_path: P
     meant = 51.90218
     points = [{"table": "holding", "address": 0, "type": "float32", "value": meant},
               {"table": "holding", "address": 2, "type": "float64", "value": 51.90217971801758}]
-    write_map(tmp_path / "map.toml", [{"id": 1, "points": points}])
     tags = [{"name": "f32", "address": 0, "type": "float32"},
             {"name": "f64", "address": 2, "type": "float64"}]
-    with start_sim(tmp_path / "map.toml") as sim, start_broker(tmp_path / "mqtt") as broker:
-        cfg = config_dict(tmp_path, sim.port, broker.port)
-        cfg["device"][0]["tag"] = tags
-        sub = Subscriber(broker.port, "edge/t1/data")
-
-        async def body(app: Appliance) -> None:
-            await until(lambda: app.store.counters.blocks_forwarded >= 1)
-
-        run_app(cfg, body)
-        sub.wait(lambda s: len(blocks_received(s)) >= 1)
-        sub.close()
-        conf = tmp_path / "config.toml"
-        write_config(conf, cfg)
-        polled = subprocess.run([sys.executable, "-m", "edge", "poll", str(conf), "--json"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=60, check=False)
+    payloads, polled, conf = deliver_and_poll(tmp_path, points, tags, blocks=1)
     store = Store(load(conf).store, "t1")  # a backlog of its own (the run above delivered everything)
     store.add([(load(conf).devices[0].tags[0].id, T0, 51.90217971801758, 0)])
     store.close()
     dumped = subprocess.run([sys.executable, "-m", "edge", "store", "dump", str(conf)], cwd=ROOT,
                             capture_output=True, text=True, timeout=60, check=False)
-    with sub.cond:
-        payload = next(p for t, p in sub.messages if t.endswith("/data"))
+    payload = payloads[0]
     assert b'"tag":"f32","unit":"","ts":' in payload and b'"value":51.90218,' in payload, payload[:300]
     assert b'"value":51.90217971801758,' in payload  # the float64 tag: every digit
     assert '"value": 51.90218,' in polled.stdout and '"value": 51.90217971801758,' in polled.stdout, polled
