@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from edge.config import Config, ConfigError, load_for_run
 from edge.govern import Governor
-from edge.poll.engine import Poller
+from edge.poll import Poller
 from edge.store import Store
 from edge.supervise import Supervisor, dump_stacks, test_hooks
 from edge.uplink import STOP_WAIT, Uplink
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from edge.metrics import MetricsServer, Snapshot
 
 log = logging.getLogger("edge.app")
+POLL_STOP_WAIT = 5.0  # seconds a stop or a reload waits at most for the poll cycles under way
 
 
 class Appliance:
@@ -165,12 +166,24 @@ class Appliance:
 
     async def shutdown(self) -> None:
         log.info("edge: stopping: committing the open window, finishing in-flight publishes")
-        for name in ("reload", "supervise", "govern", "poll", "store"):
+        for name in ("reload", "supervise", "govern"):
             await _cancel(self.tasks.pop(name, None))
+        await self._stop_poll()
+        await _cancel(self.tasks.pop("store", None))
         await asyncio.to_thread(self.store.commit)
         await self._stop_uplink()
         await asyncio.to_thread(self.store.commit)  # the deletes of the last acknowledged blocks
         await _cancel(self.tasks.pop("metrics", None))
+
+    async def _stop_poll(self) -> None:
+        """Let every line finish the poll cycle under way (at most POLL_STOP_WAIT s): a device's tags are
+        read together, a stop or a reload does not leave a cycle half read."""
+        poll = self.tasks.pop("poll", None)
+        if poll is None:
+            return
+        self.poller.stop()
+        await asyncio.wait({poll}, timeout=POLL_STOP_WAIT)
+        await _cancel(poll)
 
     async def _stop_uplink(self) -> None:
         """Let in-flight publishes finish (at most STOP_WAIT s), publish "offline", end the task."""
@@ -201,7 +214,7 @@ class Appliance:
         old = self.config
         if _later(old.store) != _later(config.store):
             log.warning("edge: [store] changes other than the commit intervals take effect at the next start")
-        await _cancel(self.tasks.pop("poll", None))
+        await self._stop_poll()
         self.governor.reconfigure(config)
         self.config = config
         self.poller = Poller(config, self.store.add, self.governor.current, previous=self.poller)

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from edge import __version__
-from edge.config import TABLES, Config, ConfigError, load, load_for_run
+from edge.config import Config, ConfigError, load, load_for_run
+from edge.poll import TABLES
 from edge.reading import GOOD, Reading, Value, float32, quality_name, strict_json
 
 EXIT_CONFIG = 2
@@ -52,7 +53,7 @@ def plural(n: int, word: str) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from edge.poll.plan import plan_config, summarize  # noqa: PLC0415
+    from edge.poll import plan_config, summarize  # noqa: PLC0415
 
     config = load_for_run(args.config)
     plans = plan_config(config)
@@ -69,7 +70,7 @@ class Printer:
     """Prints readings as text lines or JSON lines (one object per reading)."""
 
     def __init__(self, config: Config, as_json: bool, out: TextIO) -> None:
-        self.tags = {t.id: t for d in config.devices for t in d.tags}
+        self.tags = config.tags
         self.as_json = as_json
         self.out = out
         self.count = 0
@@ -77,7 +78,8 @@ class Printer:
 
     def __call__(self, readings: list[Reading]) -> None:
         for tag, ts, raw, quality in readings:
-            t = self.tags[tag]
+            t = self.tags.get(tag)
+            assert t is not None  # the poller reads only the config's tags
             device, name, unit = t.device, t.name, t.unit
             value = float32(raw) if t.type == "float32" and isinstance(raw, float) else raw
             when = dt.datetime.fromtimestamp(ts / 1e9, dt.UTC).isoformat(timespec="milliseconds")
@@ -102,7 +104,7 @@ class Printer:
 
 
 async def _poll(config: Config, once: bool, as_json: bool) -> int:
-    from edge.poll.engine import Poller  # noqa: PLC0415
+    from edge.poll import Poller  # noqa: PLC0415
 
     printer = Printer(config, as_json, sys.stdout)
     poller = Poller(config, printer)
@@ -130,7 +132,7 @@ def cmd_poll(args: argparse.Namespace) -> int:
 
 
 async def _probe(url: str, table: str, address: int, count: int, timeout: float) -> int:
-    from edge.poll.transport import ReadError, url_link  # noqa: PLC0415
+    from edge.poll import RequestError, url_link  # noqa: PLC0415
 
     link, unit = url_link(url, timeout)
     try:
@@ -141,7 +143,7 @@ async def _probe(url: str, table: str, address: int, count: int, timeout: float)
         function, bits = TABLES[table]
         try:
             values = await link.read(unit, function, address, count, timeout)
-        except ReadError as e:
+        except RequestError as e:
             print(f"edge: probe: {url} {table} {address}+{count}: {quality_name(e.quality)}", file=sys.stderr)
             return EXIT_RUNTIME
     finally:
@@ -202,7 +204,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _write(config: Config, tag: str, value: Value, by: str) -> int:
-    from edge.poll.engine import Poller  # noqa: PLC0415
+    from edge.poll import Poller  # noqa: PLC0415
     from edge.write import Commands  # noqa: PLC0415
 
     poller = Poller(config, lambda readings: None)
@@ -300,10 +302,11 @@ def cmd_store_dump(args: argparse.Namespace) -> int:
         raise ConfigError([f"store dump: --from {args.start} --limit {args.limit}: need --from >= 0, "
                            "--limit >= 1"])
     config = load(args.config)
-    names = {t.id: (d.name, t.name, t.unit, t.type) for d in config.devices for t in d.tags}
     for seq, readings in dump(config.store.path, config.store.map_size, args.start, args.limit):
         for tag, ts, raw, quality in readings:
-            device, name, unit, kind = names.get(tag, ("?", f"tag-{tag}", "", ""))
+            t = config.tags.get(tag)
+            device, name, unit, kind = ((t.device, t.name, t.unit, t.type) if t
+                                        else ("?", f"tag-{tag}", "", ""))
             value = float32(raw) if kind == "float32" and isinstance(raw, float) else raw
             if args.json:
                 row = {"seq": seq, "device": device, "tag": name, "tag_id": tag, "ts": ts, "value": value,
@@ -318,7 +321,7 @@ def cmd_store_dump(args: argparse.Namespace) -> int:
 
 def cmd_store_salvage_read(args: argparse.Namespace) -> int:
     """Stream the intact blocks of a moved-aside store to stdout (binary; read by the store itself)."""
-    from edge.store.recovery import salvage_read  # noqa: PLC0415
+    from edge.store import salvage_read  # noqa: PLC0415
 
     salvage_read(args.aside, sys.stdout.buffer)
     return 0
@@ -416,7 +419,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-from edge.store.block import StoreUnavailable  # noqa: E402 (edge.store loads lmdb: here, not at the top)
+from edge.store import StoreUnavailable  # noqa: E402 (edge.store loads lmdb: here, not at the top)
 
 try:
     from lmdb import Error as StoreError

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.config import Config, LowPower
+from edge.config import Config, LowPowerConfig
 from edge.policy import Policy
 
 log = logging.getLogger("edge.govern")
@@ -80,7 +80,7 @@ def tune_allocator() -> None:
 
 
 def _median(values: list[int]) -> float:
-    """statistics.median without importing statistics (with decimal and fractions: 0.4 MiB of RAM).
+    """statistics.median without importing statistics (it loads decimal and fractions, RAM held for good).
 
     >>> _median([3, 1, 2]), _median([4, 1, 3, 2])
     (2, 2.5)
@@ -321,7 +321,7 @@ class Governor:
         return False
 
     def _low_power(self) -> None:
-        lp: LowPower = self.cfg.low_power
+        lp: LowPowerConfig = self.cfg.low_power
         if self.forced_low_power is not None:
             want = self.forced_low_power
         else:

@@ -31,13 +31,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from edge import __version__
-from edge.config import Metrics as MetricsConfig
+from edge.config import MetricsConfig
 from edge.govern import LEVELS as GOVERNOR_LEVELS
 from edge.govern import GovernorSnapshot
 from edge.policy import Policy
-from edge.poll.engine import LATENCY_BUCKETS, PollSnapshot
-from edge.poll.health import backoff
-from edge.poll.schedule import LATENESS_BUCKETS
+from edge.poll import LATENCY_BUCKETS, LATENESS_BUCKETS, PollSnapshot, backoff
 from edge.reading import EXCEPTION, quality_name
 from edge.store import StoreSnapshot
 from edge.supervise import stalled
@@ -241,7 +239,7 @@ def write_bytes() -> int:
     return 0
 
 
-def health(beats: dict[str, float], now: float | None = None) -> tuple[bool, dict[str, Any]]:
+def liveness(beats: dict[str, float], now: float | None = None) -> tuple[bool, dict[str, Any]]:
     """Has every stage beaten within HEALTH_STALE seconds? (monotonic clock)"""
     now = time.monotonic() if now is None else now
     late = stalled(beats, now - HEALTH_STALE)
@@ -321,7 +319,7 @@ class MetricsServer:
                 self.rendered = (now, generate_latest(self.registry))
             return "200 OK", CONTENT_TYPE_LATEST, self.rendered[1]
         if path == b"/health":
-            ok, body = health(self.beats())
+            ok, body = liveness(self.beats())
             status = "200 OK" if ok else "503 Service Unavailable"
             return status, "application/json", json.dumps(body).encode()
         return "404 Not Found", "text/plain", b"/metrics or /health\n"

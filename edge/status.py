@@ -41,7 +41,7 @@ def scrape(base: str, timeout: float = 3.0) -> Samples:
     return out
 
 
-def health(base: str, timeout: float = 3.0) -> dict[str, Any]:
+def fetch_health(base: str, timeout: float = 3.0) -> dict[str, Any]:
     try:
         with urllib.request.urlopen(f"{base}/health", timeout=timeout) as r:
             return dict(json.loads(r.read()))
@@ -178,7 +178,7 @@ def status(config: Config, watch: float | None, as_json: bool, window: float = 5
             while len(history) > 2 and t1 - history[1][0] >= window:
                 history.pop(0)  # the oldest scrape still at least `window` back is the rates' base
             t0, a = history[0]
-            hl = health(base)
+            hl = fetch_health(base)
             if as_json:
                 print(json.dumps({"health": hl, "window_s": round(t1 - t0, 3), "metrics": labelled(b)}))
             else:

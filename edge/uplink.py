@@ -36,14 +36,13 @@ import contextlib
 import json
 import logging
 import time
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from edge.config import Config, Tag
 from edge.policy import Policy, normal
-from edge.poll.health import backoff
+from edge.poll import backoff
 from edge.reading import float32, quality_name, strict_json
 from edge.store import Block, Store
 
@@ -73,37 +72,26 @@ class UplinkStats:
 
 
 class Payloads:
-    """Block -> JSON message (docs/payload.md), encoded a slice of rows at a time: the rows of a 2,000-reading
-    block as dicts would be ~0.8 MB of small objects at once, scattered over the allocator's arenas."""
+    """Block -> JSON message (docs/payload.md), encoded a slice of ROWS rows at a time: a whole block's rows
+    as dicts at once would scatter small objects over the allocator's arenas, which then stay resident."""
 
     ROWS = 256
 
     def __init__(self, config: Config) -> None:
         self.appliance = config.appliance.id
-        # Tags by id in an open-addressing table: slot = the id's low bits (ids are crc32s, evenly spread),
-        # the next slot on a collision. A dict would be 0.6 MB at 10,000 tags, most of it the 10,000 id
-        # objects of its keys; this is 0.2 MB, at most 2/3 full.
-        tags = [t for d in config.devices for t in d.tags]
-        size = 1 << max(4, (len(tags) * 3 // 2).bit_length())
-        self.mask = size - 1
-        self.ids = array("I", bytes(4 * size))
-        self.slots: list[Tag | None] = [None] * size
-        for t in tags:
-            j = t.id & self.mask
-            while self.slots[j] is not None:
-                j = (j + 1) & self.mask
-            self.slots[j], self.ids[j] = t, t.id
+        self.tags = config.tags
         self.dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
     def encode(self, block: Block) -> bytes:
-        slots, ids, mask, unknown, dumps = self.slots, self.ids, self.mask, UNKNOWN_TAG, self.dumps
+        slots, ids, mask = self.tags.slots, self.tags.ids, self.tags.mask
+        unknown, dumps = UNKNOWN_TAG, self.dumps
         head = dumps({"appliance": self.appliance, "seq": block.seq, "count": block.n, "readings": []})
         parts: list[bytes | memoryview] = [head[:-2].encode()]  # without the closing "]}"
         readings = block.readings()
         for i in range(0, len(readings), self.ROWS):
             rows = []
             for tag, ts, raw, quality in readings[i:i + self.ROWS]:
-                j = tag & mask
+                j = tag & mask  # TagIndex.get(), inlined: it runs once per reading
                 while (t := slots[j]) is not None and ids[j] != tag:
                     j = (j + 1) & mask
                 k, name = (t or unknown).kind_and_name()

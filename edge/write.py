@@ -50,14 +50,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from edge.config import Commands as CommandsConfig
-from edge.config import Config, Device, Tag
-from edge.poll.decode import CODES, encode
-from edge.poll.transport import ReadError
+from edge.config import CommandsConfig, Config, DeviceConfig, Tag
+from edge.poll import TYPES, RequestError, encode
 from edge.reading import BAD_FRAME, EXCEPTION, TIMEOUT, quality_name
 
 if TYPE_CHECKING:
-    from edge.poll.engine import Poller
+    from edge.poll import Poller
 
 log = logging.getLogger("edge.write")
 
@@ -73,7 +71,7 @@ class Refused(Exception):
         self.detail = detail
 
 
-def find(config: Config, name: str) -> tuple[Device, Tag, float | None, float | None]:
+def find(config: Config, name: str) -> tuple[DeviceConfig, Tag, float | None, float | None]:
     """The device, tag and (min, max) for "device/tag"; Refused if unknown or not writable."""
     device_name, _, tag_name = name.partition("/")
     device = next((d for d in config.devices if d.name == device_name), None)
@@ -86,13 +84,15 @@ def find(config: Config, name: str) -> tuple[Device, Tag, float | None, float | 
     return device, tag, spec[1], spec[2]
 
 
-def registers(tag: Tag, value: Any, low: float | None = None, high: float | None = None) -> list[int] | bool:
-    """What to write for `value` (engineering units): the registers, or the coil state."""
-    if tag.type in ("bool", "bit"):
+def encode_write(tag: Tag, value: Any, low: float | None = None,
+                 high: float | None = None) -> list[int] | bool:
+    """What to write for `value` (engineering units): the registers' words, or the coil's state."""
+    dtype = TYPES[tag.type]
+    if dtype.writes == "coil":
         if not isinstance(value, bool):
             raise Refused("bad value", f"{tag.name} is a bool: true or false, not {value!r}")
         return value  # a coil: bits inside registers are never writable (config)
-    if tag.type == "string":
+    if not dtype.numeric:
         if not isinstance(value, str):
             raise Refused("bad value", f"{tag.name} is a string, not {value!r}")
         if len(value.encode()) > (tag.length or 0):
@@ -105,7 +105,7 @@ def registers(tag: Tag, value: Any, low: float | None = None, high: float | None
     if high is not None and value > high:
         raise Refused("out of range", f"{value} is above max {high:g}")
     raw: float = (value - tag.offset) / tag.scale
-    code = CODES[tag.type][0]
+    code = dtype.code
     if code not in "efd":
         if abs(raw - round(raw)) > 1e-9 * max(1.0, abs(raw)):
             raise Refused("bad value", f"{value} is not a whole number of {tag.type} steps "
@@ -118,7 +118,7 @@ def registers(tag: Tag, value: Any, low: float | None = None, high: float | None
     return encode(tag, raw)
 
 
-def failure(e: ReadError) -> Refused:
+def failure(e: RequestError) -> Refused:
     if e.quality & EXCEPTION:
         return Refused("device exception", quality_name(e.quality))
     return Refused("timeout" if e.quality in (TIMEOUT, BAD_FRAME) else "disconnected", str(e))
@@ -276,11 +276,11 @@ class Commands:
     async def write(self, name: str, value: Any) -> None:
         poller = self.poller()
         device, tag, low, high = find(poller.config, name)
-        data = registers(tag, value, low, high)
+        data = encode_write(tag, value, low, high)
         line, runner = poller.line_of(device.name)
         try:
             await line.write(runner, tag.table, tag.address, data)
-        except ReadError as e:
+        except RequestError as e:
             raise failure(e) from e
 
 

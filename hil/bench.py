@@ -176,7 +176,8 @@ class Run:
             return 0.0
         with contextlib.suppress(psutil.Error):
             p = psutil.Process(self.edge.proc.pid)
-            return sum(q.memory_info().rss for q in [p, *p.children()]) / 2**20
+            rss: int = sum(q.memory_info().rss for q in [p, *p.children()])
+            return rss / 2**20
         return 0.0
 
     def sample_forever(self) -> None:

@@ -18,12 +18,12 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from edge.config import Device, Tag, load
+from edge.config import DeviceConfig, Tag, load
 
 __all__ = ["map_from_device", "write_map"]
 
 
-def _point(device: Device, tag: Tag) -> dict[str, Any]:
+def _point(device: DeviceConfig, tag: Tag) -> dict[str, Any]:
     point: dict[str, Any] = {"table": tag.table, "address": tag.address, "type": tag.type, "order": tag.order}
     if tag.type in ("bool", "bit"):
         point.update(type="bool", wave="square", period=20.0)
@@ -42,7 +42,7 @@ def _point(device: Device, tag: Tag) -> dict[str, Any]:
     return point
 
 
-def map_from_device(device: Device) -> dict[str, Any]:
+def map_from_device(device: DeviceConfig) -> dict[str, Any]:
     return {"id": device.unit, "points": [_point(device, t) for t in device.tags]}
 
 

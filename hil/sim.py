@@ -9,7 +9,9 @@ four tables (coil, discrete, input, holding) spanning addresses 0..65535, zero u
 coils and discrete inputs are bit-addressed. Ranges listed in `invalid` answer exception 2 in every table.
 A request for a unit id the map lacks gets no reply on RTU and exception 11 (gateway target) on TCP.
 
-Encoding (see `encode`): the value is packed big-endian, bytes "A B C D ..." with A the most significant,
+Encoding (see `encode`) is this module's own on purpose, not edge.poll.types and edge.poll.decode: the
+simulator is the independent implementation the appliance's decoder is tested against, so a mistake in
+the appliance's type table cannot pass on both sides. The value is packed big-endian, bytes "A B C D ..." with A the most significant,
 then `order` swaps bytes inside each word (BADC), reverses the words (CDAB) or both (DCBA):
 
     float32 1.0 = 3F 80 00 00    ABCD [0x3F80, 0x0000]   CDAB [0x0000, 0x3F80]

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from edge.config import Store as StoreConfig
+from edge.config import StoreConfig
 from edge.reading import Reading
 from edge.store import Block, Store
 from edge.store.layout import key_of, parse_key

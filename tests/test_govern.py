@@ -11,7 +11,7 @@ import pytest
 
 from edge.config import Config, parse
 from edge.govern import Governor, Limits, in_schedule, read_limits
-from edge.poll.engine import Poller
+from edge.poll import Poller
 
 MIB = 1 << 20
 

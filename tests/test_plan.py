@@ -8,7 +8,7 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.config import Device, PollGroup, Tag
+from edge.config import DeviceConfig, PollGroup, Tag
 from edge.poll.plan import coalesce, default_gap, plan_device, summarize
 
 WIDTH = {"uint16": 1, "float32": 2, "float64": 4}
@@ -61,8 +61,9 @@ def test_contiguous_run_is_minimal(types: list[str], limit: int) -> None:
         assert len(runs) == 1
 
 
-def _device(tags: list[Tag], **kw: object) -> Device:
-    return Device("d", 1, tuple(tags), (PollGroup("default", 1.0), PollGroup("fast", 0.1)), host="h", **kw)
+def _device(tags: list[Tag], **kw: object) -> DeviceConfig:
+    groups = (PollGroup("default", 1.0), PollGroup("fast", 0.1))
+    return DeviceConfig("d", 1, tuple(tags), groups, host="h", **kw)
 
 
 def test_worked_example_from_docstring() -> None:

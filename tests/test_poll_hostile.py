@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from edge.poll.engine import Poller
+from edge.poll import Poller
 from edge.reading import BAD_EXCEPTION, BAD_FRAME, GOOD, quality_name
 from tests.pollkit import Collector, config, tag_id
 

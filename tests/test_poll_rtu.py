@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from edge.poll.engine import Poller
+from edge.poll import Poller
 from edge.reading import BAD_FRAME, GOOD
 from tests.peers import pty_pair, set_faults, start_sim, write_map
 from tests.pollkit import Collector, config, tag_id

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from edge.poll.engine import Poller
+from edge.poll import Poller
 from edge.reading import BAD_FRAME, BREAKER_OPEN, DISCONNECTED, GOOD, TIMEOUT
 from tests.peers import set_faults, start_sim, write_map
 from tests.pollkit import Collector, config, tag_id

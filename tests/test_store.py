@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from edge.config import Store as StoreConfig
+from edge.config import StoreConfig
 from edge.policy import Policy
 from edge.reading import Reading
 from edge.store import Store, decode_block, encode_block

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.config import Store as StoreConfig
+from edge.config import StoreConfig
 from edge.reading import Reading
 from edge.store import Store, decode_block
 from edge.store.layout import pages_used, parse_key, queue_items

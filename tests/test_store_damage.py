@@ -28,7 +28,7 @@ import lmdb
 import pytest
 
 import edge.store.recovery
-from edge.config import Store as StoreConfig
+from edge.config import StoreConfig
 from edge.store import Block, Store
 from edge.store.block import HEADER
 from edge.store.layout import key_of, parse_key, queue_items
@@ -55,7 +55,7 @@ OPENER = r"""
 import dataclasses, hashlib, json, logging, sys
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-from edge.config import Store as StoreConfig
+from edge.config import StoreConfig
 from edge.store import Store
 from edge.store.layout import parse_key
 path, map_size, mode = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -374,7 +374,7 @@ def test_crashed_open_is_counted_by_the_marker(template: Template, tmp_path: Pat
     marker.write_text("1")
     crash = ("import os, sys, lmdb\n"
              "from pathlib import Path\n"
-             "from edge.config import Store as C\n"
+             "from edge.config import StoreConfig as C\n"
              "from edge.store import Store\n"
              "def die(*a, **k): os.kill(os.getpid(), 9)\n"
              "lmdb.open = die\n"

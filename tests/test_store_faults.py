@@ -115,7 +115,7 @@ import logging, os, subprocess, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 import edge.store.queue as queue
 from pathlib import Path
-from edge.config import Store as StoreConfig
+from edge.config import StoreConfig
 queue.RESERVE_RETRY = 0.0
 data = Path("{mnt}/store/data.mdb")
 s = queue.Store(StoreConfig(path=data.parent, map_size=64 << 20), "r")

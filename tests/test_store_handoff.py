@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import Store as StoreConfig
+from edge.config import StoreConfig
 from edge.policy import Policy
 from edge.reading import Reading
 from edge.store import Store, decode_block

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from pymodbus.client import ModbusTcpClient
 
-from edge.config import Commands as CommandsConfig
-from edge.poll.engine import Poller
+from edge.config import CommandsConfig
+from edge.poll import Poller
 from edge.reading import GOOD
 from edge.write import Commands, sign
 from tests.peers import Subscriber, pty_pair, set_faults, start_broker, start_sim, write_map

@@ -30,31 +30,24 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from edge.config import ORDERS, Tag
+from edge.config import Tag
+from edge.poll.types import ORDERS, TYPES
 from edge.reading import Value
 
 # Requests of the same layout share one compiled format (a Struct holds about 33 B per field); bounded,
 # as reloads of changed configs add formats over the years.
 _struct = functools.lru_cache(maxsize=4096)(struct.Struct)
 
-# type -> (struct code, size in bytes)
-CODES: dict[str, tuple[str, int]] = {
-    "int8": ("b", 1), "uint8": ("B", 1),
-    "int16": ("h", 2), "uint16": ("H", 2), "float16": ("e", 2),
-    "int32": ("i", 4), "uint32": ("I", 4), "float32": ("f", 4),
-    "int64": ("q", 8), "uint64": ("Q", 8), "float64": ("d", 8),
-}
-
-
 def _layout(tag: Tag, start: int) -> tuple[bool, str, int]:
     """(little buffer?, endian, byte offset) of a numeric or string tag in a request starting at `start`."""
     byte_swap, word_swap = ORDERS[tag.order]
     offset = 2 * (tag.address - start)
-    if tag.type in ("int8", "uint8"):
+    size = TYPES[tag.type].size
+    if size == 1:
         return False, ">", offset + (0 if byte_swap else 1)
-    if tag.type == "string" or CODES[tag.type][1] == 2:
-        if tag.type == "string":
-            return byte_swap, ">", offset
+    if size == 0:  # a string
+        return byte_swap, ">", offset
+    if size == 2:
         return False, "<" if byte_swap else ">", offset
     if byte_swap == word_swap:
         return False, "<" if word_swap else ">", offset
@@ -91,7 +84,7 @@ def compile_block(tags: Sequence[Tag], start: int, count: int, bit_table: bool) 
     groups: dict[tuple[bool, str], list[tuple[int, Tag]]] = {}
     bit_tags = []
     for t in tags:
-        if t.type in ("bool", "bit"):
+        if TYPES[t.type].is_bool:
             bit_tags.append(t)
             continue
         little, endian, offset = _layout(t, start)
@@ -102,7 +95,8 @@ def compile_block(tags: Sequence[Tag], start: int, count: int, bit_table: bool) 
         members.sort(key=lambda m: m[0])
         fmt, pos = endian, 0
         for offset, t in members:
-            code, size = ("s", t.length or 0) if t.type == "string" else CODES[t.type]
+            dtype = TYPES[t.type]
+            code, size = (dtype.code, dtype.size) if dtype.numeric else ("s", t.length or 0)
             fmt += f"{offset - pos}x" if offset > pos else ""
             fmt += f"{size}s" if code == "s" else code
             pos = offset + size
@@ -135,7 +129,7 @@ def _fixups(tags: list[Tag]) -> list[tuple[int, Callable[[Value], Value]]]:
     for i, t in enumerate(tags):
         if t.type == "string":
             out.append((i, _string))
-        elif t.type not in ("bool", "bit") and (t.scale != 1.0 or t.offset != 0.0):
+        elif TYPES[t.type].numeric and (t.scale != 1.0 or t.offset != 0.0):
             out.append((i, _linear(t.scale, t.offset)))
     return out
 
@@ -158,7 +152,8 @@ def encode(tag: Tag, value: Value) -> list[int]:
     >>> encode(Tag(1, "t", "holding", 0, "int8", "BADC"), -1)
     [65280]
     """
-    if tag.type in ("bool", "bit"):
+    dtype = TYPES[tag.type]
+    if dtype.is_bool:
         return [(1 << (tag.bit or 0)) if value else 0]
     byte_swap, word_swap = ORDERS[tag.order]
     if tag.type == "string":
@@ -166,9 +161,8 @@ def encode(tag: Tag, value: Value) -> list[int]:
         raw = value.encode().ljust(2 * tag.registers, b"\0")[: 2 * tag.registers]
         word_swap = False
     else:
-        code, size = CODES[tag.type]
-        raw = struct.pack(">" + code, value)
-        if size == 1:
+        raw = struct.pack(">" + dtype.code, value)
+        if dtype.size == 1:
             raw = b"\0" + raw
     words = [raw[i:i + 2] for i in range(0, len(raw), 2)]
     if word_swap:

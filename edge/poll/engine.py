@@ -42,12 +42,12 @@ from dataclasses import dataclass, field, replace
 from itertools import repeat
 from typing import NamedTuple
 
-from edge.config import Bus, Config, Device
+from edge.config import BusConfig, Config, DeviceConfig
 from edge.policy import Policy, normal
 from edge.poll.health import Breaker, LatencyFilter, backoff
 from edge.poll.plan import Request, make_request, plan_device
 from edge.poll.schedule import Schedule
-from edge.poll.transport import Link, ReadError, serial_link, tcp_link
+from edge.poll.transport import Link, RequestError, serial_link, tcp_link
 from edge.reading import (
     BAD_EXCEPTION,
     BAD_FRAME,
@@ -115,7 +115,7 @@ class DeviceStats:
 class DeviceRunner:
     """State of one device: its jobs, latency filter, breaker, deadband memory and stats."""
 
-    def __init__(self, device: Device, bus: Bus | None, stats: DeviceStats | None = None) -> None:
+    def __init__(self, device: DeviceConfig, bus: BusConfig | None, stats: DeviceStats | None = None) -> None:
         self.device = device
         self.bus = bus
         self.jobs = {g: [Job.of(r, g) for r in reqs] for g, reqs in plan_device(device).items()}
@@ -253,6 +253,8 @@ class Line:
         self.beat = time.monotonic()  # heartbeat: the loop is alive (sleeping in <= 1 s steps, or working)
         self.started = asyncio.Event()
         self.schedules: list[Scheduled] = []  # set when run() starts
+        self.stopping = False  # stop() asked: no new cycle starts
+        self.wake: asyncio.Future[None] | None = None  # the pause between cycles, ended by stop()
         self.once = False  # one pass (`edge poll --once`): nothing is retried
 
     @property
@@ -275,16 +277,23 @@ class Line:
         for s in self.schedules:
             s.schedule.set_stretch(policy.stretch_for(s.priority))
 
+    def stop(self) -> None:
+        """End run() after the cycle under way (a cycle is never cut short by a stop)."""
+        self.stopping = True
+        if self.wake is not None and not self.wake.done():
+            self.wake.set_result(None)
+
     async def run(self) -> None:
-        """Poll forever on deadlines; cancelled to stop."""
+        """Poll on deadlines until stop() (or a cancel, which may cut a cycle short)."""
         schedules = self.make_schedules(time.monotonic())
         if not schedules:
             self.started.set()
             return
         me = asyncio.current_task()
         steered: Policy | None = None
+        self.wake = asyncio.get_running_loop().create_future()
         try:
-            while True:
+            while not self.stopping:
                 if me is not None and me.cancelling():  # a cancel a library swallowed still stops us
                     raise asyncio.CancelledError
                 if (policy := self.policy()) is not steered:
@@ -294,7 +303,7 @@ class Line:
                 delay = sched.deadline - time.monotonic()
                 if delay > 0:
                     self.beat = time.monotonic()
-                    await asyncio.sleep(min(delay, 1.0))
+                    await asyncio.wait((self.wake,), timeout=min(delay, 1.0))
                     continue  # re-pick: a stretch may have moved the deadlines
                 self.started.set()
                 sched.begin(time.monotonic())
@@ -327,10 +336,10 @@ class Line:
 
     async def write(self, runner: DeviceRunner, table: str, address: int, value: list[int] | bool) -> None:
         """A write to one of this line's devices, between two poll cycles (never inside another
-        transaction on the bus); raises ReadError."""
+        transaction on the bus); raises RequestError."""
         async with self.lock:
             if not await self.ensure_connected():
-                raise ReadError(DISCONNECTED, f"{self.name}: not connected")
+                raise RequestError(DISCONNECTED, f"{self.name}: not connected")
             await self.wait_gap(runner)
             try:
                 await self.link.write(runner.device.unit, table, address, value,
@@ -414,7 +423,7 @@ class Line:
             t0 = time.monotonic()
             try:
                 regs = await self.link.read(dev.unit, req.function, req.start, req.count, runner.timeout(job))
-            except ReadError as e:
+            except RequestError as e:
                 self.last_end = runner.last_end = time.monotonic()
                 quality, detail = e.quality, str(e)
                 stats.errors[quality_name(quality)] += 1
@@ -509,7 +518,7 @@ class Poller:
         carried = {(s.runner.device.name, s.group): s.schedule for line in previous.lines
                    for s in line.schedules} if previous else {}
 
-        def runner(d: Device, bus: Bus | None) -> DeviceRunner:
+        def runner(d: DeviceConfig, bus: BusConfig | None) -> DeviceRunner:
             return DeviceRunner(d, bus, stats.get(d.name))
 
         for bus in config.buses:
@@ -533,6 +542,11 @@ class Poller:
         async with asyncio.TaskGroup() as tg:
             for line in self.lines:
                 tg.create_task(line.run(), name=f"poll:{line.name}")
+
+    def stop(self) -> None:
+        """run() returns once every line has finished the cycle under way."""
+        for line in self.lines:
+            line.stop()
 
     async def started(self) -> None:
         """Returns once every line has started its first poll cycle (the READY point)."""

@@ -25,8 +25,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from edge.config import TABLES, Config, Device, Tag
+from edge.config import Config, DeviceConfig, Tag
 from edge.poll.decode import BlockDecoder, compile_block
+from edge.poll.types import TABLES
 
 GAP_RTU = 10
 GAP_TCP = 50
@@ -60,7 +61,7 @@ def make_request(table: str, tags: Sequence[Tag]) -> Request:
     return Request(table, start, count, tuple(tags), compile_block(tags, start, count, TABLES[table][1]))
 
 
-def default_gap(device: Device, bits: bool) -> int:
+def default_gap(device: DeviceConfig, bits: bool) -> int:
     gap = device.max_gap if device.max_gap is not None else GAP_TCP if device.host else GAP_RTU
     return gap * 16 if bits else gap
 
@@ -89,7 +90,7 @@ def coalesce(tags: Sequence[Tag], limit: int, max_gap: int) -> list[list[Tag]]:
     return runs
 
 
-def plan_device(device: Device) -> dict[str, tuple[Request, ...]]:
+def plan_device(device: DeviceConfig) -> dict[str, tuple[Request, ...]]:
     """Requests per poll group name (config validation guarantees every tag fits in one request)."""
     plan: dict[str, tuple[Request, ...]] = {}
     by_group_table: dict[tuple[str, str], list[Tag]] = {}
@@ -112,7 +113,7 @@ def plan_device(device: Device) -> dict[str, tuple[Request, ...]]:
 
 
 @dataclass(frozen=True)
-class Summary:
+class PlanSummary:
     requests: int
     registers: int
     bits: int
@@ -126,10 +127,10 @@ class Summary:
                 f"{n(self.tags, 'tag')}")
 
 
-def summarize(plan: dict[str, tuple[Request, ...]]) -> Summary:
+def summarize(plan: dict[str, tuple[Request, ...]]) -> PlanSummary:
     reqs = [r for group in plan.values() for r in group]
-    return Summary(len(reqs), sum(r.count for r in reqs if not r.bits), sum(r.count for r in reqs if r.bits),
-                   sum(len(r.tags) for r in reqs))
+    return PlanSummary(len(reqs), sum(r.count for r in reqs if not r.bits),
+                       sum(r.count for r in reqs if r.bits), sum(len(r.tags) for r in reqs))
 
 
 def plan_config(config: Config) -> dict[str, dict[str, tuple[Request, ...]]]:

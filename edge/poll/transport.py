@@ -3,13 +3,13 @@ imports pymodbus (pinned exactly: its API moves between minor versions).
 
 A link performs one read at a time and classifies every failure into a quality code (edge.reading):
 
-    device exception reply       -> ReadError(EXCEPTION | code), BAD_EXCEPTION for a code above 63
-    no reply in time             -> ReadError(TIMEOUT), or BAD_FRAME when bytes did arrive but never
+    device exception reply       -> RequestError(EXCEPTION | code), BAD_EXCEPTION for a code above 63
+    no reply in time             -> RequestError(TIMEOUT), or BAD_FRAME when bytes did arrive but never
                                     formed a valid frame (pymodbus drops frames failing the CRC)
-    a frame pymodbus cannot parse -> ReadError(BAD_FRAME) at once (a hostile or broken device: a short
+    a frame pymodbus cannot parse -> RequestError(BAD_FRAME) at once (a hostile or broken device: a short
                                     MBAP length, an exception without its code, an unknown function, a
                                     byte count beyond the data); the bytes are discarded
-    not connected / link lost    -> ReadError(DISCONNECTED)
+    not connected / link lost    -> RequestError(DISCONNECTED)
 
 pymodbus's own retries and auto-reconnect are switched off: retries, backoff and the circuit breaker
 belong to the poller, which knows the bus and the schedule.
@@ -33,7 +33,7 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu.register_message import ReadHoldingRegistersResponse, ReadInputRegistersResponse
 
-from edge.config import Bus, Device
+from edge.config import BusConfig, DeviceConfig
 from edge.reading import BAD_EXCEPTION, BAD_FRAME, DISCONNECTED, EXCEPTION, TIMEOUT
 
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
@@ -61,7 +61,7 @@ class _InputResponse(_HoldingResponse):
     function_code = ReadInputRegistersResponse.function_code
 
 
-class ReadError(Exception):
+class RequestError(Exception):
     def __init__(self, quality: int, detail: str = "", *, pending: bool = False) -> None:
         super().__init__(detail or f"quality {quality:#x}")
         self.quality = quality
@@ -205,7 +205,7 @@ class Link:
 
     async def read(self, unit: int, function: int, start: int, count: int,
                    timeout: float) -> Sequence[int] | Sequence[bool]:
-        """One read; returns registers (or bits, padded to a multiple of 8) or raises ReadError."""
+        """One read; returns registers (or bits, padded to a multiple of 8) or raises RequestError."""
         rr = await self._request(timeout, function,
                                  lambda: self._readers[function](start, count=count, device_id=unit))
         values: Sequence[int] | Sequence[bool] = rr.bits if function <= 2 else rr.registers
@@ -217,7 +217,7 @@ class Link:
 
     async def write(self, unit: int, table: str, address: int, value: list[int] | bool,
                     timeout: float) -> None:
-        """One write: a coil (FC 5), one register (FC 6) or several (FC 16); raises ReadError as read()."""
+        """One write: a coil (FC 5), one register (FC 6) or several (FC 16); raises RequestError as read()."""
         c = self.client
         if table == "coil":
             await self._request(timeout, 5, lambda: c.write_coil(address, bool(value), device_id=unit))
@@ -226,39 +226,39 @@ class Link:
         else:
             await self._request(timeout, 16, lambda: c.write_registers(address, value, device_id=unit))
 
-    def _foreign(self, what: str) -> ReadError:
+    def _foreign(self, what: str) -> RequestError:
         """A valid frame that does not answer the request: this request's own reply may still come."""
         self.sent_at.appendleft(self._taken)  # the frame counted as its reply was not
-        return ReadError(BAD_FRAME, f"{self.name}: {what}", pending=True)
+        return RequestError(BAD_FRAME, f"{self.name}: {what}", pending=True)
 
     async def _request(self, timeout: float, function: int, send: Callable[[], Awaitable[Any]]) -> Any:
-        """The reply to one request of `function`, or ReadError with the quality that describes the
+        """The reply to one request of `function`, or RequestError with the quality that describes the
         failure."""
         if not self.connected:
-            raise ReadError(DISCONNECTED, f"{self.name}: not connected")
+            raise RequestError(DISCONNECTED, f"{self.name}: not connected")
         self.client.ctx.comm_params.timeout_connect = timeout
         self.rx_bytes = 0
         try:  # pymodbus times the reply itself (timeout_connect, set above)
             rr = await send()
         except ConnectionException as e:
-            raise ReadError(DISCONNECTED, f"{self.name}: {e}") from e
+            raise RequestError(DISCONNECTED, f"{self.name}: {e}") from e
         except (ModbusException, TimeoutError) as e:
             if not self.client.connected:
-                raise ReadError(DISCONNECTED, f"{self.name}: connection lost") from e
+                raise RequestError(DISCONNECTED, f"{self.name}: connection lost") from e
             if self.rx_bytes:  # bytes came, never a valid frame: the garbled reply
-                raise ReadError(BAD_FRAME, f"{self.name}: {e}") from e
-            raise ReadError(TIMEOUT, f"{self.name}: {e}", pending=True) from e
+                raise RequestError(BAD_FRAME, f"{self.name}: {e}") from e
+            raise RequestError(TIMEOUT, f"{self.name}: {e}", pending=True) from e
         if rr.function_code & 0x7F != function:  # exception replies: function | 0x80
             raise self._foreign(f"function {rr.function_code:#04x} in the reply to function {function}")
         if rr.isError():
             code = int(getattr(rr, "exception_code", 4))
             if not 1 <= code <= 0x3F:  # no room in a quality byte: not to be mistaken for another code
-                raise ReadError(BAD_EXCEPTION, f"{self.name}: exception code {code}")
-            raise ReadError(EXCEPTION | code, f"{self.name}: exception {code}")
+                raise RequestError(BAD_EXCEPTION, f"{self.name}: exception code {code}")
+            raise RequestError(EXCEPTION | code, f"{self.name}: exception {code}")
         return rr
 
 
-def tcp_link(device: Device) -> Link:
+def tcp_link(device: DeviceConfig) -> Link:
     assert device.host is not None
     host = device.host
 
@@ -268,7 +268,7 @@ def tcp_link(device: Device) -> Link:
     return Link(make, f"{device.name}@{host}:{device.port}")
 
 
-def serial_link(bus: Bus) -> Link:
+def serial_link(bus: BusConfig) -> Link:
     def make() -> Any:
         return AsyncModbusSerialClient(bus.port, framer=FramerType.RTU, baudrate=bus.baud,
                                        bytesize=bus.byte_size, parity=bus.parity, stopbits=bus.stop_bits,
@@ -286,7 +286,7 @@ def url_link(url: str, timeout: float) -> tuple[Link, int]:
         if not u.hostname:
             raise ValueError(f"{url}: no host (tcp://host:port/unit)")
         unit = int(u.path.strip("/") or q.get("unit", "1"))
-        dev = Device(name="probe", unit=unit, tags=(), groups=(), host=u.hostname, port=u.port or 502,
+        dev = DeviceConfig(name="probe", unit=unit, tags=(), groups=(), host=u.hostname, port=u.port or 502,
                      timeout=timeout)
         return tcp_link(dev), unit
     if u.scheme == "rtu":
@@ -296,8 +296,8 @@ def url_link(url: str, timeout: float) -> tuple[Link, int]:
         parity = q.get("parity", "E").upper()
         if parity not in ("N", "E", "O"):
             raise ValueError(f"{url}: parity must be N, E or O")
-        bus = Bus("probe", u.path, baud, parity, int(q.get("stopbits", "1")), int(q.get("bytesize", "8")),
-                  timeout)
+        bus = BusConfig("probe", u.path, baud, parity, int(q.get("stopbits", "1")),
+                        int(q.get("bytesize", "8")), timeout)
         return serial_link(bus), int(q.get("unit", "1"))
     raise ValueError(f"{url}: unknown scheme {u.scheme!r} (tcp://host:port/unit or rtu:///dev/ttyX?...)")
 

@@ -10,7 +10,8 @@
 from edge.store.block import StoreDamaged, StoreUnavailable, decode_block, encode_block
 from edge.store.layout import Block
 from edge.store.queue import READING_BYTES, Counters, Store, StoreSnapshot
-from edge.store.tools import Summary, dump, inspect
+from edge.store.recovery import salvage_read
+from edge.store.tools import StoreSummary, dump, inspect
 
-__all__ = ["READING_BYTES", "Block", "Counters", "Store", "StoreDamaged", "StoreSnapshot", "StoreUnavailable",
-           "Summary", "decode_block", "dump", "encode_block", "inspect"]
+__all__ = ["READING_BYTES", "Block", "Counters", "Store", "StoreDamaged", "StoreSnapshot", "StoreSummary",
+           "StoreUnavailable", "decode_block", "dump", "encode_block", "inspect", "salvage_read"]

@@ -136,7 +136,7 @@ EMPTY = Batch(b"", b"", b"", b"", b"", b"")
 
 class Window:
     """The open commit window: readings appended in block columns, each value encoded once, as it arrives
-    (about 23 B of RAM a reading, against about 120 B as tuples). Not thread-safe: one owner."""
+    (no object per reading: a window may hold a long low-power interval). Not thread-safe: one owner."""
 
     __slots__ = ("kinds", "nums", "qualities", "stamps", "strings", "tags")
 

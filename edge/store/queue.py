@@ -59,7 +59,7 @@ from typing import Any
 import lmdb
 import zstandard
 
-from edge.config import Store as StoreConfig
+from edge.config import StoreConfig
 from edge.policy import Policy, normal
 from edge.reading import Reading
 from edge.store.block import (

@@ -13,7 +13,7 @@ from edge.store.recovery import PERSISTED
 
 
 @dataclass
-class Summary:
+class StoreSummary:
     path: str
     appliance: str
     blocks: int
@@ -32,7 +32,7 @@ class Summary:
     persisted: dict[str, int]
 
 
-def inspect(path: Path, map_size: int) -> Summary:
+def inspect(path: Path, map_size: int) -> StoreSummary:
     env = open_env(path, map_size, readonly=True)
     try:
         blocks = env.open_db()
@@ -60,7 +60,7 @@ def inspect(path: Path, map_size: int) -> Summary:
         counters.update({k: U64.unpack(v)[0] for k, v in meta.items() if k not in ("appliance", "next_seq")})
         next_seq = U64.unpack(meta["next_seq"])[0] if "next_seq" in meta else 0
         st = (path / "data.mdb").stat()
-        return Summary(str(path), meta.get("appliance", b"").decode(), n_blocks, readings, first, last,
+        return StoreSummary(str(path), meta.get("appliance", b"").decode(), n_blocks, readings, first, last,
                        oldest, newest, n_rejected, st.st_size, st.st_blocks * 512,
                        (env.info()["last_pgno"] + 1) * 4096, used * 4096, map_size,
                        max(next_seq, (last or -1) + 1), counters)

@@ -1,0 +1,183 @@
+"""Read a config file into a Config: the file checked (a bounded regular file, UTF-8), the TOML parsed,
+the sections validated (edge.config.sections).
+
+A large config is mostly [[device.tag]] tables, and a TOML tree of them all costs about eight times the
+file's size in small objects at once. So the document is parsed in two parts:
+
+- the skeleton: the document without its [[device.tag]] tables, parsed whole by tomllib;
+- the tags: each device's [[device.tag]] tables, cut from the text at their header lines and parsed by
+  tomllib a batch of TAG_BATCH at a time while the device is validated, each batch dropped before the
+  next is parsed.
+
+The cut is checked, not trusted: a document holding multi-line strings (the one TOML construct whose
+lines may look like headers) is parsed whole; every batch must parse to exactly the tag tables cut for it;
+the skeleton must hold exactly the [[device]] tables counted, none of them with tags of its own. Anything
+else (a syntax error, a header spelled in a way the cut does not see, tables before any [[device]]) makes
+the document parsed whole, the way tomllib alone reads it: the result, and every error message, are the
+same as without the cut.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tomllib
+from array import array
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from edge.config.reader import Tables
+from edge.config.schema import Config, ConfigError
+from edge.config.sections import parse
+
+MAX_CONFIG_BYTES = 8 << 20  # about 100,000 tags
+TAG_BATCH = 256  # [[device.tag]] tables parsed at once
+
+_LINE_START = re.compile(r"^[ \t]*\[", re.M)  # every header line starts so (and some array lines do)
+_TAG = ("device", "tag")
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file. Raises ConfigError (unreadable file, not a regular file, larger
+    than MAX_CONFIG_BYTES, not UTF-8, TOML syntax, schema)."""
+    try:
+        text = _read(path).decode()
+        base = Path(path).resolve().parent
+        try:
+            return parse(_streamed(text), base)
+        except (_Whole, tomllib.TOMLDecodeError, ConfigError):
+            return parse(tomllib.loads(text), base)
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: invalid TOML: {e}"]) from e
+    except UnicodeDecodeError as e:
+        line = e.object.count(b"\n", 0, e.start) + 1
+        raise ConfigError([f"{path}: not UTF-8 text: byte 0x{e.object[e.start]:02x} on line {line}"]) from e
+    except RecursionError as e:
+        raise ConfigError([f"{path}: invalid TOML: arrays or tables nested too deeply"]) from e
+
+
+def load_for_run(path: str | Path) -> Config:
+    """load(), and a config that would poll nothing (no [[device]]: an empty or truncated file) refused."""
+    config = load(path)
+    if not config.devices:
+        raise ConfigError([f"{path}: no device configured (a [[device]] table with its tags): nothing to "
+                           "poll"])
+    return config
+
+
+def _check_file(path: str | Path, st: os.stat_result) -> None:
+    """A regular file (not a device, FIFO or directory: /dev/zero never ends, a FIFO blocks) of at most
+    MAX_CONFIG_BYTES."""
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a file")
+        raise ConfigError([f"{path}: not a regular file ({kind})"])
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: {st.st_size:,} bytes, above the {MAX_CONFIG_BYTES:,} a config may have"])
+
+
+def _read(path: str | Path) -> bytes:
+    """The file's bytes, checked on the open file (O_NONBLOCK: opening a FIFO does not block)."""
+    _check_file(path, os.stat(path))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        _check_file(path, os.fstat(fd))  # it may have been replaced since
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:  # it grew
+        raise ConfigError([f"{path}: above the {MAX_CONFIG_BYTES:,} bytes a config may have"])
+    return data
+
+
+class _Whole(Exception):
+    """The cut does not hold for this document: parse it whole."""
+
+
+class _TagTables(Tables):
+    """One device's [[device.tag]] tables: spans of the document's text, parsed a batch at a time."""
+
+    def __init__(self, text: str, starts: array[int], ends: array[int]) -> None:
+        self.text, self.starts, self.ends = text, starts, ends
+
+    def __iter__(self) -> Iterator[Any]:
+        starts, ends, n, i = self.starts, self.ends, len(self.starts), 0
+        while i < n:
+            j = i + 1  # a batch: up to TAG_BATCH tables, each starting where the one before ends
+            while j < n and j - i < TAG_BATCH and starts[j] == ends[j - 1]:
+                j += 1
+            doc = tomllib.loads(self.text[starts[i]:ends[j - 1]])
+            device = doc.get("device") if len(doc) == 1 else None
+            tables = device.get("tag") if isinstance(device, dict) and len(device) == 1 else None
+            if not isinstance(tables, list) or len(tables) != j - i:
+                raise _Whole
+            yield from tables
+            i = j
+
+
+def _header(line: str) -> tuple[tuple[str, ...], bool] | None:
+    """(key path, array of tables?) of a header line; None when the line is not one on its own."""
+    bare = line.strip()
+    if bare == "[[device.tag]]":
+        return _TAG, True
+    if bare == "[[device]]":
+        return ("device",), True
+    try:
+        doc: Any = tomllib.loads(line)
+    except tomllib.TOMLDecodeError:
+        return None
+    path: list[str] = []
+    while isinstance(doc, dict) and len(doc) == 1:
+        key, doc = next(iter(doc.items()))
+        path.append(key)
+        if isinstance(doc, list):
+            return (tuple(path), True) if doc == [{}] else None
+    return (tuple(path), False) if doc == {} and path else None
+
+
+def _streamed(text: str) -> dict[str, Any]:
+    """The document with each device's tag tables as a _TagTables (see the module's docstring); raises
+    _Whole when the cut does not hold."""
+    if '"""' in text or "'''" in text:
+        raise _Whole
+    skeleton: list[str] = []
+    devices: list[tuple[array[int], array[int]]] = []
+    kept = 0  # the text up to here is in the skeleton or in a tag table
+    in_tag = False
+    for m in _LINE_START.finditer(text):
+        at = m.start()
+        end = text.find("\n", at)
+        header = _header(text[at:end if end >= 0 else len(text)].rstrip("\r"))
+        if header is not None and header[0][:2] == _TAG and len(header[0]) > 2 and in_tag:
+            continue  # a table inside the tag ([device.tag.x]): part of it, an unknown key to validation
+        if in_tag:
+            devices[-1][1].append(at)
+            kept, in_tag = at, False
+        if header == (_TAG, True):
+            if not devices:
+                raise _Whole
+            if at > kept:
+                skeleton.append(text[kept:at])
+            devices[-1][0].append(at)
+            kept, in_tag = at, True
+        elif header == (("device",), True):
+            devices.append((array("L"), array("L")))
+    if in_tag:
+        devices[-1][1].append(len(text))
+    else:
+        skeleton.append(text[kept:])
+    doc = tomllib.loads("".join(skeleton))
+    del skeleton
+    if not any(starts for starts, _ in devices):
+        return doc
+    tables = doc.get("device")
+    if not isinstance(tables, list) or len(tables) != len(devices):
+        raise _Whole
+    for table, (starts, ends) in zip(tables, devices, strict=True):
+        if not isinstance(table, dict) or (starts and "tag" in table):
+            raise _Whole
+        if starts:
+            table["tag"] = _TagTables(text, starts, ends)
+    return doc
