@@ -84,7 +84,7 @@ from edge.config import parse  # noqa: E402
 from edge.store import dump  # noqa: E402
 from hil.cgroup import Group, Unavailable, limited  # noqa: E402
 from hil.mapgen import map_from_device, toml_text, write_map  # noqa: E402
-from tests.peers import (  # noqa: E402
+from tests.support import (  # noqa: E402
     BrokerHandle,
     EdgeProcess,
     Subscriber,

@@ -11,8 +11,9 @@ A request for a unit id the map lacks gets no reply on RTU and exception 11 (gat
 
 Encoding (see `encode`) is this module's own on purpose, not edge.poll.types and edge.poll.decode: the
 simulator is the independent implementation the appliance's decoder is tested against, so a mistake in
-the appliance's type table cannot pass on both sides. The value is packed big-endian, bytes "A B C D ..." with A the most significant,
-then `order` swaps bytes inside each word (BADC), reverses the words (CDAB) or both (DCBA):
+the appliance's type table cannot pass on both sides. The value is packed big-endian, bytes "A B C D ..."
+with A the most significant, then `order` swaps bytes inside each word (BADC), reverses the words (CDAB)
+or both (DCBA):
 
     float32 1.0 = 3F 80 00 00    ABCD [0x3F80, 0x0000]   CDAB [0x0000, 0x3F80]
                                  BADC [0x803F, 0x0000]   DCBA [0x0000, 0x803F]

@@ -1,4 +1,4 @@
-"""Shared fixtures. Real peers (simulated devices, socat ptys) live in tests/peers.py."""
+"""Shared fixtures. Real peers (devices, socat ptys, mosquitto) and helpers live in tests/support.py."""
 
 from __future__ import annotations
 

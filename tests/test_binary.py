@@ -11,8 +11,18 @@ from pathlib import Path
 import pytest
 
 import edge
-from tests.peers import EdgeProcess, Subscriber, start_broker, stop, write_config
-from tests.test_pipeline import ROOT, check_delivery, config_dict, delivered_count, device
+from tests.support import (
+    ROOT,
+    EdgeProcess,
+    Subscriber,
+    check_delivery,
+    config_dict,
+    delivered_count,
+    simulated_pump,
+    start_broker,
+    stop,
+    write_config,
+)
 
 BINARY = Path(os.environ.get("EDGE_BINARY", ROOT / "dist" / "edge"))
 pytestmark = pytest.mark.skipif(
@@ -43,7 +53,7 @@ def test_version_and_check() -> None:
 
 def test_run_delivers_every_block(tmp_path: Path) -> None:
     before = unpacked()
-    with device(tmp_path) as sim_port, start_broker(tmp_path / "mqtt") as broker:
+    with simulated_pump(tmp_path) as sim_port, start_broker(tmp_path / "mqtt") as broker:
         sub = Subscriber(broker.port, "edge/t1/#")
         conf = tmp_path / "config.toml"
         write_config(conf, config_dict(tmp_path, sim_port, broker.port))

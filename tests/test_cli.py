@@ -14,7 +14,7 @@ from edge.config import load
 from edge.store import Store
 from edge.store.recovery import PERSISTED
 from hil.mapgen import map_from_device, write_map
-from tests.peers import start_sim
+from tests.support import start_sim
 
 ROOT = Path(__file__).resolve().parent.parent
 

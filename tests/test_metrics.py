@@ -18,7 +18,7 @@ import pytest
 
 from edge import __version__
 from edge.status import _plural
-from tests.peers import (
+from tests.support import (
     EdgeProcess,
     free_port,
     set_faults,

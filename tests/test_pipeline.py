@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import http.server
 import json
 import math
@@ -12,176 +10,48 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from edge.app import Appliance
-from edge.config import load, parse
-from edge.reading import quality_name, strict_json
-from edge.store import Block, Store, dump, encode_block, inspect
-from edge.uplink import Payloads
-from tests.peers import (
+from edge.config import load
+from edge.store import Store, dump, inspect
+from tests.support import (
+    STOPPED,
+    T0,
     EdgeProcess,
     Subscriber,
+    check_delivery,
+    check_values_and_order,
+    config_dict,
+    delivered_count,
     free_port,
     make_ca,
     metric,
+    received,
+    run_app,
+    simulated_pump,
     start_broker,
     start_sim,
     stop,
+    until,
     wait_metric,
     write_config,
     write_map,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-T0 = 1_790_000_000_000_000_000
-MAP = [{"id": 1, "points": [
-    {"table": "holding", "address": 0, "type": "uint32", "wave": "counter", "step": 100.0},
-    {"table": "holding", "address": 2, "type": "float32", "value": 21.5},
-    {"table": "holding", "address": 4, "type": "string", "length": 6, "value": "PUMP-1"}]}]
-TAGS = [{"name": "count", "address": 0, "type": "uint32"},
-        {"name": "temp", "address": 2, "type": "float32", "unit": "degC"},
-        {"name": "name", "address": 4, "type": "string", "length": 6}]
-
-
-def config_dict(tmp: Path, sim_port: int, broker_port: int, **uplink: Any) -> dict[str, Any]:
-    return {"appliance": {"id": "t1", "state_dir": str(tmp / "state")},
-            "device": [{"name": "pump", "host": "127.0.0.1", "port": sim_port, "interval": "50ms",
-                        "timeout": "300ms", "tag": TAGS}],
-            "store": {"commit_interval": "200ms", "map_size": "64MiB"},
-            "uplink": {"host": "127.0.0.1", "port": broker_port, "backoff_min": "100ms",
-                       "backoff_max": "500ms", "publish_timeout": "3s", **uplink},
-            "metrics": {"port": 0}}
-
-
-@contextlib.contextmanager
-def device(tmp: Path) -> Iterator[int]:
-    write_map(tmp / "map.toml", MAP)
-    with start_sim(tmp / "map.toml") as sim:
-        assert sim.port is not None
-        yield sim.port
-
-
-def run_app(cfg: dict[str, Any], body: Callable[[Appliance], Any]) -> Appliance:
-    """Run the appliance in this process while `body(app)` (a coroutine function) runs; then stop it."""
-    app_box: list[Appliance] = []
-
-    async def main() -> None:
-        app = Appliance(parse(cfg))
-        app_box.append(app)
-        task = asyncio.create_task(app.run(), name="appliance")
-        try:
-            await body(app)
-        finally:
-            app.stopping.set()
-            await asyncio.wait_for(task, 30)
-
-    asyncio.run(main())
-    return app_box[0]
-
-
-async def until(cond: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Re-check a condition on the appliance's counters until it holds (bounded)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        await asyncio.sleep(0.05)
-
-
-def received(sub: Subscriber) -> dict[int, dict[str, Any]]:
-    """seq -> message; a duplicate (at-least-once) must be identical."""
-    out: dict[int, dict[str, Any]] = {}
-    for msg in sub.data():
-        if msg["seq"] in out:
-            assert out[msg["seq"]] == msg
-        out[msg["seq"]] = msg
-    return out
-
-
-def delivered_count(sub: Subscriber) -> int:
-    return sum(m["count"] for m in received(sub).values())
-
-
-def check_values_and_order(msgs: dict[int, dict[str, Any]]) -> None:
-    counts = []
-    for seq in sorted(msgs):
-        m = msgs[seq]
-        assert m["appliance"] == "t1" and m["count"] == len(m["readings"])
-        for r in m["readings"]:
-            assert r["device"] == "pump" and r["quality"] == "good"
-            if r["tag"] == "temp":
-                assert (r["value"], r["unit"]) == (21.5, "degC")
-            elif r["tag"] == "name":
-                assert r["value"] == "PUMP-1"
-            else:
-                counts.append((r["ts"], r["value"]))
-    assert [ts for ts, _ in counts] == sorted(ts for ts, _ in counts)  # order per tag kept
-    assert [v for _, v in counts] == sorted(v for _, v in counts)  # the device's counter only rises
-
-
-def check_delivery(sub: Subscriber) -> dict[int, dict[str, Any]]:
-    """The messages received: contiguous sequence numbers (no block skipped), values and order right."""
-    msgs = received(sub)
-    seqs = sorted(msgs)
-    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # contiguous: no block skipped
-    check_values_and_order(msgs)
-    return msgs
 
 
 
-@pytest.mark.parametrize("n", [1, Payloads.ROWS - 1, Payloads.ROWS, Payloads.ROWS + 1, 3 * Payloads.ROWS + 7])
-def test_payload_is_the_documented_json_whatever_the_block_size(n: int) -> None:
-    config = load(ROOT / "config.toml")
-    tags = [t for d in config.devices for t in d.tags]
-    values: list[Any] = [1.5, None, True, False, -7, 2**64 - 1, 'q"\\ü', math.inf, math.nan]
-    rs = [(tags[i % len(tags)].id if i % 11 else 0xDEAD, T0 + i, values[i % len(values)], i % 3 * 0x21)
-          for i in range(n)]
-    block = Block(77, n, encode_block(rs))
-    names = {t.id: t for t in tags}
-    rows = [strict_json({"device": names[t].device if t in names else "?",
-                         "tag": names[t].name if t in names else "?",
-                         "unit": names[t].unit if t in names else "",
-                         "ts": ts, "value": v, "quality": quality_name(q) if q else "good"})
-            for t, ts, v, q in rs]
-    expected = {"appliance": config.appliance.id, "seq": 77, "count": n, "readings": rows}
-    payload = Payloads(config).encode(block)
-    assert payload == json.dumps(expected, separators=(",", ":"), allow_nan=False).encode()
-    json.loads(payload, parse_constant=no_constant)  # strict JSON: NaN and Infinity are not numbers there
 
 
-def no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-@settings(max_examples=60, deadline=None)
-@given(names=st.sets(st.text("abcdefghij0123456789_", min_size=1, max_size=6), min_size=1, max_size=40),
-       shifts=st.lists(st.integers(1, 0xFFFF), max_size=8))
-def test_payload_finds_every_tag_by_id_and_no_other(names: set[str], shifts: list[int]) -> None:
-    """The encoder's table of tags by id: every configured id is found however their slots collide; an id
-    in the same slot as a configured one, or next to it, is an unknown tag (written as "?")."""
-    tag = [{"name": n, "table": "input", "address": a, "type": "uint16"} for a, n in enumerate(sorted(names))]
-    config = parse({"appliance": {"id": "a"}, "device": [{"name": "d", "host": "127.0.0.1", "tag": tag}]})
-    tags = {t.id: t.name for t in config.devices[0].tags}
-    stray = {(i ^ (s << 16)) & 0xFFFFFFFF for i in tags for s in shifts}
-    stray |= {(i + 1) & 0xFFFFFFFF for i in tags}
-    ids = list(tags) + sorted(stray - set(tags))
-    block = Block(1, len(ids), encode_block([(i, T0, 0, 0) for i in ids]))
-    got = [r["tag"] for r in json.loads(Payloads(config).encode(block))["readings"]]
-    assert got == [tags.get(i, "?") for i in ids]
 
 
 def test_end_to_end_every_sequence_arrives(tmp_path: Path) -> None:
-    with device(tmp_path) as sim_port, start_broker(tmp_path / "mqtt") as broker:
+    with simulated_pump(tmp_path) as sim_port, start_broker(tmp_path / "mqtt") as broker:
         sub = Subscriber(broker.port, "edge/t1/#")
 
         async def body(app: Appliance) -> None:
@@ -199,7 +69,7 @@ def test_end_to_end_every_sequence_arrives(tmp_path: Path) -> None:
 
 
 def test_broker_outage_loses_nothing(tmp_path: Path) -> None:
-    with device(tmp_path) as sim_port:
+    with simulated_pump(tmp_path) as sim_port:
         port = free_port()
         broker_ctx = start_broker(tmp_path / "mqtt", port)
         broker_ctx.__enter__()
@@ -239,7 +109,8 @@ def test_broker_outage_loses_nothing(tmp_path: Path) -> None:
 def test_broker_refusing_is_counted_not_retried(tmp_path: Path) -> None:
     acl = tmp_path / "acl"
     acl.write_text("topic readwrite edge/+/status\ntopic read #\n")  # data topic denied
-    with device(tmp_path) as sim_port, start_broker(tmp_path / "mqtt", extra=f"acl_file {acl}\n") as broker:
+    extra = f"acl_file {acl}\n"
+    with simulated_pump(tmp_path) as sim_port, start_broker(tmp_path / "mqtt", extra=extra) as broker:
 
         async def body(app: Appliance) -> None:
             await until(lambda: app.store.counters.blocks_rejected >= 4)
@@ -258,7 +129,7 @@ def test_tls_with_a_test_ca_and_server_name(tmp_path: Path) -> None:
     port = free_port()
     extra = (f"listener {port} 127.0.0.1\ncafile {ca['ca']}\ncertfile {ca['server']}\n"
              f"keyfile {ca['server_key']}\n")
-    with device(tmp_path) as sim_port, start_broker(tmp_path / "mqtt", extra=extra) as broker:
+    with simulated_pump(tmp_path) as sim_port, start_broker(tmp_path / "mqtt", extra=extra) as broker:
         plain = Subscriber(broker.port, "edge/t1/data")
 
         async def body(app: Appliance) -> None:
@@ -270,7 +141,7 @@ def test_tls_with_a_test_ca_and_server_name(tmp_path: Path) -> None:
         plain.close()
     assert app.uplink.stats.acked >= 3
     cfg["uplink"]["tls"] = {}  # system CAs do not know the test CA: refused, nothing lost
-    with device(tmp_path) as sim_port, start_broker(tmp_path / "mqtt2", extra=extra):
+    with simulated_pump(tmp_path) as sim_port, start_broker(tmp_path / "mqtt2", extra=extra):
         cfg["device"][0]["port"] = sim_port
         cfg["appliance"]["state_dir"] = str(tmp_path / "state2")
 
@@ -285,7 +156,7 @@ def test_tls_with_a_test_ca_and_server_name(tmp_path: Path) -> None:
 
 def test_kill_9_during_a_backlog_drain_loses_nothing_committed(tmp_path: Path) -> None:
     port = free_port()
-    with device(tmp_path) as sim_port:
+    with simulated_pump(tmp_path) as sim_port:
         cfg = config_dict(tmp_path, sim_port, port, max_inflight=2)
         cfg["store"]["commit_interval"] = "100ms"
         cfg["device"][0]["interval"] = "10ms"
@@ -316,7 +187,7 @@ COUNTERS = ("edge_uplink_blocks_acked_total", "edge_uplink_readings_delivered_to
 
 
 def test_status_health_and_reload(tmp_path: Path) -> None:
-    with device(tmp_path) as sim_port, start_broker(tmp_path / "mqtt") as broker:
+    with simulated_pump(tmp_path) as sim_port, start_broker(tmp_path / "mqtt") as broker:
         cfg = config_dict(tmp_path, sim_port, broker.port)
         cfg["metrics"]["port"] = free_port()
         conf = tmp_path / "config.toml"
@@ -360,7 +231,7 @@ def test_a_reload_in_low_power_keeps_every_low_power_setting(tmp_path: Path) -> 
     """SIGUSR2 turns low power on (a state held only in RAM); a SIGHUP with a changed [governor] section
     keeps it on and applies the new section: poll stretch, commit window and uplink sessions."""
     lp = {"on_battery": False, "interval_factor": 10, "uplink_session_interval": "600s"}
-    with device(tmp_path) as sim_port:
+    with simulated_pump(tmp_path) as sim_port:
         cfg = config_dict(tmp_path, sim_port, free_port())  # no broker: the uplink stays offline
         cfg["store"]["low_power_commit_interval"] = "30s"
         cfg["governor"] = {"low_power": lp}
@@ -420,7 +291,7 @@ class Squatter:
 
 
 def test_a_taken_metrics_port_stops_nothing_and_is_retried(tmp_path: Path) -> None:
-    with device(tmp_path) as sim_port, start_broker(tmp_path / "mqtt") as broker:
+    with simulated_pump(tmp_path) as sim_port, start_broker(tmp_path / "mqtt") as broker:
         cfg = config_dict(tmp_path, sim_port, broker.port)
         cfg["metrics"]["port"] = mport = free_port()
         conf = tmp_path / "config.toml"
@@ -449,8 +320,6 @@ def test_a_taken_metrics_port_stops_nothing_and_is_retried(tmp_path: Path) -> No
 
 # ------------------------------------------------------------------------------ issue: every reading arrives
 
-STOPPED = re.compile(r"stopped: (\d+) readings polled, (\d+) stored, (\d+) delivered, (\d+) in the store's "
-                     r"backlog, (\d+) dropped")
 HEAD = re.compile(rb'\{"appliance":"[^"]*","seq":(\d+),"count":(\d+)')
 
 
@@ -495,10 +364,10 @@ def test_every_poll_cycle_of_every_tag_arrives_through_edge_run(tmp_path: Path) 
     rows = [(r["device"], r["tag"], r["ts"]) for m in msgs.values() for r in m["readings"]]
     rows += [(d, n, ts) for d, n, ts in dumped(tmp_path / "state" / "store", conf)]
     assert len(rows) == polled
-    for device in ("dev1", "dev2"):
-        per_tag = Counter(tag for d, tag, _ in rows if d == device)
+    for name in ("dev1", "dev2"):
+        per_tag = Counter(tag for d, tag, _ in rows if d == name)
         assert len(per_tag) == 150 and len(set(per_tag.values())) == 1, per_tag.most_common(3)
-        stamps = {tag: {ts for d, t, ts in rows if d == device and t == tag} for tag in ("r0", "r124")}
+        stamps = {tag: {ts for d, t, ts in rows if d == name and t == tag} for tag in ("r0", "r124")}
         assert len(stamps["r0"]) == per_tag["r0"]  # one reading per cycle, no cycle twice
 
 

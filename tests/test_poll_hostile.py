@@ -17,7 +17,7 @@ import pytest
 
 from edge.poll import Poller
 from edge.reading import BAD_EXCEPTION, BAD_FRAME, GOOD, quality_name
-from tests.pollkit import Collector, config, tag_id
+from tests.support import Collector, config, tag_id
 
 # Each maker gets (transaction id, unit, function, start, count) of a read and returns the reply bytes.
 Reply = Callable[[int, int, int, int, int], bytes]

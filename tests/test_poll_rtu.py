@@ -13,12 +13,10 @@ import pytest
 
 from edge.poll import Poller
 from edge.reading import BAD_FRAME, GOOD
-from tests.peers import pty_pair, set_faults, start_sim, write_map
-from tests.pollkit import Collector, config, tag_id
+from tests.support import LINE, Collector, config, pty_pair, set_faults, start_sim, tag_id, write_map
 
 UNITS = (1, 2, 3)
-# 8N2: 11 bits per character like 8E1 (Modbus requires 2 stop bits without parity); ptys refuse parity.
-LINE = {"parity": "N", "stop_bits": 2}
+
 
 
 @contextlib.contextmanager

@@ -14,8 +14,7 @@ import pytest
 
 from edge.poll import Poller
 from edge.reading import BAD_FRAME, BREAKER_OPEN, DISCONNECTED, GOOD, TIMEOUT
-from tests.peers import set_faults, start_sim, write_map
-from tests.pollkit import Collector, config, tag_id
+from tests.support import Collector, config, set_faults, start_sim, tag_id, write_map
 
 # (type, order, value, extra tag keys): every type in every byte order it has.
 ORDERS = ("ABCD", "BADC", "CDAB", "DCBA")

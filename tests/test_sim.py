@@ -19,7 +19,7 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
 from hil.sim import FaultControl, Line, Point, coerce, encode, load_map
-from tests.peers import SimHandle, pty_pair, set_faults, start_sim, write_map
+from tests.support import SimHandle, pty_pair, set_faults, start_sim, write_map
 
 # ------------------------------------------------------------------------------------------------ encode
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from edge.store import inspect
-from tests.peers import EdgeProcess, start_sim, stop, wait_metric, write_map
-from tests.test_pipeline import STOPPED
+from tests.support import STOPPED, EdgeProcess, start_sim, stop, wait_metric, write_map
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from edge.store import dump
-from tests.peers import free_port, start_sim, write_map
+from tests.support import free_port, start_sim, write_map
 
 ROOT = Path(__file__).resolve().parent.parent
 SANDBOX = ROOT.parent / "shared" / "tools" / "systemd-sandbox"

@@ -19,10 +19,21 @@ from edge.config import CommandsConfig
 from edge.poll import Poller
 from edge.reading import GOOD
 from edge.write import Commands, sign
-from tests.peers import Subscriber, pty_pair, set_faults, start_broker, start_sim, write_map
-from tests.pollkit import Collector, config, tag_id
-from tests.test_pipeline import run_app, until, write_config
-from tests.test_poll_rtu import LINE
+from tests.support import (
+    LINE,
+    Collector,
+    Subscriber,
+    config,
+    pty_pair,
+    run_app,
+    set_faults,
+    start_broker,
+    start_sim,
+    tag_id,
+    until,
+    write_config,
+    write_map,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MAP = [{"id": 1, "invalid": [[500, 510]], "points": [

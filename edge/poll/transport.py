@@ -148,10 +148,6 @@ class Link:
         self._answer.set()
         return pdu
 
-    @property
-    def unanswered(self) -> int:
-        return len(self.sent_at)
-
     def forget(self) -> None:
         """Every earlier request was answered, garbled, or settled: count afresh."""
         self.sent_at.clear()

@@ -1,5 +1,7 @@
-"""Real peers for tests: the simulated device (python -m hil.sim) in a subprocess, socat pty pairs, map and
-fault-control files.
+"""What the tests share: real peers and the helpers around them.
+
+Peers: the simulated device (python -m hil.sim) in a subprocess, socat pty pairs, map and fault-control
+files, mosquitto and a subscriber, a CA, the appliance as a process (EdgeProcess) with its metrics.
 
     point = {"table": "holding", "address": 0, "type": "float32", "value": 1.0}
     write_map(tmp / "map.toml", [{"id": 1, "invalid": [[100, 109]], "points": [point]}])
@@ -7,13 +9,20 @@ fault-control files.
         set_faults(tmp / "faults.json", {"1": {"mode": "silent"}})
     with pty_pair(tmp) as (client, server), start_sim(map, tcp=False, rtu_path=server, baud=9600) as sim:
         ...                                                                  # sim.path == server
+
+Helpers: a poller's sink that can be awaited (Collector) and config building for poller tests; the
+appliance run in this process (run_app, until); a pipeline config on one simulated pump (config_dict,
+simulated_pump) and the checks of what its subscriber received (check_delivery); the appliance's stop line
+(STOPPED).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -29,7 +38,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
+from edge.app import Appliance
+from edge.config import Config, parse
+from edge.reading import Reading
 from hil.mapgen import write_map
 
 __all__ = ["pty_pair", "set_faults", "start_sim", "write_map"]
@@ -207,18 +220,23 @@ class Subscriber:
         self.messages: list[tuple[str, bytes]] = []
         self.cond = threading.Condition()
         self.connected = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{port}",
+        self.topic = topic
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-sub-{port}",
                                   clean_session=False)
         if tls_ca is not None:
             self.client.tls_set(ca_certs=str(tls_ca))
-        self.client.on_connect = lambda c, u, f, rc, p: (c.subscribe(topic, qos=1), self.connected.set())
+        self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a: self.connected.clear()
         self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(0.05, 0.5)
+        self.client.reconnect_delay_set(0.05, 0.5)  # type: ignore[arg-type]  # paho takes seconds as floats
         self.client.connect_async("127.0.0.1", port, keepalive=10)
         self.client.loop_start()
         if not self.connected.wait(15):
             raise TimeoutError("subscriber did not connect")
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        client.subscribe(self.topic, qos=1)
+        self.connected.set()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         with self.cond:
@@ -355,3 +373,151 @@ def stop(edge: EdgeProcess) -> int:
         time.sleep(1)  # let faulthandler write the stacks before the kill
         edge.proc.kill()
         raise AssertionError(f"edge did not stop on SIGTERM:\n{edge.log[-6000:]}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Poller tests
+
+class Collector:
+    """A sink that keeps every reading and lets a test await a condition on them (no sleeps)."""
+
+    def __init__(self) -> None:
+        self.readings: list[Reading] = []
+        self.batches: list[tuple[float, list[Reading]]] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, readings: list[Reading]) -> None:
+        self.readings.extend(readings)
+        self.batches.append((time.monotonic(), readings))
+        self._changed.set()
+
+    async def until(self, predicate: Callable[[list[Reading]], bool], timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate(self.readings):
+            self._changed.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"condition not met after {timeout} s; last: {self.readings[-5:]}")
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                continue
+
+    def of(self, tag: int) -> list[Reading]:
+        return [r for r in self.readings if r[0] == tag]
+
+
+def config(devices: list[dict[str, Any]], buses: list[dict[str, Any]] | None = None) -> Config:
+    return parse({"appliance": {"id": "test", "state_dir": "/tmp/edge-test"}, "device": devices,
+                  "bus": buses or []})
+
+
+def tag_id(cfg: Config, device: str, tag: str) -> int:
+    d = next(d for d in cfg.devices if d.name == device)
+    return next(t.id for t in d.tags if t.name == tag)
+
+
+# --------------------------------------------------------------------------------------------------
+# The appliance in this process, on one simulated pump, and what its subscriber receives
+
+T0 = 1_790_000_000_000_000_000
+MAP = [{"id": 1, "points": [
+    {"table": "holding", "address": 0, "type": "uint32", "wave": "counter", "step": 100.0},
+    {"table": "holding", "address": 2, "type": "float32", "value": 21.5},
+    {"table": "holding", "address": 4, "type": "string", "length": 6, "value": "PUMP-1"}]}]
+TAGS = [{"name": "count", "address": 0, "type": "uint32"},
+        {"name": "temp", "address": 2, "type": "float32", "unit": "degC"},
+        {"name": "name", "address": 4, "type": "string", "length": 6}]
+
+
+def config_dict(tmp: Path, sim_port: int, broker_port: int, **uplink: Any) -> dict[str, Any]:
+    return {"appliance": {"id": "t1", "state_dir": str(tmp / "state")},
+            "device": [{"name": "pump", "host": "127.0.0.1", "port": sim_port, "interval": "50ms",
+                        "timeout": "300ms", "tag": TAGS}],
+            "store": {"commit_interval": "200ms", "map_size": "64MiB"},
+            "uplink": {"host": "127.0.0.1", "port": broker_port, "backoff_min": "100ms",
+                       "backoff_max": "500ms", "publish_timeout": "3s", **uplink},
+            "metrics": {"port": 0}}
+
+
+@contextlib.contextmanager
+def simulated_pump(tmp: Path) -> Iterator[int]:
+    write_map(tmp / "map.toml", MAP)
+    with start_sim(tmp / "map.toml") as sim:
+        assert sim.port is not None
+        yield sim.port
+
+
+def run_app(cfg: dict[str, Any], body: Callable[[Appliance], Any]) -> Appliance:
+    """Run the appliance in this process while `body(app)` (a coroutine function) runs; then stop it."""
+    app_box: list[Appliance] = []
+
+    async def main() -> None:
+        app = Appliance(parse(cfg))
+        app_box.append(app)
+        task = asyncio.create_task(app.run(), name="appliance")
+        try:
+            await body(app)
+        finally:
+            app.stopping.set()
+            await asyncio.wait_for(task, 30)
+
+    asyncio.run(main())
+    return app_box[0]
+
+
+async def until(cond: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Re-check a condition on the appliance's counters until it holds (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        await asyncio.sleep(0.05)
+
+
+def received(sub: Subscriber) -> dict[int, dict[str, Any]]:
+    """seq -> message; a duplicate (at-least-once) must be identical."""
+    out: dict[int, dict[str, Any]] = {}
+    for msg in sub.data():
+        if msg["seq"] in out:
+            assert out[msg["seq"]] == msg
+        out[msg["seq"]] = msg
+    return out
+
+
+def delivered_count(sub: Subscriber) -> int:
+    return sum(m["count"] for m in received(sub).values())
+
+
+
+def check_values_and_order(msgs: dict[int, dict[str, Any]]) -> None:
+    counts = []
+    for seq in sorted(msgs):
+        m = msgs[seq]
+        assert m["appliance"] == "t1" and m["count"] == len(m["readings"])
+        for r in m["readings"]:
+            assert r["device"] == "pump" and r["quality"] == "good"
+            if r["tag"] == "temp":
+                assert (r["value"], r["unit"]) == (21.5, "degC")
+            elif r["tag"] == "name":
+                assert r["value"] == "PUMP-1"
+            else:
+                counts.append((r["ts"], r["value"]))
+    assert [ts for ts, _ in counts] == sorted(ts for ts, _ in counts)  # order per tag kept
+    assert [v for _, v in counts] == sorted(v for _, v in counts)  # the device's counter only rises
+
+
+def check_delivery(sub: Subscriber) -> dict[int, dict[str, Any]]:
+    """The messages received: contiguous sequence numbers (no block skipped), values and order right."""
+    msgs = received(sub)
+    seqs = sorted(msgs)
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # contiguous: no block skipped
+    check_values_and_order(msgs)
+    return msgs
+
+
+STOPPED = re.compile(r"stopped: (\d+) readings polled, (\d+) stored, (\d+) delivered, (\d+) in the store's "
+                     r"backlog, (\d+) dropped")
+
+# 8N2: 11 bits per character like 8E1 (Modbus requires 2 stop bits without parity); ptys refuse parity.
+LINE = {"parity": "N", "stop_bits": 2}
