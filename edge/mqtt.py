@@ -34,6 +34,16 @@ class Client(aiomqtt.Client):
             fut.set_result(int(getattr(reason_code, "value", 0)))
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
+    async def __aexit__(self, *exc_info: Any) -> None:
+        try:
+            await super().__aexit__(*exc_info)
+        finally:
+            # A lost connection leaves its error in a future aiomqtt 2.5 does not read when the client is
+            # already disconnected: read here (the caller has its own error) so asyncio does not log it,
+            # with a traceback, as an exception never retrieved.
+            if self._disconnected.done() and not self._disconnected.cancelled():
+                self._disconnected.exception()
+
     async def publish_acked(self, topic: str, payload: bytes, timeout: float) -> int:
         """Publish at QoS 1 and return the PUBACK reason code; raises MqttError if none comes."""
         info = self._client.publish(topic, payload, qos=1)

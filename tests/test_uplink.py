@@ -1,0 +1,217 @@
+"""The uplink on its own: the payload encoder (Payloads) and the forwarding loop (Uplink) between a real
+Store and a real mosquitto on 127.0.0.1, without the poller or the appliance around them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge.config import StoreConfig, load, parse
+from edge.policy import Policy
+from edge.reading import quality_name, strict_json
+from edge.store import Block, Store, encode_block
+from edge.uplink import Payloads, Uplink
+from tests.support import (
+    ROOT,
+    T0,
+    EdgeProcess,
+    Subscriber,
+    config_dict,
+    free_port,
+    metric,
+    received,
+    simulated_pump,
+    start_broker,
+    stop,
+    until,
+    wait_metric,
+    write_config,
+)
+
+
+@pytest.mark.parametrize("n", [1, Payloads.ROWS - 1, Payloads.ROWS, Payloads.ROWS + 1, 3 * Payloads.ROWS + 7])
+def test_payload_is_the_documented_json_whatever_the_block_size(n: int) -> None:
+    config = load(ROOT / "config.toml")
+    tags = [t for d in config.devices for t in d.tags]
+    values: list[Any] = [1.5, None, True, False, -7, 2**64 - 1, 'q"\\ü', math.inf, math.nan]
+    rs = [(tags[i % len(tags)].id if i % 11 else 0xDEAD, T0 + i, values[i % len(values)], i % 3 * 0x21)
+          for i in range(n)]
+    block = Block(77, n, encode_block(rs))
+    names = {t.id: t for t in tags}
+    rows = [strict_json({"device": names[t].device if t in names else "?",
+                         "tag": names[t].name if t in names else "?",
+                         "unit": names[t].unit if t in names else "",
+                         "ts": ts, "value": v, "quality": quality_name(q) if q else "good"})
+            for t, ts, v, q in rs]
+    expected = {"appliance": config.appliance.id, "seq": 77, "count": n, "readings": rows}
+    payload = Payloads(config).encode(block)
+    assert payload == json.dumps(expected, separators=(",", ":"), allow_nan=False).encode()
+    json.loads(payload, parse_constant=no_constant)  # strict JSON: NaN and Infinity are not numbers there
+
+
+def no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+@settings(max_examples=60, deadline=None)
+@given(names=st.sets(st.text("abcdefghij0123456789_", min_size=1, max_size=6), min_size=1, max_size=40),
+       shifts=st.lists(st.integers(1, 0xFFFF), max_size=8))
+def test_payload_finds_every_tag_by_id_and_no_other(names: set[str], shifts: list[int]) -> None:
+    """The encoder's table of tags by id: every configured id is found however their slots collide; an id
+    in the same slot as a configured one, or next to it, is an unknown tag (written as "?")."""
+    tag = [{"name": n, "table": "input", "address": a, "type": "uint16"} for a, n in enumerate(sorted(names))]
+    config = parse({"appliance": {"id": "a"}, "device": [{"name": "d", "host": "127.0.0.1", "tag": tag}]})
+    tags = {t.id: t.name for t in config.devices[0].tags}
+    stray = {(i ^ (s << 16)) & 0xFFFFFFFF for i in tags for s in shifts}
+    stray |= {(i + 1) & 0xFFFFFFFF for i in tags}
+    ids = list(tags) + sorted(stray - set(tags))
+    block = Block(1, len(ids), encode_block([(i, T0, 0, 0) for i in ids]))
+    got = [r["tag"] for r in json.loads(Payloads(config).encode(block))["readings"]]
+    assert got == [tags.get(i, "?") for i in ids]
+
+
+def uplink_config(port: int, **uplink: Any) -> Any:
+    return parse({"appliance": {"id": "u1", "state_dir": "/tmp/edge-test"},
+                  "uplink": {"host": "127.0.0.1", "port": port, "publish_timeout": "3s",
+                             "backoff_min": "100ms", "backoff_max": "500ms", **uplink}})
+
+
+def seqs(first: int, n: int) -> list[int]:
+    return list(range(first, first + n))
+
+
+def filled_store(path: Path, blocks: int, per_block: int) -> tuple[Store, int]:
+    """A store with `blocks` committed blocks, and the sequence number of the first (a new store's
+    numbers start from the clock, so that a replaced store never repeats one)."""
+    store = Store(StoreConfig(path=path, map_size=64 << 20), "u1")
+    first = store.next_seq
+    for b in range(blocks):
+        store.add([(7, T0 + b * per_block + i, float(i), 0) for i in range(per_block)])
+        store.commit()
+    return store, first
+
+
+def test_every_block_is_published_once_and_removed_only_when_acknowledged(tmp_path: Path) -> None:
+    """40 committed blocks, at most 4 in flight: each arrives once with its own sequence number, each is
+    accepted by the store only after its PUBACK (the store is empty at the end, the counters agree)."""
+    with start_broker(tmp_path / "mqtt") as broker:
+        sub = Subscriber(broker.port, "edge/u1/data")
+        store, store_first = filled_store(tmp_path / "store", 40, 25)
+        uplink = Uplink(uplink_config(broker.port, max_inflight=4), store)
+
+        async def main() -> None:
+            task = asyncio.create_task(uplink.run())
+            await until(lambda: uplink.stats.acked >= 40)
+            uplink.stop()
+            await asyncio.wait_for(task, 20)
+
+        asyncio.run(main())
+        store.commit()  # the deletes of the acknowledged blocks
+        sub.wait(lambda s: len(received(s)) >= 40)
+        sub.close()
+    msgs = received(sub)
+    assert sorted(msgs) == seqs(store_first, 40) and all(m["count"] == 25 for m in msgs.values())
+    st_ = uplink.stats
+    assert (st_.published, st_.acked, st_.rejected, st_.kept, st_.readings_delivered) == (40, 40, 0, 0, 1000)
+    c = store.snapshot().counters
+    assert (c.backlog_readings, c.readings_forwarded) == (0, 1000)
+    store.close()
+
+
+def test_a_broker_that_goes_away_keeps_every_unacknowledged_block(tmp_path: Path) -> None:
+    """The broker stops while the uplink forwards: what was not acknowledged stays in the store, is sent
+    again when it is back, and the subscriber ends up with every sequence number."""
+    port_broker = start_broker(tmp_path / "mqtt")
+    broker = port_broker.__enter__()
+    port = broker.port
+    sub = Subscriber(port, "edge/u1/data")
+    store, store_first = filled_store(tmp_path / "store", 30, 400)
+    uplink = Uplink(uplink_config(port, max_inflight=2), store)
+
+    async def main() -> None:
+        nonlocal port_broker
+        task = asyncio.create_task(uplink.run())
+        await until(lambda: uplink.stats.acked >= 5)
+        port_broker.__exit__(None, None, None)
+        await until(lambda: not uplink.stats.connected)
+        kept = store.snapshot().counters.backlog_readings
+        assert kept > 0
+        port_broker = start_broker(tmp_path / "mqtt", port)
+        port_broker.__enter__()
+        async with asyncio.timeout(60):
+            while store.snapshot().counters.backlog_readings > 0 or uplink.stats.acked < 30:
+                await asyncio.to_thread(store.commit)  # the deletes of acknowledged blocks, as the app does
+                uplink.wake.set()
+                await until(lambda: uplink.stats.acked > 0)
+        uplink.stop()
+        await asyncio.wait_for(task, 20)
+
+    try:
+        asyncio.run(main())
+        sub.wait(lambda s: len(received(s)) >= 30, timeout=60)
+    finally:
+        sub.close()
+        port_broker.__exit__(None, None, None)
+    assert sorted(received(sub)) == seqs(store_first, 30)
+    assert uplink.stats.connects >= 2 and uplink.stats.readings_delivered >= 30 * 400
+    store.close()
+
+
+def test_in_a_low_power_session_the_uplink_drains_and_disconnects(tmp_path: Path) -> None:
+    """With a session interval (low power) the uplink connects, sends the backlog, publishes "offline" and
+    waits for the next session instead of staying connected."""
+    with start_broker(tmp_path / "mqtt") as broker:
+        sub = Subscriber(broker.port, "edge/u1/#")
+        store, store_first = filled_store(tmp_path / "store", 5, 10)
+        uplink = Uplink(uplink_config(broker.port), store, policy=lambda: Policy(session_interval=600.0))
+
+        async def main() -> None:
+            task = asyncio.create_task(uplink.run())
+            await until(lambda: any(t.endswith("/status") and p == b"offline" for t, p in sub.messages))
+            assert not task.done()  # waiting for the next session, not ended
+            uplink.stop()
+            await asyncio.wait_for(task, 20)
+
+        asyncio.run(main())
+        sub.close()
+    assert sorted(received(sub)) == seqs(store_first, 5) and uplink.stats.connects == 1
+    store.close()
+
+
+def test_a_broker_outage_is_one_warning_in_the_appliances_log(tmp_path: Path) -> None:
+    """`edge run` loses its broker and gets it back: the journal has one warning for the outage and one
+    line for the reconnection, no traceback (a lost connection's error is read, not left to asyncio to
+    report as never retrieved)."""
+    with simulated_pump(tmp_path) as sim_port:
+        port = free_port()
+        broker = start_broker(tmp_path / "mqtt", port)
+        broker.__enter__()
+        try:
+            cfg = config_dict(tmp_path, sim_port, port)
+            cfg["metrics"]["port"] = mport = free_port()
+            write_config(tmp_path / "config.toml", cfg)
+            edge = EdgeProcess(tmp_path / "config.toml")
+            edge.metrics_port()
+            wait_metric(mport, "edge_uplink_blocks_acked_total", lambda v: v >= 3)
+            broker.__exit__(None, None, None)
+            wait_metric(mport, "edge_uplink_connection_failures_total", lambda v: v >= 2)
+            broker = start_broker(tmp_path / "mqtt", port)
+            broker.__enter__()
+            wait_metric(mport, "edge_uplink_connections_total", lambda v: v >= 2)
+            acked = metric(mport, "edge_uplink_blocks_acked_total")
+            wait_metric(mport, "edge_uplink_blocks_acked_total", lambda v: v > acked)
+            assert stop(edge) == 0, edge.log
+        finally:
+            broker.__exit__(None, None, None)
+    lines = edge.log.splitlines()
+    assert "Traceback" not in edge.log and "never retrieved" not in edge.log, edge.log
+    assert [line for line in lines if " ERROR " in line] == []
+    assert len([line for line in lines if "unavailable" in line]) == 1
+    assert any("connected to" in line and "after" in line for line in lines)
