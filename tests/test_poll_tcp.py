@@ -279,3 +279,30 @@ def test_report_by_exception_keeps_exactly_what_moved_the_heartbeats_and_quality
 
         stats = asyncio.run(body()).runners[0].stats
         assert stats.stored < stats.readings
+
+
+def test_a_stop_lets_the_cycle_under_way_finish(tmp_path: Path) -> None:
+    """200 tags are two requests a cycle (125 + 75) and the device answers each 0.2 s late: a stop that
+    comes while the second request is in flight lets it finish, so every tag has as many readings as the
+    others (a cancel would have left the last cycle half read)."""
+    write_map(tmp_path / "map.toml", [{"id": 1, "points": [
+        {"table": "holding", "address": a, "type": "uint16", "value": float(a)} for a in range(200)]}])
+    set_faults(tmp_path / "faults.json", {"1": {"mode": "slow", "delay": 0.2}})
+    with start_sim(tmp_path / "map.toml", control=tmp_path / "faults.json") as sim:
+        cfg = config([{"name": "d", "host": sim.host, "port": sim.port, "interval": "50ms", "timeout": "2s",
+                       "tag": [{"name": f"r{a}", "address": a} for a in range(200)]}])
+        sink = Collector()
+        poller = Poller(cfg, sink)
+
+        async def main() -> None:
+            task = asyncio.create_task(poller.run())
+            await sink.until(lambda readings: len(readings) % 200 == 125)  # a cycle's first request is in
+            poller.stop()
+            await asyncio.wait_for(task, 10)
+
+        asyncio.run(main())
+    counts = {tag: 0 for tag, *_ in sink.readings}
+    for tag, *_ in sink.readings:
+        counts[tag] += 1
+    assert len(counts) == 200 and len(set(counts.values())) == 1
+    assert all(q == GOOD for *_, q in sink.readings)
