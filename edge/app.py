@@ -39,13 +39,14 @@ from typing import TYPE_CHECKING, Any
 from edge.config import Config, ConfigError, load_for_run
 from edge.govern import Governor
 from edge.poll import Poller
+from edge.snapshot import Snapshot, write_bytes
 from edge.store import Store
 from edge.supervise import Supervisor, dump_stacks, test_hooks
 from edge.uplink import STOP_WAIT, Uplink
 from edge.write import Commands
 
 if TYPE_CHECKING:
-    from edge.metrics import MetricsServer, Snapshot
+    from edge.metrics import MetricsServer
 
 log = logging.getLogger("edge.app")
 POLL_STOP_WAIT = 5.0  # seconds a stop or a reload waits at most for the poll cycles under way
@@ -59,7 +60,7 @@ class Appliance:
         self.governor = Governor(config)
         self.poller = Poller(config, self.store.add, self.governor.current)
         self.commands = Commands(lambda: self.poller, config.commands)
-        self.uplink = Uplink(config, self.store, self.commands, self.governor.current)
+        self.uplink = Uplink(config, self.store, self.commands, self.governor.current, report=self.snapshot)
         self.supervisor = Supervisor(self.beats, self.status_line)
         self.metrics: MetricsServer | None = None
         self.stopping = asyncio.Event()
@@ -67,6 +68,7 @@ class Appliance:
         self.started = time.time()
         self.reloads = 0
         self.reloads_refused = 0
+        self.config_error = ""  # why the last reload was refused; "" after a good one
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._tg: asyncio.TaskGroup | None = None
 
@@ -80,11 +82,10 @@ class Appliance:
         return out
 
     def snapshot(self) -> Snapshot:
-        from edge.metrics import Snapshot  # noqa: PLC0415 (loaded with the metrics, after READY=1)
-
         return Snapshot(self.started, self.reloads, self.reloads_refused, self.governor.current(),
                         self.poller.snapshot(), self.store.snapshot(), self.uplink.snapshot(),
-                        self.governor.snapshot(), (self.commands.executed, self.commands.refused))
+                        self.governor.snapshot(), (self.commands.executed, self.commands.refused),
+                        self.config_error, write_bytes())
 
     def status_line(self) -> str:
         devices = self.poller.snapshot().devices
@@ -209,6 +210,7 @@ class Appliance:
             config = load_for_run(self.config_path)
         except ConfigError as e:
             self.reloads_refused += 1
+            self.config_error = "; ".join(e.problems)
             log.error("edge: reload refused, keeping the running config: %s", "; ".join(e.problems))  # noqa: TRY400
             return
         old = self.config
@@ -222,7 +224,8 @@ class Appliance:
         self._start("poll", self.poller.run())
         await self._stop_uplink()
         stats = self.uplink.stats
-        self.uplink = Uplink(config, self.store, self.commands, self.governor.current, stats=stats)
+        self.uplink = Uplink(config, self.store, self.commands, self.governor.current, stats=stats,
+                             report=self.snapshot)
         if not config.governor.enabled:
             await _cancel(self.tasks.pop("govern", None))
         if config.metrics != old.metrics:
@@ -230,6 +233,7 @@ class Appliance:
             self.metrics = None
         self._start_optional()
         self.reloads += 1
+        self.config_error = ""
         log.info("edge: config reloaded from %s", self.config_path)
 
 

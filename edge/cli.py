@@ -52,10 +52,18 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
 
 
+def cmd_id(args: argparse.Namespace) -> int:
+    """The id, then where it comes from: the config, the board's serial, or the machine id (edge.identity).
+    Changes nothing: without a machine id yet, says that the first `edge run` makes it."""
+    a = load(args.config).appliance
+    print(f"{a.id or '(none yet)'}\t{a.id_source}")
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from edge.poll import plan_config, summarize  # noqa: PLC0415
 
-    config = load_for_run(args.config)
+    config = load_for_run(args.config, make_id=False)
     plans = plan_config(config)
     tags = sum(len(d.tags) for d in config.devices)
     print(f"{args.config}: ok: {plural(len(config.devices), 'device')}, {plural(len(config.buses), 'bus')}, "
@@ -376,6 +384,9 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--count", type=int, default=10)
     pr.add_argument("--timeout", type=float, default=1.0)
     pr.set_defaults(fn=cmd_probe)
+    ident = sub.add_parser("id", help="print this board's appliance id and where it comes from")
+    _config_args(ident)
+    ident.set_defaults(fn=cmd_id)
     run = sub.add_parser("run", help="run the appliance: poll, store, forward (until SIGTERM)")
     _config_args(run)
     run.set_defaults(fn=cmd_run)

@@ -24,7 +24,6 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
@@ -37,6 +36,7 @@ from edge.govern import GovernorSnapshot
 from edge.policy import Policy
 from edge.poll import LATENCY_BUCKETS, LATENESS_BUCKETS, PollSnapshot, backoff
 from edge.reading import EXCEPTION, quality_name
+from edge.snapshot import Snapshot
 from edge.store import StoreSnapshot
 from edge.supervise import stalled
 from edge.uplink import UplinkStats
@@ -51,21 +51,6 @@ MAX_CONNECTIONS = 16
 MAX_REQUEST = 8192  # bytes of request line and headers
 REQUEST_TIMEOUT = 5.0
 RENDER_REUSE = 0.5  # seconds a rendered /metrics answers further scrapes
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """Everything the metrics show, taken at once."""
-
-    started: float  # unix time
-    reloads: int
-    reloads_refused: int
-    policy: Policy
-    poll: PollSnapshot
-    store: StoreSnapshot
-    uplink: UplinkStats
-    governor: GovernorSnapshot
-    writes: tuple[int, int]  # executed, refused
 
 
 def _counter(name: str, doc: str, labels: Iterable[str] = ()) -> CounterMetricFamily:
@@ -92,6 +77,9 @@ class ApplianceCollector:
         yield from self._store(s.store)
         yield from self._uplink(s.uplink, s.policy)
         yield _one(_gauge("uptime_seconds", "Seconds since the appliance started"), time.time() - s.started)
+        yield _one(_counter("process_write_bytes", "Bytes this process caused to be written to storage, all "
+                            "of it: the store's commits and every other file (/proc/self/io write_bytes)"),
+                   s.written)
         info = _gauge("build_info", "1, labelled with the running version", ["version"])
         info.add_metric([__version__], 1.0)
         yield info
@@ -185,9 +173,6 @@ class ApplianceCollector:
                           ("readings_salvaged", "Readings of moved-aside stores put back in the queue")):
             value = getattr(c, name.replace("rejected_blocks_", "rejected_"))
             yield _one(_counter(f"store_{name}", doc), value)
-        yield _one(_counter("process_write_bytes", "Bytes this process caused to be written to storage, all "
-                            "of it: the store's commits and every other file (/proc/self/io write_bytes)"),
-                   write_bytes())
         age = 0.0 if s.oldest_ts is None else max(0.0, time.time() - s.oldest_ts / 1e9)
         for name, value, doc in (("backlog_readings", c.backlog_readings, "Readings waiting upstream"),
                                  ("backlog_blocks", c.backlog_blocks, "Blocks waiting upstream"),
@@ -225,18 +210,6 @@ def _buckets(bounds: Iterable[float], counts: Iterable[int], total: int) -> list
         out.append((str(bound), cumulative))
     out.append(("+Inf", total))
     return out
-
-
-def write_bytes() -> int:
-    """Bytes this process caused to be sent to storage (/proc/self/io write_bytes); 0 where unknown."""
-    try:
-        with open("/proc/self/io", "rb") as f:
-            for line in f:
-                if line.startswith(b"write_bytes:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def liveness(beats: dict[str, float], now: float | None = None) -> tuple[bool, dict[str, Any]]:

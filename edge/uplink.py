@@ -5,6 +5,10 @@ Topics (prefix from [uplink] topic_prefix, default "edge"):
     <prefix>/<appliance id>/data     one message per block; payload in docs/payload.md
     <prefix>/<appliance id>/status   retained "online" after connecting; the last will sets a retained
                                      "offline" when the connection dies; a clean stop publishes "offline"
+    <prefix>/<appliance id>/health   retained health message (edge.snapshot, docs/payload.md) at each
+                                     connection, every [uplink] health_interval and as soon as a device
+                                     goes up or down, low power or the governor's level changes, or a
+                                     reload is refused
 
 Outcome of a block, from the broker's PUBACK (MQTT 5 reason codes):
 
@@ -48,6 +52,7 @@ from edge.store import Block, Store
 
 if TYPE_CHECKING:
     from edge.mqtt import Client
+    from edge.snapshot import Snapshot
     from edge.write import Commands
 
 log = logging.getLogger("edge.uplink")
@@ -114,7 +119,8 @@ class Uplink:
     """Forwards the store's blocks while connected; reconnects with jittered, capped backoff."""
 
     def __init__(self, config: Config, store: Store, commands: Commands | None = None,
-                 policy: Callable[[], Policy] = normal, stats: UplinkStats | None = None) -> None:
+                 policy: Callable[[], Policy] = normal, *, stats: UplinkStats | None = None,
+                 report: Callable[[], Snapshot] | None = None) -> None:
         self.config = config
         self.cfg = config.uplink
         self.store = store
@@ -125,6 +131,8 @@ class Uplink:
         self.topic_status = f"{prefix}/status"
         self.topic_write = f"{prefix}/cmd/write"
         self.topic_result = f"{prefix}/cmd/result"
+        self.topic_health = f"{prefix}/health"
+        self.report = report  # the app's snapshot, for the health message (None: no health messages)
         self.stats = stats or UplinkStats()
         if stats is not None:
             stats.connected = False
@@ -148,13 +156,17 @@ class Uplink:
                                                        name="uplink:commands")
                     self._connected()  # and listening for commands
                     await client.publish(self.topic_status, b"online", qos=1, retain=True)
+                    health = None
+                    if self.report is not None and self.cfg.health_interval:
+                        health = asyncio.create_task(self._health(client, self.report), name="uplink:health")
                     try:
                         await self._forward(client)
                     finally:
-                        if commands is not None:
-                            commands.cancel()
-                            with contextlib.suppress(asyncio.CancelledError):
-                                await commands
+                        for task in (commands, health):
+                            if task is not None:
+                                task.cancel()
+                                with contextlib.suppress(asyncio.CancelledError):
+                                    await task
                     await client.publish(self.topic_status, b"offline", qos=1, retain=True)
                 if (session := self.policy().session_interval) and not self.stopping:
                     log.info("uplink: session done (backlog drained); next in %.0f s", session)
@@ -181,6 +193,26 @@ class Uplink:
                     log.exception("uplink: a write command failed unexpectedly: %s", type(e).__name__)
                     result = {"id": None, "ok": False, "error": "internal error", "detail": type(e).__name__}
                 await client.publish(self.topic_result, json.dumps(result, allow_nan=False).encode(), qos=1)
+
+    async def _health(self, client: Client, report: Callable[[], Snapshot]) -> None:
+        """The health message now, then again every health_interval or as soon as its state changes
+        (checked each second). Ends quietly when the connection drops, like _commands."""
+        from edge import mqtt  # noqa: PLC0415 (loaded by run())
+        from edge.snapshot import health_message, health_state  # noqa: PLC0415
+
+        last: tuple[object, ...] | None = None
+        sent = 0.0
+        with contextlib.suppress(*mqtt.CONNECTION_ERRORS):
+            while True:
+                snapshot = report()
+                state = health_state(snapshot)
+                if state != last or time.monotonic() - sent >= self.cfg.health_interval:
+                    message = health_message(snapshot, self.config.appliance.id)
+                    await client.publish(self.topic_health, json.dumps(message, separators=(",", ":"),
+                                                                       allow_nan=False).encode(),
+                                         qos=1, retain=True)
+                    last, sent = state, time.monotonic()
+                await asyncio.sleep(1.0)
 
     async def _pause(self, seconds: float) -> None:
         """Wait (beating every second) until `seconds` passed or stop() was called."""

@@ -4,6 +4,7 @@ the status will, the incoming packet limit, and TLS verified against [uplink.tls
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ def test_the_will_says_offline_when_the_connection_is_lost(tmp_path: Path) -> No
             await client.publish("edge/m1/status", b"online", qos=1, retain=True)
             sock = client._client.socket()
             assert sock is not None
-            sock.close()  # the link drops: no DISCONNECT reaches the broker
+            sock.shutdown(socket.SHUT_RDWR)  # the link drops: no DISCONNECT reaches the broker
             with pytest.raises(aiomqtt.MqttError):
                 await client.publish_acked("edge/m1/data", b"x", 3.0)
 

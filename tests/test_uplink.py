@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edge import __version__
 from edge.config import StoreConfig, load, parse
 from edge.policy import Policy
 from edge.reading import quality_name, strict_json
@@ -27,12 +30,15 @@ from tests.support import (
     free_port,
     metric,
     received,
+    set_faults,
     simulated_pump,
     start_broker,
+    start_sim,
     stop,
     until,
     wait_metric,
     write_config,
+    write_map,
 )
 
 
@@ -215,3 +221,48 @@ def test_a_broker_outage_is_one_warning_in_the_appliances_log(tmp_path: Path) ->
     assert [line for line in lines if " ERROR " in line] == []
     assert len([line for line in lines if "unavailable" in line]) == 1
     assert any("connected to" in line and "after" in line for line in lines)
+
+
+def test_the_health_message_follows_the_boxs_state(tmp_path: Path) -> None:
+    """`edge run` with a long health_interval (600 s): a retained health message at connection (devices
+    up, version, uptime), another within seconds of the device going silent (down, why, since when),
+    another when a reload is refused (the key path of the error), and a late subscriber gets the last one
+    (retained)."""
+    write_map(tmp_path / "map.toml", [{"id": 1, "points": [
+        {"table": "holding", "address": 0, "type": "uint32", "wave": "counter", "step": 1.0}]}])
+    set_faults(tmp_path / "faults.json", {})
+    with start_sim(tmp_path / "map.toml", control=tmp_path / "faults.json") as sim, \
+            start_broker(tmp_path / "mqtt") as broker:
+        cfg = config_dict(tmp_path, sim.port or 0, broker.port, health_interval="600s")
+        cfg["device"][0]["tag"] = [{"name": "count", "address": 0, "type": "uint32"}]
+        cfg["device"][0]["timeout"] = "200ms"
+        cfg["metrics"]["port"] = free_port()
+        conf = tmp_path / "config.toml"
+        write_config(conf, cfg)
+        sub = Subscriber(broker.port, "edge/t1/health")
+
+        def healths(s: Subscriber) -> list[dict[str, Any]]:
+            return [json.loads(p) for t, p in s.messages if t == "edge/t1/health"]
+
+        edge = EdgeProcess(conf)
+        try:
+            sub.wait(lambda s: any(h["devices"] == [{"name": "pump", "up": True}] for h in healths(s)))
+            first = healths(sub)[0]
+            assert (first["appliance"], first["version"], first["low_power"], first["config_error"]) == (
+                "t1", __version__, False, None)
+            set_faults(tmp_path / "faults.json", {"1": {"mode": "silent"}})
+            sub.wait(lambda s: not healths(s)[-1]["devices"][0]["up"], timeout=30)
+            down = healths(sub)[-1]["devices"][0]
+            assert down["problem"] == "timeout" and down["down_since"] <= time.time()
+            conf.write_text(conf.read_text().replace('interval = "50ms"', 'interval = "fast"'))
+            edge.proc.send_signal(signal.SIGHUP)
+            sub.wait(lambda s: healths(s)[-1]["config_error"] is not None, timeout=30)
+            assert "device[0].interval" in healths(sub)[-1]["config_error"]
+            late = Subscriber(broker.port, "edge/t1/health")
+            late.wait(lambda s: len(healths(s)) >= 1)
+            assert healths(late)[0]["config_error"] == healths(sub)[-1]["config_error"]
+            late.close()
+        finally:
+            assert stop(edge) == 0, edge.log
+            sub.close()
+    assert len(healths(sub)) <= 6  # changes of state only, not a message a second

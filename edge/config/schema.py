@@ -20,8 +20,9 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ApplianceConfig:
-    id: str
+    id: str  # "" until `edge run` makes the machine id (edge.identity)
     state_dir: Path
+    id_source: str = "config"  # where the id comes from: config, board serial (...), machine id (...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +117,7 @@ class UplinkConfig:
     backoff_max: float = 300.0
     publish_timeout: float = 10.0
     payload: str = "json"
+    health_interval: float = 60.0  # seconds between health messages (0: none)
 
 
 @dataclass(frozen=True, slots=True)

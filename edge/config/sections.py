@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import itertools
 import re
-import socket
 import sys
 import zlib
 from array import array
 from pathlib import Path
 from typing import Any
 
+from edge import identity
 from edge.config.reader import MISSING, NAME, Reader
 from edge.config.schema import (
     ApplianceConfig,
@@ -43,10 +43,15 @@ from edge.poll.types import (
 
 
 def _appliance(r: Reader, base: Path) -> ApplianceConfig:
-    app_id = r.name("id", required=False) or socket.gethostname()
+    app_id = r.name("id", required=False)
     state_dir = base / r.file("state_dir", Path("/var/lib/edge"))
     r.done()
-    return ApplianceConfig(id=app_id, state_dir=state_dir)
+    if app_id:
+        return ApplianceConfig(app_id, state_dir)
+    found = identity.derived(state_dir)
+    if found is None:
+        return ApplianceConfig("", state_dir, f"a machine id, made at the first run in {state_dir}")
+    return ApplianceConfig(found[0], state_dir, found[1])
 
 
 def _bus(r: Reader) -> BusConfig:
@@ -294,7 +299,10 @@ def _uplink(r: Reader) -> UplinkConfig:
         backoff_max=r.duration("backoff_max", 300.0, lo=0.01, hi=86400.0),
         publish_timeout=r.duration("publish_timeout", 10.0, lo=0.1, hi=120.0),
         payload=r.text("payload", "json", choices=("json",)),
+        health_interval=r.duration("health_interval", 60.0, hi=86400.0),
     )
+    if 0 < u.health_interval < 1:
+        r.fail("health_interval", f"{u.health_interval} s: 0 (no health messages) or at least 1 s")
     if any(c in u.topic_prefix for c in "#+") or u.topic_prefix.startswith("/"):
         r.fail("topic_prefix", f"invalid MQTT topic prefix {u.topic_prefix!r} (no #, +, leading /)")
     if u.backoff_min > u.backoff_max:

@@ -25,9 +25,11 @@ import stat
 import tomllib
 from array import array
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from edge import identity
 from edge.config.reader import Tables
 from edge.config.schema import Config, ConfigError
 from edge.config.sections import parse
@@ -60,12 +62,23 @@ def load(path: str | Path) -> Config:
         raise ConfigError([f"{path}: invalid TOML: arrays or tables nested too deeply"]) from e
 
 
-def load_for_run(path: str | Path) -> Config:
-    """load(), and a config that would poll nothing (no [[device]]: an empty or truncated file) refused."""
+def load_for_run(path: str | Path, *, make_id: bool = True) -> Config:
+    """load(), and a config that would poll nothing (no [[device]]: an empty or truncated file) refused;
+    without [appliance] id nor a board serial, the machine id is made now (edge.identity) unless
+    `make_id` is false (`edge check` changes nothing)."""
     config = load(path)
     if not config.devices:
         raise ConfigError([f"{path}: no device configured (a [[device]] table with its tags): nothing to "
                            "poll"])
+    if make_id and not config.appliance.id:
+        state_dir = config.appliance.state_dir
+        try:
+            made = identity.derived(state_dir, create=True)
+        except OSError as e:
+            raise ConfigError([f"appliance.id: not set, and no machine id can be made in {state_dir}: "
+                               f"{e.strerror}"]) from e
+        assert made is not None
+        config = replace(config, appliance=replace(config.appliance, id=made[0], id_source=made[1]))
     return config
 
 

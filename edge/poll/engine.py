@@ -176,7 +176,8 @@ class DeviceRunner:
         self.stats.down_since, self.stats.problem = 0.0, ""
 
     def down(self, problem: str) -> None:
-        """Not answering: since when (the first failure of the episode) and why (the latest)."""
+        """Not answering: since when (the first failure of the episode) and why (the latest failure; a
+        skip by the open breaker keeps the failure that opened it)."""
         st = self.stats
         if st.up or not st.down_since:
             st.down_since = time.time()
@@ -408,7 +409,7 @@ class Line:
         dev, stats, req = runner.device, runner.stats, job.req
         if not runner.breaker.allow(time.monotonic()):
             stats.skipped += 1
-            runner.down(quality_name(BREAKER_OPEN))
+            runner.down(stats.problem or quality_name(BREAKER_OPEN))  # the cause stays the reason
             return bad(job, BREAKER_OPEN), False
         attempts = 1 if runner.breaker.is_open else 1 + dev.retries
         busy_left = BUSY_RETRIES
