@@ -36,14 +36,14 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge.config import Config, ConfigError, load_for_run
+from edge.config import Config, ConfigError, check_devices, keep, load_for_run, loads, persisted, with_id
 from edge.govern import Governor
 from edge.poll import Poller
 from edge.snapshot import Snapshot, write_bytes
 from edge.store import Store
 from edge.supervise import Supervisor, dump_stacks, test_hooks
-from edge.uplink import STOP_WAIT, Uplink
-from edge.write import Commands
+from edge.uplink import STOP_WAIT, Uplink, UplinkStats
+from edge.write import MAX_ID, Commands, Verified, safe
 
 if TYPE_CHECKING:
     from edge.metrics import MetricsServer
@@ -60,7 +60,7 @@ class Appliance:
         self.governor = Governor(config)
         self.poller = Poller(config, self.store.add, self.governor.current)
         self.commands = Commands(lambda: self.poller, config.commands)
-        self.uplink = Uplink(config, self.store, self.commands, self.governor.current, report=self.snapshot)
+        self.uplink = self._uplink(config)
         self.supervisor = Supervisor(self.beats, self.status_line)
         self.metrics: MetricsServer | None = None
         self.stopping = asyncio.Event()
@@ -69,6 +69,9 @@ class Appliance:
         self.reloads = 0
         self.reloads_refused = 0
         self.config_error = ""  # why the last reload was refused; "" after a good one
+        self.keep_at = persisted(config)  # where a pushed config that passed its trial is kept
+        self.changing = asyncio.Lock()  # one change of config at a time: a reload, or a pushed one's trial
+        self.trial: asyncio.Task[None] | None = None
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._tg: asyncio.TaskGroup | None = None
 
@@ -206,13 +209,27 @@ class Appliance:
     async def reload(self) -> None:
         if self.config_path is None:
             return
-        try:
-            config = load_for_run(self.config_path)
-        except ConfigError as e:
-            self.reloads_refused += 1
-            self.config_error = "; ".join(e.problems)
-            log.error("edge: reload refused, keeping the running config: %s", "; ".join(e.problems))  # noqa: TRY400
-            return
+        async with self.changing:
+            try:
+                config = load_for_run(self.config_path)
+            except ConfigError as e:
+                self.refused(e)
+                return
+            await self.apply(config)
+            log.info("edge: config reloaded from %s", self.config_path)
+
+    def refused(self, e: ConfigError, what: str = "reload") -> None:
+        self.reloads_refused += 1
+        self.config_error = "; ".join(e.problems)
+        log.error("edge: %s refused, keeping the running config: %s", what, self.config_error)
+
+    def _uplink(self, config: Config, stats: UplinkStats | None = None) -> Uplink:
+        return Uplink(config, self.store, self.commands, self.governor.current, stats=stats,
+                      report=self.snapshot, configure=self.configure)
+
+    async def apply(self, config: Config) -> None:
+        """Run `config` from now on: polling restarted after the cycles under way, the uplink restarted,
+        every counter carried over."""
         old = self.config
         if _later(old.store) != _later(config.store):
             log.warning("edge: [store] changes other than the commit intervals take effect at the next start")
@@ -223,9 +240,7 @@ class Appliance:
         self.commands.reconfigure(config.commands)
         self._start("poll", self.poller.run())
         await self._stop_uplink()
-        stats = self.uplink.stats
-        self.uplink = Uplink(config, self.store, self.commands, self.governor.current, stats=stats,
-                             report=self.snapshot)
+        self.uplink = self._uplink(config, self.uplink.stats)
         if not config.governor.enabled:
             await _cancel(self.tasks.pop("govern", None))
         if config.metrics != old.metrics:
@@ -234,7 +249,72 @@ class Appliance:
         self._start_optional()
         self.reloads += 1
         self.config_error = ""
-        log.info("edge: config reloaded from %s", self.config_path)
+
+    # -- a config pushed on cmd/config --------------------------------------------------------------
+
+    async def configure(self, payload: bytes) -> dict[str, Any] | None:
+        """A cmd/config message: verified as a write is (edge.write), validated as a file is. The answer
+        now for a refused one; for a good one None: it is tried (_trial) and its result posted then."""
+        checked = self.commands.verify_config(payload)
+        if isinstance(checked, dict):
+            return checked
+        if self.trial is not None and not self.trial.done():
+            return {"id": checked.id, "ok": False, "error": "busy", "detail": "another config is on trial"}
+        raw = str(checked.fields["config"]).encode()
+        base = self.config_path.resolve().parent if self.config_path else Path.cwd()
+        try:
+            config = with_id(check_devices(loads(raw, base, "cmd/config"), "cmd/config"))
+        except ConfigError as e:
+            self.refused(e, f"pushed config {safe(checked.id, MAX_ID)}")
+            result = {"id": checked.id, "ok": False, "error": "invalid config",
+                      "detail": "; ".join(e.problems)[:2000]}
+            self.commands.remember(checked, result)
+            return result
+        self.trial = asyncio.create_task(self._trial(checked, config, raw), name="config-trial")
+        return None
+
+    async def _trial(self, command: Verified, config: Config, raw: bytes) -> None:
+        """Run the pushed config; keep it (keep_at) once every device answered and a block was delivered
+        within [commands] config_trial seconds of the new config's; else go back to the running one."""
+        async with self.changing:
+            old, seconds = self.config, config.commands.config_trial
+            cid = safe(command.id, MAX_ID)
+            log.info("edge: pushed config %s on trial for %.0f s", cid, seconds)
+            marks = self._progress()
+            await self.apply(config)
+            why = await self._proven(marks, time.monotonic() + seconds)
+            if why is None:
+                try:
+                    path = await asyncio.to_thread(keep, self.keep_at, raw)
+                except OSError as e:
+                    why = f"cannot keep it in {self.keep_at}: {e.strerror}"
+                else:
+                    self.config_path = path
+                    result = {"id": command.id, "ok": True, "status": "applied", "kept": str(path)}
+                    log.info("edge: pushed config %s applied and kept in %s", cid, path)
+            if why is not None:
+                await self.apply(old)
+                result = {"id": command.id, "ok": False, "error": "rolled back", "detail": why}
+                log.warning("edge: pushed config %s rolled back: %s", cid, why)
+            self.commands.remember(command, result)
+            self.uplink.post_result(result)
+
+    def _progress(self) -> tuple[dict[str, int], int]:
+        return {name: st.good for name, st in self.poller.snapshot().devices}, self.uplink.stats.acked
+
+    async def _proven(self, marks: tuple[dict[str, int], int], deadline: float) -> str | None:
+        """None once every device answered since `marks` and a block was delivered (uplink on); else,
+        at the deadline, what did not happen."""
+        while True:
+            good, acked = self._progress()
+            silent = sorted(name for name, n in good.items() if n <= marks[0].get(name, 0))
+            undelivered = self.config.uplink.enabled and acked <= marks[1]
+            if not silent and not undelivered:
+                return None
+            if time.monotonic() >= deadline:
+                return "; ".join([*([f"no good reading from {', '.join(silent)}"] if silent else []),
+                                  *(["no block delivered"] if undelivered else [])])
+            await asyncio.sleep(0.5)
 
 
 def _later(store: Any) -> tuple[Any, ...]:

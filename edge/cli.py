@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from edge import __version__
-from edge.config import Config, ConfigError, load, load_for_run
+from edge.config import Config, ConfigError, load, load_for_run, persisted
 from edge.poll import TABLES
 from edge.reading import GOOD, Reading, Value, float32, quality_name, strict_json
 
@@ -203,12 +203,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edge.govern import tune_allocator  # noqa: PLC0415
 
     tune_allocator()
-    config = load_for_run(args.config)
+    config, path = kept_or(Path(args.config))
 
     async def main() -> int:
-        return await Appliance(config, args.config).run()
+        return await Appliance(config, path).run()
 
     return run_loop(main())
+
+
+def kept_or(path: Path) -> tuple[Config, Path]:
+    """The config at `path`, unless a pushed config was kept in its state directory (cmd/config): that
+    one then, if it still validates (else `path`'s, said in the log)."""
+    config = load_for_run(path)
+    kept = persisted(config)
+    if not kept.exists():
+        return config, path
+    try:
+        newer = load_for_run(kept)
+    except ConfigError as e:
+        problems = "; ".join(e.problems)
+    else:
+        logging.getLogger("edge.app").info("edge: running the config kept from cmd/config, %s (%s is the "
+                                           "default)", kept, path)
+        return newer, kept
+    logging.getLogger("edge.app").error("edge: the kept config %s is refused (%s); running %s", kept,
+                                        problems, path)
+    return config, path
 
 
 async def _write(config: Config, tag: str, value: Value, by: str) -> int:

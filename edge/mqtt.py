@@ -18,6 +18,7 @@ from edge.config import Config
 
 CONNECTION_ERRORS = (aiomqtt.MqttError, OSError, ssl.SSLError)
 MAX_INCOMING = 16 * 1024  # bytes of an MQTT packet to us (only commands arrive: edge.write.MAX_COMMAND)
+MAX_INCOMING_CONFIG = (1 << 20) + 64 * 1024  # with [commands] remote_config: edge.write.MAX_CONFIG_COMMAND
 PUBLISH_ERRORS = (aiomqtt.MqttError, OSError)
 
 
@@ -97,7 +98,9 @@ def connect(config: Config, topic_status: str) -> Client:
     if cfg.password_file:
         password = cfg.password_file.read_text().strip()
     connect_properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    connect_properties.MaximumPacketSize = MAX_INCOMING  # the broker drops anything larger meant for us
+    # the broker drops anything larger meant for us
+    limit = MAX_INCOMING_CONFIG if config.commands.remote_config else MAX_INCOMING
+    connect_properties.MaximumPacketSize = limit
     return Client(
         cfg.host, cfg.port, username=cfg.username, password=password, properties=connect_properties,
         identifier=f"edge-{config.appliance.id}", protocol=aiomqtt.ProtocolVersion.V5,

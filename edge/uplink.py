@@ -9,6 +9,8 @@ Topics (prefix from [uplink] topic_prefix, default "edge"):
                                      connection, every [uplink] health_interval and as soon as a device
                                      goes up or down, low power or the governor's level changes, or a
                                      reload is refused
+    <prefix>/<appliance id>/cmd/...  write (a tag) and config (a whole config), signed (edge.write), when
+                                     [commands] remote / remote_config; results on cmd/result
 
 Outcome of a block, from the broker's PUBACK (MQTT 5 reason codes):
 
@@ -40,9 +42,9 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edge.config import Config, Tag
 from edge.policy import Policy, normal
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
     from edge.write import Commands
 
 log = logging.getLogger("edge.uplink")
+MAX_OUTBOX = 16  # results waiting for a connection; the oldest go first
 STOP_WAIT = 15.0  # seconds a stop waits at most for in-flight publishes (systemd's TimeoutStopSec is 45)
 UNKNOWN_TAG = Tag(0, "?", "", 0, "", device="?")  # a reading of a tag no longer in the config
 
@@ -120,7 +123,8 @@ class Uplink:
 
     def __init__(self, config: Config, store: Store, commands: Commands | None = None,
                  policy: Callable[[], Policy] = normal, *, stats: UplinkStats | None = None,
-                 report: Callable[[], Snapshot] | None = None) -> None:
+                 report: Callable[[], Snapshot] | None = None,
+                 configure: Callable[[bytes], Awaitable[dict[str, Any] | None]] | None = None) -> None:
         self.config = config
         self.cfg = config.uplink
         self.store = store
@@ -131,6 +135,9 @@ class Uplink:
         self.topic_status = f"{prefix}/status"
         self.topic_write = f"{prefix}/cmd/write"
         self.topic_result = f"{prefix}/cmd/result"
+        self.topic_config = f"{prefix}/cmd/config"
+        self.configure = configure  # a cmd/config message -> its result, or None (posted after the trial)
+        self.outbox: list[dict[str, Any]] = []  # results to publish on cmd/result (post_result)
         self.topic_health = f"{prefix}/health"
         self.report = report  # the app's snapshot, for the health message (None: no health messages)
         self.stats = stats or UplinkStats()
@@ -150,15 +157,16 @@ class Uplink:
             try:
                 async with mqtt.connect(self.config, self.topic_status) as client:
                     commands = None
-                    if self.commands is not None and self.config.commands.remote:
-                        await client.subscribe(self.topic_write, qos=1)
-                        commands = asyncio.create_task(self._commands(client, self.commands),
-                                                       name="uplink:commands")
+                    remote = self.commands is not None and self.config.commands.remote
+                    pushed = self.configure is not None and self.config.commands.remote_config
+                    for topic, wanted in ((self.topic_write, remote), (self.topic_config, pushed)):
+                        if wanted:
+                            await client.subscribe(topic, qos=1)
+                    if remote or pushed:
+                        commands = asyncio.create_task(self._commands(client), name="uplink:commands")
                     self._connected()  # and listening for commands
                     await client.publish(self.topic_status, b"online", qos=1, retain=True)
-                    health = None
-                    if self.report is not None and self.cfg.health_interval:
-                        health = asyncio.create_task(self._health(client, self.report), name="uplink:health")
+                    health = asyncio.create_task(self._every_second(client), name="uplink:health")
                     try:
                         await self._forward(client)
                     finally:
@@ -175,28 +183,39 @@ class Uplink:
                 self._disconnected(e)
                 await self._pause(backoff(self._failures - 1, self.cfg.backoff_min, self.cfg.backoff_max))
 
-    async def _commands(self, client: Client, commands: Commands) -> None:
-        """Each write command in turn; its result published. Ends quietly when the connection drops
-        (the forwarding loop notices and reconnects). A command is hostile input: whatever it does,
-        it gets a result and the loop goes on."""
+    async def _commands(self, client: Client) -> None:
+        """Each command in turn (a write, or a pushed config); its result published (a config's when its
+        trial ends: post_result). Ends quietly when the connection drops (the forwarding loop notices and
+        reconnects). A command is hostile input: whatever it does, it gets a result and the loop goes on."""
         from edge import mqtt  # noqa: PLC0415 (loaded by run())
 
         with contextlib.suppress(*mqtt.CONNECTION_ERRORS):
             async for message in client.messages:
-                if str(message.topic) != self.topic_write:
-                    continue
+                topic = str(message.topic)
                 raw = message.payload
                 payload = raw if isinstance(raw, bytes) else str(raw).encode()
+                result: dict[str, Any] | None
                 try:
-                    result = await commands.handle(payload)
+                    if topic == self.topic_write and self.commands is not None:
+                        result = await self.commands.handle(payload)
+                    elif topic == self.topic_config and self.configure is not None:
+                        result = await self.configure(payload)
+                    else:
+                        continue
                 except Exception as e:
-                    log.exception("uplink: a write command failed unexpectedly: %s", type(e).__name__)
+                    log.exception("uplink: a command failed unexpectedly: %s", type(e).__name__)
                     result = {"id": None, "ok": False, "error": "internal error", "detail": type(e).__name__}
-                await client.publish(self.topic_result, json.dumps(result, allow_nan=False).encode(), qos=1)
+                if result is not None:
+                    await client.publish(self.topic_result, json.dumps(result, allow_nan=False).encode(),
+                                         qos=1)
 
-    async def _health(self, client: Client, report: Callable[[], Snapshot]) -> None:
-        """The health message now, then again every health_interval or as soon as its state changes
-        (checked each second). Ends quietly when the connection drops, like _commands."""
+    def post_result(self, result: dict[str, Any]) -> None:
+        """A command's result to publish on cmd/result once connected (the end of a config's trial)."""
+        self.outbox = [*self.outbox[-(MAX_OUTBOX - 1):], result]
+
+    async def _every_second(self, client: Client) -> None:
+        """While connected: the results posted (post_result), and the health message at once, then every
+        health_interval or as soon as its state changes. Ends quietly when the connection drops."""
         from edge import mqtt  # noqa: PLC0415 (loaded by run())
         from edge.snapshot import health_message, health_state  # noqa: PLC0415
 
@@ -204,14 +223,19 @@ class Uplink:
         sent = 0.0
         with contextlib.suppress(*mqtt.CONNECTION_ERRORS):
             while True:
-                snapshot = report()
-                state = health_state(snapshot)
-                if state != last or time.monotonic() - sent >= self.cfg.health_interval:
-                    message = health_message(snapshot, self.config.appliance.id)
-                    await client.publish(self.topic_health, json.dumps(message, separators=(",", ":"),
-                                                                       allow_nan=False).encode(),
-                                         qos=1, retain=True)
-                    last, sent = state, time.monotonic()
+                while self.outbox:
+                    result = json.dumps(self.outbox[0], allow_nan=False).encode()
+                    await client.publish(self.topic_result, result, qos=1)
+                    self.outbox.pop(0)
+                if self.report is not None and self.cfg.health_interval:
+                    snapshot = self.report()
+                    state = health_state(snapshot)
+                    if state != last or time.monotonic() - sent >= self.cfg.health_interval:
+                        message = health_message(snapshot, self.config.appliance.id)
+                        await client.publish(self.topic_health, json.dumps(message, separators=(",", ":"),
+                                                                           allow_nan=False).encode(),
+                                             qos=1, retain=True)
+                        last, sent = state, time.monotonic()
                 await asyncio.sleep(1.0)
 
     async def _pause(self, seconds: float) -> None:

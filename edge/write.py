@@ -124,7 +124,8 @@ def failure(e: RequestError) -> Refused:
     return Refused("timeout" if e.quality in (TIMEOUT, BAD_FRAME) else "disconnected", str(e))
 
 
-MAX_COMMAND = 4096  # bytes of a command message
+MAX_COMMAND = 4096  # bytes of a write command message
+MAX_CONFIG_COMMAND = 1 << 20  # bytes of a cmd/config message (the config's TOML inside its JSON)
 MAX_ID = 64  # characters of a command id
 MAX_TAG = 200  # characters of "device/tag"
 MAX_REMEMBERED = 1000  # unexpired command ids held for redeliveries
@@ -196,12 +197,27 @@ class Commands:
             return answered
         result = await self.execute(command.id, command.fields.get("tag"), command.fields.get("value"),
                                     command.fields.get("by", command.key))
-        self.results[(command.key, command.id)] = (command.expires, command.text, result)
+        self.remember(command, result)
         return result
 
-    def _verify(self, payload: bytes) -> Verified:
-        if len(payload) > MAX_COMMAND:
-            raise Refused("too large", f"{len(payload)} bytes; at most {MAX_COMMAND}")
+    def verify_config(self, payload: bytes) -> Verified | dict[str, Any]:
+        """A cmd/config message verified like a write (its command carries "config": the TOML text), or
+        the result that answers it: a refusal, or the first result of a redelivery."""
+        try:
+            command = self._verify(payload, kind="config")
+        except Refused as e:
+            return self._refuse(None, e, None)
+        answered = self._remembered(command)
+        return command if answered is None else answered
+
+    def remember(self, command: Verified, result: dict[str, Any]) -> None:
+        """The result of a verified command, sent again if the command is redelivered."""
+        self.results[(command.key, command.id)] = (command.expires, command.text, result)
+
+    def _verify(self, payload: bytes, kind: str = "write") -> Verified:
+        limit = MAX_COMMAND if kind == "write" else MAX_CONFIG_COMMAND
+        if len(payload) > limit:
+            raise Refused("too large", f"{len(payload)} bytes; at most {limit}")
         envelope = _json(payload)
         keys = dict(self.config.keys)
         if not (isinstance(envelope, dict) and all(isinstance(envelope.get(k), str)
@@ -218,7 +234,9 @@ class Commands:
             raise Refused("bad command", f"the command needs an id: a string or integer of at most {MAX_ID} "
                                          "characters")
         assert isinstance(fields, dict)
-        if not isinstance(fields.get("tag"), str) or len(fields["tag"]) > MAX_TAG:
+        if kind == "config" and not isinstance(fields.get("config"), str):
+            raise Refused("bad command", '"config" must be the whole config, as TOML text')
+        if kind == "write" and (not isinstance(fields.get("tag"), str) or len(fields["tag"]) > MAX_TAG):
             raise Refused("bad command", f'"tag" must be "device/tag", at most {MAX_TAG} characters')
         expires = fields.get("expires")
         now = time.time()
@@ -250,7 +268,7 @@ class Commands:
         self.refusals[e.reason] += 1
         level = logging.WARNING if e.reason not in self._logged else logging.DEBUG
         self._logged.add(e.reason)  # a flood of one kind of bad command: one line, then debug
-        log.log(level, "write command %s refused: %s: %s%s", safe(cid, MAX_ID) if cid is not None else "-",
+        log.log(level, "command %s refused: %s: %s%s", safe(cid, MAX_ID) if cid is not None else "-",
                 e.reason, e.detail, f" (key {safe(key, 32)})" if key else "")
         return {"id": cid, "ok": False, "error": e.reason, "detail": e.detail}
 

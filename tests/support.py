@@ -350,7 +350,7 @@ def write_config(path: Path, cfg: dict[str, Any]) -> None:
                 table(f"{name}.{k}", v)
 
     lines: list[str] = []
-    for section in ("appliance", "store", "uplink", "metrics", "governor"):
+    for section in ("appliance", "store", "uplink", "metrics", "governor", "commands"):
         if section in cfg:
             table(section, cfg[section])
     for d in cfg["device"]:

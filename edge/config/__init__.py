@@ -35,12 +35,21 @@ from edge.config.schema import (
     default_frame_gap,
 )
 from edge.config.sections import MIN_KEY_BYTES, parse
-from edge.config.source import MAX_CONFIG_BYTES, load, load_for_run
+from edge.config.source import (
+    MAX_CONFIG_BYTES,
+    check_devices,
+    keep,
+    load,
+    load_for_run,
+    loads,
+    persisted,
+    with_id,
+)
 from edge.config.tag import DEFAULT_GROUP, Kind, Tag, TagIndex
 
 __all__ = [
     "DEFAULT_GROUP", "MAX_CONFIG_BYTES", "MIN_KEY_BYTES", "ApplianceConfig", "BusConfig", "CommandsConfig",
     "Config", "ConfigError", "DeviceConfig", "GovernorConfig", "Kind", "LowPowerConfig", "MetricsConfig",
-    "PollGroup", "StoreConfig", "Tag", "TagIndex", "TlsConfig", "UplinkConfig", "default_frame_gap", "load",
-    "load_for_run", "parse",
+    "PollGroup", "StoreConfig", "Tag", "TagIndex", "TlsConfig", "UplinkConfig", "check_devices",
+    "default_frame_gap", "keep", "load", "load_for_run", "loads", "parse", "persisted", "with_id",
 ]

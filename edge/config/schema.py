@@ -147,9 +147,12 @@ class CommandsConfig:
     remote: bool = False
     keys: tuple[tuple[str, bytes], ...] = ()  # (name, HMAC-SHA256 key) pairs, read from their files
     max_age: float = 600.0  # a command's `expires` may be at most this far in the future
+    remote_config: bool = False  # whole configs on cmd/config, signed like writes, tried before kept
+    config_trial: float = 60.0  # seconds a pushed config has to poll every device and deliver a block
 
     def __repr__(self) -> str:  # keys are secrets: never in a log line or a traceback
-        return f"Commands(remote={self.remote}, keys={[n for n, _ in self.keys]}, max_age={self.max_age})"
+        return (f"Commands(remote={self.remote}, keys={[n for n, _ in self.keys]}, max_age={self.max_age}, "
+                f"remote_config={self.remote_config}, config_trial={self.config_trial})")
 
 
 @dataclass(frozen=True, slots=True)

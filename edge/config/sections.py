@@ -375,9 +375,11 @@ def _commands(r: Reader) -> CommandsConfig:
                          "(e.g. `openssl rand -hex 32`)")
             continue
         keys.append((name, secret))
-    c = CommandsConfig(remote, tuple(keys), r.duration("max_age", 600.0, lo=1.0, hi=86400.0))
-    if remote and not keys and not k.table:
-        r.fail("keys", "remote = true needs at least one key ([commands.keys] name = \"/path/to/key\")")
+    c = CommandsConfig(remote, tuple(keys), r.duration("max_age", 600.0, lo=1.0, hi=86400.0),
+                       r.flag("remote_config", False), r.duration("config_trial", 60.0, lo=1.0, hi=3600.0))
+    for flag in ("remote", "remote_config"):
+        if getattr(c, flag) and not keys and not k.table:
+            r.fail("keys", f"{flag} = true needs at least one key ([commands.keys] name = \"/path/to/key\")")
     r.done()
     return c
 

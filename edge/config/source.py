@@ -45,41 +45,83 @@ def load(path: str | Path) -> Config:
     """Read and validate a config file. Raises ConfigError (unreadable file, not a regular file, larger
     than MAX_CONFIG_BYTES, not UTF-8, TOML syntax, schema)."""
     try:
-        text = _read(path).decode()
-        base = Path(path).resolve().parent
+        raw = _read(path)
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from e
+    return loads(raw, Path(path).resolve().parent, str(path))
+
+
+def loads(raw: bytes, base: Path, name: str) -> Config:
+    """A config from its bytes (a file's, or a pushed one's), relative paths resolved against `base`,
+    problems prefixed with `name`. Raises ConfigError."""
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{name}: {len(raw):,} bytes, above the {MAX_CONFIG_BYTES:,} a config may have"])
+    try:
+        text = raw.decode()
         try:
             return parse(_streamed(text), base)
         except (_Whole, tomllib.TOMLDecodeError, ConfigError):
             return parse(tomllib.loads(text), base)
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from e
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError([f"{path}: invalid TOML: {e}"]) from e
+        raise ConfigError([f"{name}: invalid TOML: {e}"]) from e
     except UnicodeDecodeError as e:
         line = e.object.count(b"\n", 0, e.start) + 1
-        raise ConfigError([f"{path}: not UTF-8 text: byte 0x{e.object[e.start]:02x} on line {line}"]) from e
+        raise ConfigError([f"{name}: not UTF-8 text: byte 0x{e.object[e.start]:02x} on line {line}"]) from e
     except RecursionError as e:
-        raise ConfigError([f"{path}: invalid TOML: arrays or tables nested too deeply"]) from e
+        raise ConfigError([f"{name}: invalid TOML: arrays or tables nested too deeply"]) from e
+
+
+PERSISTED = "config.toml"  # in the state directory: the last config pushed (cmd/config) and kept
+
+
+def persisted(config: Config) -> Path:
+    """Where a pushed config that passed its trial is kept: the state directory of the config given."""
+    return config.appliance.state_dir / PERSISTED
+
+
+def keep(path: Path, raw: bytes) -> Path:
+    """Write a pushed config's bytes to `path` (persisted()), whole or not at all (a temporary file,
+    fsync, rename), mode 0600 (it may name key files and broker credentials)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{PERSISTED}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with open(fd, "wb") as f:
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def check_devices(config: Config, name: str) -> Config:
+    """The config, or ConfigError if it would poll nothing (no [[device]]: an empty or truncated file)."""
+    if not config.devices:
+        raise ConfigError([f"{name}: no device configured (a [[device]] table with its tags): nothing to "
+                           "poll"])
+    return config
 
 
 def load_for_run(path: str | Path, *, make_id: bool = True) -> Config:
     """load(), and a config that would poll nothing (no [[device]]: an empty or truncated file) refused;
     without [appliance] id nor a board serial, the machine id is made now (edge.identity) unless
     `make_id` is false (`edge check` changes nothing)."""
-    config = load(path)
-    if not config.devices:
-        raise ConfigError([f"{path}: no device configured (a [[device]] table with its tags): nothing to "
-                           "poll"])
-    if make_id and not config.appliance.id:
-        state_dir = config.appliance.state_dir
-        try:
-            made = identity.derived(state_dir, create=True)
-        except OSError as e:
-            raise ConfigError([f"appliance.id: not set, and no machine id can be made in {state_dir}: "
-                               f"{e.strerror}"]) from e
-        assert made is not None
-        config = replace(config, appliance=replace(config.appliance, id=made[0], id_source=made[1]))
-    return config
+    config = check_devices(load(path), str(path))
+    return with_id(config) if make_id else config
+
+
+def with_id(config: Config) -> Config:
+    """The config with its appliance id: without [appliance] id nor a board serial, the machine id is
+    made now (edge.identity); ConfigError if it cannot be."""
+    if config.appliance.id:
+        return config
+    state_dir = config.appliance.state_dir
+    try:
+        made = identity.derived(state_dir, create=True)
+    except OSError as e:
+        raise ConfigError([f"appliance.id: not set, and no machine id can be made in {state_dir}: "
+                           f"{e.strerror}"]) from e
+    assert made is not None
+    return replace(config, appliance=replace(config.appliance, id=made[0], id_source=made[1]))
 
 
 def _check_file(path: str | Path, st: os.stat_result) -> None:
