@@ -36,7 +36,18 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge.config import Config, ConfigError, check_devices, keep, load_for_run, loads, persisted, with_id
+from edge.config import (
+    CONFIG_ERROR,
+    Config,
+    ConfigError,
+    check_devices,
+    imported_error,
+    keep,
+    load_for_run,
+    loads,
+    persisted,
+    with_id,
+)
 from edge.govern import Governor
 from edge.poll import Poller
 from edge.snapshot import Snapshot, write_bytes
@@ -68,7 +79,7 @@ class Appliance:
         self.started = time.time()
         self.reloads = 0
         self.reloads_refused = 0
-        self.config_error = ""  # why the last reload was refused; "" after a good one
+        self.config_error = imported_error(config)  # why the last config offered was refused
         self.keep_at = persisted(config)  # where a pushed config that passed its trial is kept
         self.changing = asyncio.Lock()  # one change of config at a time: a reload, or a pushed one's trial
         self.trial: asyncio.Task[None] | None = None
@@ -261,9 +272,8 @@ class Appliance:
         if self.trial is not None and not self.trial.done():
             return {"id": checked.id, "ok": False, "error": "busy", "detail": "another config is on trial"}
         raw = str(checked.fields["config"]).encode()
-        base = self.config_path.resolve().parent if self.config_path else Path.cwd()
-        try:
-            config = with_id(check_devices(loads(raw, base, "cmd/config"), "cmd/config"))
+        try:  # relative paths as they will read where it is kept
+            config = with_id(check_devices(loads(raw, self.keep_at.parent, "cmd/config"), "cmd/config"))
         except ConfigError as e:
             self.refused(e, f"pushed config {safe(checked.id, MAX_ID)}")
             result = {"id": checked.id, "ok": False, "error": "invalid config",
@@ -290,6 +300,8 @@ class Appliance:
                     why = f"cannot keep it in {self.keep_at}: {e.strerror}"
                 else:
                     self.config_path = path
+                    self.config_error = ""
+                    (path.parent / CONFIG_ERROR).unlink(missing_ok=True)
                     result = {"id": command.id, "ok": True, "status": "applied", "kept": str(path)}
                     log.info("edge: pushed config %s applied and kept in %s", cid, path)
             if why is not None:

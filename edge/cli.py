@@ -52,10 +52,30 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
 
 
+def cmd_import_config(args: argparse.Namespace) -> int:
+    """At boot, before the appliance: exit 0 also when the config offered is refused (the reasons are
+    printed, recorded for the health message, and the last good config runs); 2 only when the config
+    the image starts with is itself bad."""
+    from edge.config import import_dir  # noqa: PLC0415
+
+    running = load_for_run(args.config, make_id=False)
+    try:
+        print(f"edge: import-config: {import_dir(args.source, running)}")
+    except ConfigError as e:
+        print(f"edge: import-config: refused, the last good config runs: {'; '.join(e.problems)}",
+              file=sys.stderr)
+    return 0
+
+
 def cmd_id(args: argparse.Namespace) -> int:
-    """The id, then where it comes from: the config, the board's serial, or the machine id (edge.identity).
-    Changes nothing: without a machine id yet, says that the first `edge run` makes it."""
-    a = load(args.config).appliance
+    """The id the appliance runs with (the kept config's, if one was kept), then where it comes from: the
+    config, the board's serial, or the machine id (edge.identity). Changes nothing: without a machine id
+    yet, says that the first `edge run` makes it."""
+    config = load(args.config)
+    if persisted(config).exists():
+        with contextlib.suppress(ConfigError):  # a kept config that does not validate is not run
+            config = load(persisted(config))
+    a = config.appliance
     print(f"{a.id or '(none yet)'}\t{a.id_source}")
     return 0
 
@@ -212,8 +232,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def kept_or(path: Path) -> tuple[Config, Path]:
-    """The config at `path`, unless a pushed config was kept in its state directory (cmd/config): that
-    one then, if it still validates (else `path`'s, said in the log)."""
+    """The config at `path`, unless one was kept in its state directory (from the boot partition, or
+    pushed on cmd/config): that one then, if it still validates (else `path`'s, said in the log)."""
     config = load_for_run(path)
     kept = persisted(config)
     if not kept.exists():
@@ -223,8 +243,8 @@ def kept_or(path: Path) -> tuple[Config, Path]:
     except ConfigError as e:
         problems = "; ".join(e.problems)
     else:
-        logging.getLogger("edge.app").info("edge: running the config kept from cmd/config, %s (%s is the "
-                                           "default)", kept, path)
+        logging.getLogger("edge.app").info("edge: running the kept config %s (from the boot partition or "
+                                           "cmd/config; %s is the default)", kept, path)
         return newer, kept
     logging.getLogger("edge.app").error("edge: the kept config %s is refused (%s); running %s", kept,
                                         problems, path)
@@ -404,6 +424,11 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--count", type=int, default=10)
     pr.add_argument("--timeout", type=float, default=1.0)
     pr.set_defaults(fn=cmd_probe)
+    imp = sub.add_parser("import-config", help="take a config and secrets from a directory (the boot "
+                         "partition's edge/) into the state directory")
+    imp.add_argument("source", type=Path, help="the directory: config.toml and secrets/ in it")
+    _config_args(imp)
+    imp.set_defaults(fn=cmd_import_config)
     ident = sub.add_parser("id", help="print this board's appliance id and where it comes from")
     _config_args(ident)
     ident.set_defaults(fn=cmd_id)

@@ -15,9 +15,11 @@ The layers, each a module:
     tag       a tag, packed (Tag, its shared Kind), and TagIndex: tags by id
     reader    typed access to one TOML table with key-path errors
     sections  each section read and checked; parse() a whole document
-    source    a file read, checked and parsed (tag tables streamed); load()
+    source    a file read, checked and parsed (tag tables streamed); load(); a pushed config kept
+    boot      a config and secrets dropped on the boot partition, taken into the state directory
 """
 
+from edge.config.boot import CONFIG_ERROR, import_dir, imported_error
 from edge.config.schema import (
     ApplianceConfig,
     BusConfig,
@@ -48,8 +50,9 @@ from edge.config.source import (
 from edge.config.tag import DEFAULT_GROUP, Kind, Tag, TagIndex
 
 __all__ = [
-    "DEFAULT_GROUP", "MAX_CONFIG_BYTES", "MIN_KEY_BYTES", "ApplianceConfig", "BusConfig", "CommandsConfig",
-    "Config", "ConfigError", "DeviceConfig", "GovernorConfig", "Kind", "LowPowerConfig", "MetricsConfig",
-    "PollGroup", "StoreConfig", "Tag", "TagIndex", "TlsConfig", "UplinkConfig", "check_devices",
-    "default_frame_gap", "keep", "load", "load_for_run", "loads", "parse", "persisted", "with_id",
+    "CONFIG_ERROR", "DEFAULT_GROUP", "MAX_CONFIG_BYTES", "MIN_KEY_BYTES", "ApplianceConfig", "BusConfig",
+    "CommandsConfig", "Config", "ConfigError", "DeviceConfig", "GovernorConfig", "Kind", "LowPowerConfig",
+    "MetricsConfig", "PollGroup", "StoreConfig", "Tag", "TagIndex", "TlsConfig", "UplinkConfig",
+    "check_devices", "default_frame_gap", "import_dir", "imported_error", "keep", "load", "load_for_run",
+    "loads", "parse", "persisted", "with_id",
 ]

@@ -27,9 +27,10 @@ class Tables(Iterable[Any]):
 class Reader:
     """Typed access to one TOML table with key-path error reporting and unknown-key detection."""
 
-    def __init__(self, table: Any, path: str, problems: list[str]) -> None:
+    def __init__(self, table: Any, path: str, problems: list[str], base: Path | None = None) -> None:
         self.path = path
         self.problems = problems
+        self.base = base or Path.cwd()  # relative paths are relative to the config file's directory
         if not isinstance(table, dict):
             self.fail("", f"expected a table, got {_kind(table)}")
             table = {}
@@ -142,8 +143,9 @@ class Reader:
         return int(value) if self._range(key, value, lo, None, " bytes") else default
 
     def file(self, key: str, default: Path | None = None) -> Any:
+        """A path, relative ones against the config file's directory (`base`)."""
         value = self.text(key, None)
-        return Path(value) if value else default
+        return self.base / value if value else default
 
     def table_list(self, key: str) -> Iterator[Reader]:
         self.used.add(key)
@@ -152,11 +154,11 @@ class Reader:
             self.fail(key, f"expected an array of tables ([[{self.key_path(key)}]]), got {_kind(items)}")
             return
         for i, item in enumerate(items):
-            yield Reader(item, f"{self.key_path(key)}[{i}]", self.problems)
+            yield Reader(item, f"{self.key_path(key)}[{i}]", self.problems, self.base)
 
     def sub(self, key: str) -> Reader:
         self.used.add(key)
-        return Reader(self.table.get(key, {}), self.key_path(key), self.problems)
+        return Reader(self.table.get(key, {}), self.key_path(key), self.problems, self.base)
 
     def done(self) -> None:
         """Every key not read by the schema is an error: a typo must not silently disable a setting."""

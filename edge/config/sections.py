@@ -42,9 +42,9 @@ from edge.poll.types import (
 )
 
 
-def _appliance(r: Reader, base: Path) -> ApplianceConfig:
+def _appliance(r: Reader) -> ApplianceConfig:
     app_id = r.name("id", required=False)
-    state_dir = base / r.file("state_dir", Path("/var/lib/edge"))
+    state_dir = r.file("state_dir", Path("/var/lib/edge"))
     r.done()
     if app_id:
         return ApplianceConfig(app_id, state_dir)
@@ -73,7 +73,7 @@ def _groups(r: Reader, device_interval: float) -> tuple[PollGroup, ...]:
     g = r.sub("group")
     for gname in g.table:
         g.used.add(gname)
-        gr = Reader(g.table[gname], g.key_path(gname), r.problems)
+        gr = Reader(g.table[gname], g.key_path(gname), r.problems, r.base)
         if not NAME.match(gname):
             r.problems.append(f"{gr.path}: invalid group name {gname!r}")
         groups[gname] = PollGroup(gname, gr.duration("interval", device_interval, lo=0.001, hi=86400.0),
@@ -257,7 +257,7 @@ def _bits_share(a: Tag, b: Tag) -> bool:
 def _store(r: Reader, state_dir: Path) -> StoreConfig:
     """Relative paths are relative to the state directory."""
     before = len(r.problems)
-    path = state_dir / r.file("path", Path("store"))
+    path = state_dir / (r.text("path", None) or "store")
     s = StoreConfig(
         path=path,
         map_size=r.size("map_size", 1 << 30, lo=1 << 20),
@@ -403,8 +403,8 @@ def parse(data: dict[str, Any], base: Path | None = None) -> Config:
     """Validate a TOML document (already parsed) into a Config; raise ConfigError listing every problem.
     Relative paths are resolved against `base` (the config file's directory; default: the working one)."""
     problems: list[str] = []
-    root = Reader(data, "", problems)
-    appliance = _appliance(root.sub("appliance"), base or Path.cwd())
+    root = Reader(data, "", problems, base)
+    appliance = _appliance(root.sub("appliance"))
     bus_readers = list(root.table_list("bus"))
     buses = [_bus(b) for b in bus_readers]
     _unique(problems, [(f"{b.path}.name", x.name) for b, x in zip(bus_readers, buses, strict=True)], "bus")
