@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from edge import __version__
-from edge.config import Config, ConfigError, load, load_for_run, persisted
+from edge.config import Config, ConfigError, load, load_for_run, persisted, with_id
 from edge.poll import TABLES
 from edge.reading import GOOD, Reading, Value, float32, quality_name, strict_json
 
@@ -69,12 +69,14 @@ def cmd_import_config(args: argparse.Namespace) -> int:
 
 def cmd_id(args: argparse.Namespace) -> int:
     """The id the appliance runs with (the kept config's, if one was kept), then where it comes from: the
-    config, the board's serial, or the machine id (edge.identity). Changes nothing: without a machine id
-    yet, says that the first `edge run` makes it."""
+    config, the board's serial, or the machine id (edge.identity). Changes nothing unless --make: without
+    a machine id yet, says that the first `edge run` makes it (--make: makes it now, as the run would)."""
     config = load(args.config)
     if persisted(config).exists():
         with contextlib.suppress(ConfigError):  # a kept config that does not validate is not run
             config = load(persisted(config))
+    if args.make:
+        config = with_id(config)
     a = config.appliance
     print(f"{a.id or '(none yet)'}\t{a.id_source}")
     return 0
@@ -431,6 +433,7 @@ def parser() -> argparse.ArgumentParser:
     imp.set_defaults(fn=cmd_import_config)
     ident = sub.add_parser("id", help="print this board's appliance id and where it comes from")
     _config_args(ident)
+    ident.add_argument("--make", action="store_true", help="make the machine id now if the id needs one")
     ident.set_defaults(fn=cmd_id)
     run = sub.add_parser("run", help="run the appliance: poll, store, forward (until SIGTERM)")
     _config_args(run)

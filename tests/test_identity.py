@@ -83,14 +83,16 @@ def test_edge_id_prints_the_id_and_its_source_and_changes_nothing(tmp_path: Path
     conf = tmp_path / "config.toml"
     conf.write_text(f'[appliance]\nstate_dir = "{tmp_path / "state"}"\n')
 
-    def edge_id() -> str:
-        return subprocess.run([sys.executable, "-m", "edge", "id", str(conf)], cwd=ROOT, capture_output=True,
-                              text=True, timeout=60, check=True).stdout
+    def edge_id(*flags: str) -> str:
+        return subprocess.run([sys.executable, "-m", "edge", "id", *flags, str(conf)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60, check=True).stdout
 
     assert edge_id().startswith("(none yet)\ta machine id, made at the first run in ")
     assert not (tmp_path / "state").exists()
-    made = identity.machine_id(tmp_path / "state", create=True)
-    assert edge_id() == f"edge-{made}\tmachine id ({tmp_path / 'state' / 'machine-id'})\n"
+    made = edge_id("--make")  # at boot, to name the host before the appliance runs
+    path = tmp_path / "state" / "machine-id"
+    expected = f"edge-{identity.machine_id(tmp_path / 'state')}\tmachine id ({path})\n"
+    assert made == edge_id() == expected
 
 
 def test_a_state_dir_that_cannot_hold_a_machine_id_is_a_config_error(tmp_path: Path) -> None:
