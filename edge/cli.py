@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import signal
-import struct
 import sys
 import time
 from collections.abc import Coroutine, Sequence
@@ -27,7 +26,7 @@ from typing import Any, NoReturn, TextIO
 
 from edge import __version__
 from edge.config import Config, ConfigError, load, load_for_run, persisted, with_id
-from edge.poll import TABLES
+from edge.poll import MAX_BITS_PER_READ, MAX_REGISTERS_PER_READ, TABLES
 from edge.reading import GOOD, Reading, Value, float32, quality_name, strict_json
 
 EXIT_CONFIG = 2
@@ -195,19 +194,25 @@ async def _probe(url: str, table: str, address: int, count: int, timeout: float)
     return 0
 
 
-def _float_orders(first: int, second: int) -> tuple[float, float, float, float]:
-    """The float32 two registers hold in each byte order: ABCD, CDAB, BADC, DCBA (edge.poll.decode).
+def _float_orders(first: int, second: int) -> list[float]:
+    """The float32 two registers hold in each byte order, ABCD, CDAB, BADC, DCBA: read by the poller's
+    own decoder, so the probe shows what a tag of that order would read.
 
     >>> _float_orders(0x4148, 0x0000)[0], _float_orders(0x0000, 0x4148)[1]
     (12.5, 12.5)
     """
-    big, little = struct.pack(">HH", first, second), struct.pack("<HH", first, second)
-    return (struct.unpack(">f", big)[0], struct.unpack("<f", little)[0], struct.unpack(">f", little)[0],
-            struct.unpack("<f", big)[0])
+    from edge.config import Tag  # noqa: PLC0415
+    from edge.poll import compile_block  # noqa: PLC0415
+
+    tags = [Tag(i, order, "holding", 0, "float32", order) for i, order in enumerate(("ABCD", "CDAB", "BADC",
+                                                                                      "DCBA"))]
+    block = compile_block(tags, 0, 2, False)
+    by_order = dict(zip((t.order for t in block.tags), block.decode([first, second]), strict=True))
+    return [float(by_order[t.order]) for t in tags]
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    limit = 2000 if TABLES[args.table][1] else 125
+    limit = MAX_BITS_PER_READ if TABLES[args.table][1] else MAX_REGISTERS_PER_READ
     if not 1 <= args.count <= limit or not 0 <= args.address <= 65535 or args.address + args.count > 65536:
         raise ConfigError([f"probe: --address {args.address} --count {args.count} out of range "
                            f"(count 1..{limit}, addresses 0..65535)"])

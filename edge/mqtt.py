@@ -15,10 +15,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.config import Config
+from edge.write import MAX_CONFIG_COMMAND
 
 CONNECTION_ERRORS = (aiomqtt.MqttError, OSError, ssl.SSLError)
 MAX_INCOMING = 16 * 1024  # bytes of an MQTT packet to us (only commands arrive: edge.write.MAX_COMMAND)
-MAX_INCOMING_CONFIG = (1 << 20) + 64 * 1024  # with [commands] remote_config: edge.write.MAX_CONFIG_COMMAND
+MAX_INCOMING_CONFIG = MAX_CONFIG_COMMAND + 64 * 1024  # with [commands] remote_config: room for the envelope
 PUBLISH_ERRORS = (aiomqtt.MqttError, OSError)
 
 
