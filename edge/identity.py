@@ -7,16 +7,17 @@
        random hex digits) and read from there ever after: "edge-" + those digits
 
 The id names the MQTT client and the topics, so two boards never share one. Reading is side-effect free
-(`edge check`, `edge id`); only `edge run` makes the machine id, written to a temporary file and renamed
-so a power cut leaves either none or a whole one.
+(`edge check`, `edge id`); only `edge run` (or `edge id --make`) makes the machine id, written whole
+(edge.durable), so a power cut leaves either none or the one that was made.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 from pathlib import Path
+
+from edge.durable import write_whole
 
 DEVICE_TREE_SERIAL = "proc/device-tree/serial-number"
 CPUINFO = "proc/cpuinfo"
@@ -56,12 +57,7 @@ def machine_id(state_dir: Path, *, create: bool = False) -> str | None:
         return None
     value = secrets.token_hex(8)
     state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{MACHINE_ID}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(value + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_whole(path, f"{value}\n".encode(), 0o644)
     return value
 
 

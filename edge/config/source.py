@@ -33,6 +33,7 @@ from edge import identity
 from edge.config.reader import Tables
 from edge.config.schema import Config, ConfigError
 from edge.config.sections import parse
+from edge.durable import write_whole
 
 MAX_CONFIG_BYTES = 8 << 20  # about 100,000 tags
 TAG_BATCH = 256  # [[device.tag]] tables parsed at once
@@ -80,17 +81,10 @@ def persisted(config: Config) -> Path:
 
 
 def keep(path: Path, raw: bytes) -> Path:
-    """Write a pushed config's bytes to `path` (persisted()), whole or not at all (a temporary file,
-    fsync, rename), mode 0600 (it may name key files and broker credentials)."""
+    """Write a kept config's (or a secret's) bytes to `path`, whole or not at all (edge.durable), mode
+    0600 (it may name key files and broker credentials)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{PERSISTED}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with open(fd, "wb") as f:
-        f.write(raw)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_whole(path, raw)
 
 
 def check_devices(config: Config, name: str) -> Config:
