@@ -106,3 +106,22 @@ def test_a_bad_config_on_the_card_is_refused_and_published_and_the_last_good_run
     health = json.loads(sub.messages[0][1])
     assert "device[0].interval" in health["config_error"]
     assert health["devices"] == [{"name": "pump", "up": True}]
+
+
+def test_a_hostile_card_is_refused_without_being_read_whole(tmp_path: Path) -> None:
+    """A config.toml far above MAX_CONFIG_BYTES and a 'secret' of 64 MiB (both sparse) on the card: the
+    config is refused by its size, recorded, and the secret is left where it is (too large to be one)
+    instead of copied to /data; the boot goes on (exit 0)."""
+    card, state = tmp_path / "card", tmp_path / "state"
+    (card / "secrets").mkdir(parents=True)
+    with open(card / "config.toml", "wb") as f:
+        f.truncate(64 << 20)
+    with open(card / "secrets" / "huge.key", "wb") as f:
+        f.truncate(64 << 20)
+    conf = image(tmp_path, 1502, 1883)
+    done = import_config(card, conf)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "config.toml: 67,108,864 bytes, above the 8,388,608 a config may have" in done.stderr  # its size
+    assert "a config may have" in (state / "config-error").read_text()
+    assert "huge.key" in done.stderr and "left on the boot partition" in done.stderr
+    assert (card / "secrets" / "huge.key").exists() and not (state / "secrets" / "huge.key").exists()

@@ -7,7 +7,8 @@ boot, before the appliance starts (`edge import-config DIR`, edge-import-config.
                          <state_dir>/config-error, which the health message publishes, and the last good
                          config (or the image's) runs
     DIR/secrets/NAME     moved to <state_dir>/secrets/NAME, mode 0600, owned by the state directory's
-                         owner: a FAT partition has no permissions, anyone with the card reads it
+                         owner: a FAT partition has no permissions, anyone with the card reads it; one
+                         above MAX_SECRET_BYTES is left there (logged), never read whole
 
 The same config again is a no-op (compared with the kept bytes), so it may stay on the card.
 """
@@ -19,12 +20,13 @@ import os
 from pathlib import Path
 
 from edge.config.schema import Config, ConfigError
-from edge.config.source import MAX_CONFIG_BYTES, check_devices, keep, loads, persisted
+from edge.config.source import check_devices, keep, loads, persisted, read_bounded
 
 log = logging.getLogger("edge.config")
 
 CONFIG_ERROR = "config-error"  # in the state directory: why the last config offered was refused
 SECRETS = "secrets"
+MAX_SECRET_BYTES = 1 << 20  # a key, a password, a certificate chain: anything larger is left on the card
 
 
 def imported_error(config: Config) -> str:
@@ -43,9 +45,12 @@ def import_dir(source: Path, running: Config) -> str:
     offered = source / "config.toml"
     if not offered.is_file():
         return "; ".join(done) or f"nothing to import in {source}"
-    raw = offered.read_bytes()[:MAX_CONFIG_BYTES + 1]
     kept = persisted(running)
     try:
+        try:
+            raw = read_bounded(offered)  # a regular file of at most MAX_CONFIG_BYTES, never read past that
+        except OSError as e:
+            raise ConfigError([f"{offered}: cannot read: {e.strerror}"]) from e
         check_devices(loads(raw, state, str(offered)), str(offered))
     except ConfigError as e:
         _record(state, "; ".join(e.problems))
@@ -70,7 +75,13 @@ def _move_secrets(secrets: Path, state: Path) -> list[str]:
     for item in sorted(secrets.iterdir()):
         if not item.is_file():
             continue
-        keep(target / item.name, item.read_bytes())
+        with open(item, "rb") as f:
+            data = f.read(MAX_SECRET_BYTES + 1)
+        if len(data) > MAX_SECRET_BYTES:
+            log.warning("edge: %s is above the %d bytes a secret may have: left on the boot partition",
+                        item, MAX_SECRET_BYTES)
+            continue
+        keep(target / item.name, data)
         _give(target / item.name, state)
         try:
             item.unlink()

@@ -46,7 +46,7 @@ def load(path: str | Path) -> Config:
     """Read and validate a config file. Raises ConfigError (unreadable file, not a regular file, larger
     than MAX_CONFIG_BYTES, not UTF-8, TOML syntax, schema)."""
     try:
-        raw = _read(path)
+        raw = read_bounded(path)
     except OSError as e:
         raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from e
     return loads(raw, Path(path).resolve().parent, str(path))
@@ -129,7 +129,7 @@ def _check_file(path: str | Path, st: os.stat_result) -> None:
         raise ConfigError([f"{path}: {st.st_size:,} bytes, above the {MAX_CONFIG_BYTES:,} a config may have"])
 
 
-def _read(path: str | Path) -> bytes:
+def read_bounded(path: str | Path) -> bytes:
     """The file's bytes, checked on the open file (O_NONBLOCK: opening a FIFO does not block)."""
     _check_file(path, os.stat(path))
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
