@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -70,10 +70,7 @@ def cmd_id(args: argparse.Namespace) -> int:
     """The id the appliance runs with (the kept config's, if one was kept), then where it comes from: the
     config, the board's serial, or the machine id (edge.identity). Changes nothing unless --make: without
     a machine id yet, says that the first `edge run` makes it (--make: makes it now, as the run would)."""
-    config = load(args.config)
-    if persisted(config).exists():
-        with contextlib.suppress(ConfigError):  # a kept config that does not validate is not run
-            config = load(persisted(config))
+    config = kept_or(Path(args.config), load)[0]
     if args.make:
         config = with_id(config)
     a = config.appliance
@@ -238,15 +235,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_loop(main())
 
 
-def kept_or(path: Path) -> tuple[Config, Path]:
+def kept_or(path: Path, read: Callable[[Path], Config] = load_for_run) -> tuple[Config, Path]:
     """The config at `path`, unless one was kept in its state directory (from the boot partition, or
-    pushed on cmd/config): that one then, if it still validates (else `path`'s, said in the log)."""
-    config = load_for_run(path)
+    pushed on cmd/config): that one then, if it still validates (else `path`'s, said in the log). `read`:
+    load_for_run for the appliance, load for `edge id` (which makes nothing)."""
+    config = read(path)
     kept = persisted(config)
     if not kept.exists():
         return config, path
     try:
-        newer = load_for_run(kept)
+        newer = read(kept)
     except ConfigError as e:
         problems = "; ".join(e.problems)
     else:
