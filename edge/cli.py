@@ -63,6 +63,9 @@ def cmd_import_config(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"edge: import-config: refused, the last good config runs: {'; '.join(e.problems)}",
               file=sys.stderr)
+    except OSError as e:  # the state directory full, read-only or not a directory: the boot goes on
+        print(f"edge: import-config: cannot take {args.source} into {running.appliance.state_dir}: "
+              f"{e.strerror or e}; the last good config runs", file=sys.stderr)
     return 0
 
 

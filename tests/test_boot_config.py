@@ -125,3 +125,18 @@ def test_a_hostile_card_is_refused_without_being_read_whole(tmp_path: Path) -> N
     assert "a config may have" in (state / "config-error").read_text()
     assert "huge.key" in done.stderr and "left on the boot partition" in done.stderr
     assert (card / "secrets" / "huge.key").exists() and not (state / "secrets" / "huge.key").exists()
+
+
+def test_a_state_directory_that_cannot_be_written_fails_nothing(tmp_path: Path) -> None:
+    """The state directory's place is a file (the disk full or read-only would be alike): the import says
+    so in one line and exits 0, so the boot and the last good config go on; no traceback."""
+    card = tmp_path / "card"
+    card.mkdir()
+    (card / "config.toml").write_text(GOOD.format(port=1502, broker=1883, state=tmp_path / "taken" / "state"))
+    (tmp_path / "taken").write_text("a file where a directory should be\n")
+    conf = tmp_path / "image.toml"
+    write_config(conf, {**config_dict(tmp_path, 1502, 1883),
+                        "appliance": {"id": "t1", "state_dir": str(tmp_path / "taken" / "state")}})
+    done = import_config(card, conf)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "import-config: cannot take" in done.stderr and done.stderr.count("\n") == 1
