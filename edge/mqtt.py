@@ -6,6 +6,7 @@ Imported by the uplink when it starts, after READY=1: aiomqtt and paho are a six
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from typing import Any
 
@@ -23,11 +24,24 @@ MAX_INCOMING_CONFIG = MAX_CONFIG_COMMAND + 64 * 1024  # with [commands] remote_c
 PUBLISH_ERRORS = (aiomqtt.MqttError, OSError)
 
 
+def _at_debug(record: logging.LogRecord) -> bool:
+    """paho's own lines, each at DEBUG: a lost connection is paho's ERROR ("failed to receive on socket")
+    beside the uplink's own warning for the episode, which is the one line the journal gets."""
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return PAHO_LOG.isEnabledFor(logging.DEBUG)
+
+
+PAHO_LOG = logging.getLogger("edge.mqtt.paho")
+PAHO_LOG.addFilter(_at_debug)
+
+
 class Client(aiomqtt.Client):
-    """aiomqtt's client, plus the PUBACK reason code of each publish (aiomqtt 2.5 drops it)."""
+    """aiomqtt's client, plus the PUBACK reason code of each publish (aiomqtt 2.5 drops it); paho's log
+    lines at DEBUG (aiomqtt's own, such as a full message queue, keep their levels)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._client.enable_logger(PAHO_LOG)
         self.acks: dict[int, asyncio.Future[int]] = {}
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
@@ -36,15 +50,14 @@ class Client(aiomqtt.Client):
             fut.set_result(int(getattr(reason_code, "value", 0)))
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
-    async def __aexit__(self, *exc_info: Any) -> None:
-        try:
-            await super().__aexit__(*exc_info)
-        finally:
-            # A lost connection leaves its error in a future aiomqtt 2.5 does not read when the client is
-            # already disconnected: read here (the caller has its own error) so asyncio does not log it,
-            # with a traceback, as an exception never retrieved.
-            if self._disconnected.done() and not self._disconnected.cancelled():
-                self._disconnected.exception()
+    def _on_disconnect(self, *args: Any, **kwargs: Any) -> None:
+        super()._on_disconnect(*args, **kwargs)
+        # aiomqtt 2.5 leaves a lost connection's error unread when the client is already disconnected, and
+        # drops it unread when the connection is lost before __aenter__ returns: read it here, so asyncio
+        # does not log it with a traceback as never retrieved. Whoever awaits it still gets it; the uplink
+        # logs the episode itself.
+        if self._disconnected.done() and not self._disconnected.cancelled():
+            self._disconnected.exception()
 
     async def publish_acked(self, topic: str, payload: bytes, timeout: float) -> int:
         """Publish at QoS 1 and return the PUBACK reason code; raises MqttError if none comes."""

@@ -148,7 +148,10 @@ def test_store_inspect_fills_every_total_and_dump_shows_units(tmp_path: Path) ->
     for name in PERSISTED:
         assert f"{name.replace('_', ' ')} 0" in totals, totals
     size = next(line for line in inspect.stdout.splitlines() if line.strip().startswith("size"))
-    assert "data.mdb 16.0 MiB (reserved)" in size and "written to" in size, size
+    # Reserved where its file system has room to spare (CI machines may not): either way the real size.
+    reserved = (tmp_path / "store" / "data.mdb").stat().st_blocks * 512 >= 16 << 20
+    assert ("data.mdb 16.0 MiB (reserved)" if reserved else "data.mdb 0.0 MiB,") in size, size
+    assert "written to" in size, size
     dump = edge("store", "dump", "--config", str(conf))
     assert dump.returncode == 0 and " d/p 2.5 bar good" in dump.stdout, dump
 

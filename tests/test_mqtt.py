@@ -4,8 +4,11 @@ the status will, the incoming packet limit, and TLS verified against [uplink.tls
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
+import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +64,37 @@ def test_the_will_says_offline_when_the_connection_is_lost(tmp_path: Path) -> No
         sub.close()
     status = [p for t, p in sub.messages if t == "edge/m1/status"]
     assert status.index(b"online") < status.index(b"offline")
+
+
+def test_a_reset_connection_is_logged_by_paho_at_debug_only(tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A broker that accepts the session and then resets the connection (RST): paho's own "failed to receive
+    on socket" line is there, at DEBUG, not ERROR; the uplink's warning is the episode's one line."""
+    caplog.set_level(logging.DEBUG)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def broker() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(4096)  # CONNECT
+                conn.sendall(bytes([0x20, 0x03, 0x00, 0x00, 0x00]))  # CONNACK v5: accepted, no properties
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+        peer = threading.Thread(target=broker)
+        peer.start()
+
+        async def main() -> None:
+            with pytest.raises(aiomqtt.MqttError):
+                async with mqtt.connect(config(port), "edge/m1/status") as client:
+                    await client.publish_acked("edge/m1/data", b"x", 3.0)
+
+        asyncio.run(main())
+        peer.join(5)
+    paho = [r for r in caplog.records if r.name == "edge.mqtt.paho"]
+    assert any("failed to receive on socket" in r.getMessage() for r in paho), caplog.text
+    assert {r.levelno for r in paho} == {logging.DEBUG}, caplog.text
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == [], caplog.text
 
 
 def test_a_packet_above_the_limit_never_reaches_the_client(tmp_path: Path) -> None:
