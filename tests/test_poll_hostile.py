@@ -10,13 +10,17 @@ import logging
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import uvloop
 
+from edge.config import DeviceConfig
 from edge.poll import Poller
-from edge.reading import BAD_EXCEPTION, BAD_FRAME, GOOD, quality_name
+from edge.poll.transport import RequestError, tcp_link
+from edge.reading import BAD_EXCEPTION, BAD_FRAME, DISCONNECTED, GOOD, TIMEOUT, quality_name
 from tests.support import Collector, config, tag_id
 
 # Each maker gets (transaction id, unit, function, start, count) of a read and returns the reply bytes.
@@ -159,3 +163,57 @@ def test_a_good_request_beside_a_hostile_one_keeps_flowing_and_the_log_stays_qui
     assert [q for t, _, _, q in sink.readings if t == bad] == [BAD_FRAME] * 10
     lines = [r.getMessage() for r in caplog.records if "dev" in r.getMessage()]
     assert len(lines) == 1, lines
+
+
+HANG_UPS = 50  # requests on connections the device drops at once, each a chance to write to a closed one
+CONNECTS = 1000  # at most, with the time bound below: a connection dropped before connect() returned is none
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_device_that_hangs_up_at_once_is_disconnected_never_a_crash(loop: str) -> None:
+    """A peer that accepts and drops each connection (a serial server restarting, a port forwarder whose
+    far side is gone): every request is DISCONNECTED or TIMEOUT, the link closes and connects again. With
+    uvloop a write can reach a transport closed a moment before (RuntimeError from uvloop): that must be
+    a lost connection too, not an exception out of the poll loop."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def hang_up() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # RST
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    device = DeviceConfig(name="dev", unit=1, tags=(), groups=(), host="127.0.0.1",
+                          port=server.getsockname()[1], timeout=0.2)
+
+    async def main() -> list[int]:
+        link = tcp_link(device)
+        outcomes: list[int] = []
+        deadline = time.monotonic() + 20
+        try:
+            for _ in range(CONNECTS):
+                if len(outcomes) >= HANG_UPS or time.monotonic() > deadline:
+                    break
+                if not link.connected and not await link.connect(1.0):
+                    continue
+                try:
+                    await link.read(1, 3, 0, 2, 0.2)
+                except RequestError as e:
+                    outcomes.append(e.quality)
+                    if not link.connected:
+                        link.close()
+        finally:
+            link.close()
+        return outcomes
+
+    try:
+        outcomes = uvloop.run(main()) if loop == "uvloop" else asyncio.run(main())
+    finally:
+        stop.set()
+        server.close()
+    assert len(outcomes) >= 10 and set(outcomes) <= {DISCONNECTED, TIMEOUT}, outcomes

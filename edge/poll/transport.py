@@ -238,6 +238,11 @@ class Link:
             rr = await send()
         except ConnectionException as e:
             raise RequestError(DISCONNECTED, f"{self.name}: {e}") from e
+        except RuntimeError as e:  # uvloop: a write to a transport the peer closed a moment before
+            if "closed" not in str(e):
+                raise
+            self.close()
+            raise RequestError(DISCONNECTED, f"{self.name}: connection lost ({e})") from e
         except (ModbusException, TimeoutError) as e:
             if not self.client.connected:
                 raise RequestError(DISCONNECTED, f"{self.name}: connection lost") from e
