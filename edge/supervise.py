@@ -31,14 +31,23 @@ import sdnotify
 log = logging.getLogger("edge.supervise")
 
 
+def watchdog_is_ours(pid: str | None) -> bool:
+    """Whether systemd's watchdog (WATCHDOG_PID) watches this process: the single binary's Python runs in
+    a child of PyInstaller's unpacking parent, which is the process systemd started and named; without
+    this the binary would never ping and systemd would kill it every WatchdogSec."""
+    if pid is None:
+        return True
+    ours = {os.getpid(), os.getppid()} if getattr(sys, "frozen", False) else {os.getpid()}
+    return pid.isdigit() and int(pid) in ours
+
+
 class Supervisor:
     def __init__(self, beats: Callable[[], dict[str, float]], status: Callable[[], str]) -> None:
         self.beats = beats
         self.status = status
         self.notifier = sdnotify.SystemdNotifier()
         usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
-        pid = os.environ.get("WATCHDOG_PID")
-        self.interval = usec / 2e6 if usec and (pid is None or int(pid) == os.getpid()) else 0.0
+        self.interval = usec / 2e6 if usec and watchdog_is_ours(os.environ.get("WATCHDOG_PID")) else 0.0
         self.last_tick = time.monotonic()
         self.stalled: list[str] = []
         faulthandler.enable()  # SIGSEGV, SIGABRT (the watchdog's kill), ... -> stacks on stderr

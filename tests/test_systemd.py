@@ -411,12 +411,18 @@ BINARY = Path(os.environ.get("EDGE_BINARY", ROOT / "dist" / "edge"))
 def test_the_single_binary_needs_notify_access_all(manager: Manager, device: int) -> None:
     """The binary's main process is PyInstaller's unpacking parent; READY=1 comes from its Python child.
     With the shipped NotifyAccess=all the unit becomes active; with `main`, systemd drops the child's
-    messages and the start times out. This is why the unit says all."""
+    messages and the start times out. This is why the unit says all. The child's watchdog pings are
+    taken too (WATCHDOG_PID names the parent)."""
     conf = manager.base / "config.toml"
     install(manager, device, free_port(), service=f"ExecStart={BINARY} run {conf}")
     with running(manager):
         manager.ctl("start", UNIT)
         assert manager.prop("ActiveState") == "active"
+        # and it pings the watchdog (WatchdogSec=2): the pings systemd took go on past two periods
+        pid, first = manager.prop("MainPID"), int(manager.prop("WatchdogTimestampMonotonic"))
+        manager.wait(lambda: int(manager.prop("WatchdogTimestampMonotonic")) > first + 4_000_000,
+                     "watchdog pings from the binary", timeout=20)
+        assert manager.prop("MainPID") == pid and manager.prop("NRestarts") == "0"
     install(manager, device, free_port(),
             service=f"ExecStart={BINARY} run {conf}\nNotifyAccess=main\nTimeoutStartSec=8")
     with running(manager):
