@@ -216,7 +216,8 @@ def start_broker(path: Path, port: int | None = None, extra: str = "") -> Iterat
 class Subscriber:
     """A persistent-session QoS 1 subscriber (paho, its own thread) collecting every message."""
 
-    def __init__(self, port: int, topic: str = "#", tls_ca: Path | None = None) -> None:
+    def __init__(self, port: int, topic: str = "#", tls_ca: Path | None = None,
+                 auth: tuple[str, str] | None = None) -> None:
         self.messages: list[tuple[str, bytes]] = []
         self.cond = threading.Condition()
         self.connected = threading.Event()
@@ -225,6 +226,8 @@ class Subscriber:
                                   clean_session=False)
         if tls_ca is not None:
             self.client.tls_set(ca_certs=str(tls_ca))
+        if auth is not None:
+            self.client.username_pw_set(*auth)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a: self.connected.clear()
         self.client.on_message = self._on_message
