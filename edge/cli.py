@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from edge import __version__
-from edge.config import Config, ConfigError, load, load_for_run, persisted, with_id
+from edge.config import Config, ConfigError, connections, load, load_for_run, persisted, with_id
 from edge.poll import MAX_BITS_PER_READ, MAX_REGISTERS_PER_READ, TABLES
 from edge.reading import GOOD, Reading, Value, float32, quality_name, strict_json
 
@@ -90,8 +90,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: ok: {plural(len(config.devices), 'device')}, {plural(len(config.buses), 'bus')}, "
           f"{plural(tags, 'tag')}")
     for d in config.devices:
-        where = f"tcp {d.host}:{d.port} unit {d.unit}" if d.host else f"bus {d.bus} unit {d.unit}"
+        where = f"{d.transport} {d.host}:{d.port} unit {d.unit}" if d.host else f"bus {d.bus} unit {d.unit}"
         print(f"  {d.name} ({where}): {summarize(plans[d.name])}")
+    for first, *rest in connections(config.devices):
+        if rest:
+            names = ", ".join(d.name for d in (first, *rest))
+            print(f"  gateway {first.host}:{first.port}: one connection for {len(rest) + 1} devices, "
+                  f"polled in turn ({names})")
     return 0
 
 

@@ -519,8 +519,9 @@ def peers(bench: dict[str, Any], cfg: dict[str, Any], out: Path) -> Iterator[tup
                 write_map(out / "map.toml", [map_from_device(d) for d in tcp])
                 sim = stack.enter_context(start_sim(out / "map.toml"))
                 for d in cfg["device"]:
-                    if "host" in d:
+                    if "host" in d:  # each keeps its own connection, as at its own address
                         d["host"], d["port"] = "127.0.0.1", sim.port
+                        d.setdefault("shared_connection", False)
             for bus in probe.buses:  # one pty pair per bus: the appliance on one end, hil.sim on the other
                 here = out / f"bus-{bus.name}"
                 here.mkdir()

@@ -3,11 +3,13 @@
     python -m hil.sim --map MAP.toml --tcp 127.0.0.1:0                 -> prints "READY tcp 127.0.0.1:<port>"
     python -m hil.sim --map MAP.toml --rtu /dev/pts/7 --baud 9600      -> prints "READY rtu /dev/pts/7"
         [--parity E|N|O] [--stopbits 1|2] [--bytesize 7|8] [--control FILE] [--no-wire-time]
+    python -m hil.sim --map MAP.toml --tcp 127.0.0.1:0 --framer rtu    RTU frames on TCP (a serial server)
 
 Every unit of the map is one SimDevice of the same server, so several RTU units share one bus. Each unit has
 four tables (coil, discrete, input, holding) spanning addresses 0..65535, zero unless a point sets them;
 coils and discrete inputs are bit-addressed. Ranges listed in `invalid` answer exception 2 in every table.
-A request for a unit id the map lacks gets no reply on RTU and exception 11 (gateway target) on TCP.
+A request for a unit id the map lacks gets no reply on RTU (also RTU on TCP) and exception 11 (gateway
+target) on Modbus TCP.
 
 Encoding (see `encode`) is this module's own on purpose, not edge.poll.types and edge.poll.decode: the
 simulator is the independent implementation the appliance's decoder is tested against, so a mistake in
@@ -641,14 +643,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--bytesize", type=int, choices=(7, 8), default=8)
     ap.add_argument("--control", type=Path)
     ap.add_argument("--no-wire-time", action="store_true")
+    ap.add_argument("--framer", choices=("socket", "rtu"), default="socket",
+                    help="with --tcp: MBAP (socket), or RTU frames on TCP (a serial server, transparent)")
     return ap.parse_args(argv)
 
 
 def make_server(args: argparse.Namespace, units: Sequence[Unit], parity: str) -> Any:
     if args.tcp:
-        sim = Sim(units, control=args.control)
+        rtu = args.framer == "rtu"
+        sim = Sim(units, control=args.control, rtu=rtu)
         host, port = args.tcp.rsplit(":", 1)
-        server: Any = TcpSimServer(sim.devices(), address=(host, int(port)), trace_pdu=sim.trace_pdu)
+        server: Any = TcpSimServer(sim.devices(), address=(host, int(port)), trace_pdu=sim.trace_pdu,
+                                   framer=FramerType.RTU if rtu else FramerType.SOCKET)
     else:
         line = None if args.no_wire_time else Line(args.baud, args.bytesize, args.parity, args.stopbits)
         sim = Sim(units, control=args.control, line=line, rtu=True)

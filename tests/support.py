@@ -148,6 +148,64 @@ def pty_pair(tmp_path: Path | str) -> Iterator[tuple[str, str]]:
             proc.stderr.close()
 
 
+class OneConnectionGateway:
+    """A cheap Modbus gateway on 127.0.0.1 fronting `upstream` (the simulator's units): it serves ONE
+    connection at a time (another is accepted, closed at once and counted in `refused`) and passes its
+    bytes on, each reply `delay` seconds late (the RS-485 side's wire time)."""
+
+    def __init__(self, upstream: tuple[str, int], delay: float = 0.0) -> None:
+        self.upstream, self.delay = upstream, delay
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.connections = 0  # accepted, refused ones included
+        self.refused = 0
+        self.busy = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            if self.busy.is_set():
+                self.refused += 1
+                conn.close()
+                continue
+            self.busy.set()
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn, socket.create_connection(self.upstream, 5) as up:
+                threading.Thread(target=self._replies, args=(up, conn), daemon=True).start()
+                while data := conn.recv(4096):
+                    up.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self.busy.clear()
+
+    def _replies(self, up: socket.socket, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := up.recv(4096):
+                time.sleep(self.delay)  # the simulated wire time of the gateway's serial side
+                conn.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def one_connection_gateway(upstream: tuple[str, int], delay: float = 0.0) -> Iterator[OneConnectionGateway]:
+    gateway = OneConnectionGateway(upstream, delay)
+    try:
+        yield gateway
+    finally:
+        gateway.close()
+
+
 def set_faults(control_path: Path | str, faults: dict[str, Any]) -> None:
     """Replace the fault-control file atomically, with an mtime no earlier write of it shares.
 

@@ -34,6 +34,7 @@ from edge.config.schema import (
     StoreConfig,
     TlsConfig,
     UplinkConfig,
+    connections,
     default_frame_gap,
 )
 from edge.config.sections import MIN_KEY_BYTES, parse
@@ -53,6 +54,6 @@ __all__ = [
     "CONFIG_ERROR", "DEFAULT_GROUP", "MAX_CONFIG_BYTES", "MIN_KEY_BYTES", "ApplianceConfig", "BusConfig",
     "CommandsConfig", "Config", "ConfigError", "DeviceConfig", "GovernorConfig", "Kind", "LowPowerConfig",
     "MetricsConfig", "PollGroup", "StoreConfig", "Tag", "TagIndex", "TlsConfig", "UplinkConfig",
-    "check_devices", "default_frame_gap", "import_dir", "imported_error", "keep", "load", "load_for_run",
-    "loads", "parse", "persisted", "with_id",
+    "check_devices", "connections", "default_frame_gap", "import_dir", "imported_error", "keep", "load",
+    "load_for_run", "loads", "parse", "persisted", "with_id",
 ]

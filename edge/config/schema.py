@@ -3,6 +3,7 @@ tables, and ConfigError. Values here are already validated (edge.config.sections
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,10 +76,30 @@ class DeviceConfig:
     pause: float = 0.0
     max_gap: int | None = None  # registers read across to join two tags; None: derived from request overhead
     writable: tuple[tuple[str, float | None, float | None], ...] = ()  # (tag name, min, max) of writable tags
+    rtu_over_tcp: bool = False  # transport = "rtu-over-tcp": RTU frames (CRC, no MBAP) on the TCP socket
+    shared_connection: bool = True  # one connection with the other devices at the same host:port
 
     @property
     def transport(self) -> str:
-        return "tcp" if self.host is not None else "rtu"
+        return "rtu" if self.host is None else "rtu-over-tcp" if self.rtu_over_tcp else "tcp"
+
+
+def connections(devices: Iterable[DeviceConfig]) -> list[list[DeviceConfig]]:
+    """The TCP devices grouped by the connection they are polled on, in config order: the devices at one
+    host:port share one (a gateway fronting an RS-485 bus: several unit ids, one request at a time),
+    except those with shared_connection = false, which have one each."""
+    shared: dict[tuple[str, int], list[DeviceConfig]] = {}
+    out: list[list[DeviceConfig]] = []
+    for d in devices:
+        if d.host is None:
+            continue
+        if not d.shared_connection:
+            out.append([d])
+        elif (d.host, d.port) in shared:
+            shared[(d.host, d.port)].append(d)
+        else:
+            out.append(shared.setdefault((d.host, d.port), [d]))
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from edge.config.schema import (
     StoreConfig,
     TlsConfig,
     UplinkConfig,
+    connections,
     default_frame_gap,
 )
 from edge.config.tag import DEFAULT_GROUP, Tag
@@ -180,6 +181,12 @@ def _device(r: Reader, buses: dict[str, BusConfig]) -> tuple[DeviceConfig, array
     max_bits = r.integer("max_bits", MAX_BITS_PER_READ, lo=1, hi=MAX_BITS_PER_READ)
     single = r.flag("single_register_reads", False)
     pause = r.duration("pause", 0.0, hi=10.0)
+    if rtu and "transport" in r.table:
+        r.fail("transport", "only for Modbus TCP devices (a [[bus]] device speaks RTU)")
+    if rtu and "shared_connection" in r.table:
+        r.fail("shared_connection", "only for Modbus TCP devices (a [[bus]] is one connection)")
+    transport = r.text("transport", "tcp", choices=("tcp", "rtu-over-tcp"))
+    shared = r.flag("shared_connection", True)
     max_gap = r.integer("max_gap", None, lo=0, hi=MAX_REGISTERS_PER_READ)
     interval = r.duration("interval", 1.0, lo=0.001, hi=86400.0)
     groups = _groups(r, interval)
@@ -205,7 +212,8 @@ def _device(r: Reader, buses: dict[str, BusConfig]) -> tuple[DeviceConfig, array
         r.problems.append(f'{r.key_path("tag")}[{i}].name: duplicate tag name "{tag_name}" (also '
                           f'{r.key_path("tag")}[{j}].name)')
     dev = DeviceConfig(name, unit if unit is not None else 0, tuple(tags), groups, host, port, bus, timeout,
-                       retries, max_registers, max_bits, single, pause, max_gap, tuple(writable))
+                       retries, max_registers, max_bits, single, pause, max_gap, tuple(writable),
+                       transport == "rtu-over-tcp", shared)
     _check_tags(r, dev, index)
     return dev, index
 
@@ -419,6 +427,7 @@ def parse(data: dict[str, Any], base: Path | None = None) -> Config:
     _unique(problems, [(f"{d.path}.unit", f"{x.bus}/{x.unit}") for d, x in
                        zip(dev_readers, devices, strict=True) if x.bus and x.unit], "bus/unit")
     _check_ids(problems, [(d.path, x, index) for d, (x, index) in zip(dev_readers, parsed, strict=True)])
+    _check_gateways(problems, {x.name: d.path for d, x in zip(dev_readers, devices, strict=True)}, devices)
     cfg = Config(appliance, tuple(buses), tuple(devices), _store(root.sub("store"), appliance.state_dir),
                  _uplink(root.sub("uplink")), _governor(root.sub("governor")), _metrics(root.sub("metrics")),
                  _commands(root.sub("commands")))
@@ -444,3 +453,12 @@ def _check_ids(problems: list[str], devices: list[tuple[str, DeviceConfig, array
             if first[1] != here[1]:
                 problems.append(f'{here[0]}: "{here[1]}" has the same tag id ({t.id}, crc32) as "{first[1]}" '
                                 f"({first[0]}); rename one of them")
+
+
+def _check_gateways(problems: list[str], paths: dict[str, str], devices: list[DeviceConfig]) -> None:
+    """Devices sharing a connection speak one framing on it: a gateway is MBAP or RTU over TCP."""
+    for first, *rest in connections(devices):
+        problems.extend(f'{paths[d.name]}.transport: "{d.transport}", but {paths[first.name]} on the same '
+                        f'connection ({d.host}:{d.port}) is "{first.transport}": one connection speaks one '
+                        f"framing (or set shared_connection = false on one of them)"
+                        for d in rest if d.rtu_over_tcp != first.rtu_over_tcp)

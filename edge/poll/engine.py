@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from itertools import repeat
 from typing import NamedTuple
 
-from edge.config import BusConfig, Config, DeviceConfig
+from edge.config import BusConfig, Config, DeviceConfig, connections
 from edge.policy import Policy, normal
 from edge.poll.health import Breaker, LatencyFilter, backoff
 from edge.poll.plan import Request, make_request, plan_device
@@ -489,8 +489,10 @@ class Line:
             log.log(logging.WARNING if "breaker" not in runner.reported else logging.DEBUG,
                     "device %s: %d failures in a row, backing off", name, runner.breaker.failures)
             runner.reported.add("breaker")
-            if runner.bus is None:
-                self.link.close()  # a TCP peer that stopped answering: reconnect on the next attempt
+            if runner.bus is None and all(r.breaker.is_open for r in self.runners):
+                # a TCP peer that stopped answering: reconnect on the next attempt; a gateway's connection
+                # only when none of its units answers (the others' connection is not one unit's to drop)
+                self.link.close()
         return bad(job, quality)
 
     async def split(self, runner: DeviceRunner, job: Job) -> list[Reading]:
@@ -527,10 +529,10 @@ class Poller:
             if runners:
                 self.lines.append(Line(serial_link(bus), runners, bus.frame_gap, sink, policy=policy,
                                        carried=carried))
-        for d in config.devices:
-            if d.host is not None:
-                self.lines.append(Line(tcp_link(d), [runner(d, None)], 0.0, sink, policy=policy,
-                                       carried=carried))
+        for group in connections(config.devices):  # a gateway's devices share one, in turn as on a bus
+            runners = [runner(d, None) for d in group]
+            self.lines.append(Line(tcp_link(group[0], len(group)), runners, 0.0, sink, policy=policy,
+                                   carried=carried))
 
     @property
     def runners(self) -> list[DeviceRunner]:

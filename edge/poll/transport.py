@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import struct
+import sys
 import termios
 import time
 from collections import deque
@@ -74,8 +75,10 @@ class Link:
     The pymodbus client is made on first connect: it binds to the running event loop.
     """
 
-    def __init__(self, make_client: Callable[[], Any], name: str, device: str | None = None) -> None:
+    def __init__(self, make_client: Callable[[], Any], name: str, device: str | None = None, *,
+                 echoes_tid: bool = True, shared: bool = False) -> None:
         self.make_client = make_client
+        self.shared = shared  # a gateway's connection: one unit's silence is no reason to drop it
         self.device = device  # a serial port: opened once before connecting, for the OS's reason if it fails
         self.client: Any = None
         self.name = name
@@ -85,7 +88,9 @@ class Link:
         self.sent_at: deque[float] = deque()  # send times of requests whose frame has not come (yet)
         self.last_rx = 0.0  # monotonic time of the last byte received
         self.late: list[tuple[int, float]] = []  # (unit, s after its request) of frames no request waited for
-        self.echoes_tid = True  # False once a TCP reply carried transaction id 0: a gateway that drops it
+        # replies say which request they answer (MBAP transaction id): False for RTU frames, and once a
+        # TCP reply carried transaction id 0 (a gateway that drops it)
+        self.echoes_tid = echoes_tid
         self.garbled = 0  # frames the parser could not read
         self._taken = 0.0  # send time of the request the last frame answered
         self._answer = asyncio.Event()
@@ -97,6 +102,8 @@ class Link:
         client.ctx.trace_packet = self._trace
         client.ctx.trace_pdu = self._trace_pdu
         client.ctx.callback_data = self._guard(client.ctx)
+        if self.shared:  # pymodbus closes a TCP connection after a few timeouts in a row, whoever's
+            client.ctx.max_until_disconnect = client.ctx.count_until_disconnect = sys.maxsize
         self._answer = asyncio.Event()  # of this event loop, like the client
         self._readers = {
             1: client.read_coils, 2: client.read_discrete_inputs,
@@ -259,14 +266,18 @@ class Link:
         return rr
 
 
-def tcp_link(device: DeviceConfig) -> Link:
+def tcp_link(device: DeviceConfig, shared_by: int = 1) -> Link:
+    """A TCP connection: one device's, or a gateway's that `shared_by` devices share (edge.config
+    .connections); RTU frames on it for transport = "rtu-over-tcp"."""
     assert device.host is not None
     host = device.host
+    framer = FramerType.RTU if device.rtu_over_tcp else FramerType.SOCKET
+    name = f"{device.name}@{host}:{device.port}" if shared_by == 1 else f"gateway {host}:{device.port}"
 
     def make() -> Any:
-        return AsyncModbusTcpClient(host, port=device.port, timeout=device.timeout, retries=0,
-                                    reconnect_delay=0, name=device.name)
-    return Link(make, f"{device.name}@{host}:{device.port}")
+        return AsyncModbusTcpClient(host, port=device.port, framer=framer, timeout=device.timeout, retries=0,
+                                    reconnect_delay=0, name=name)
+    return Link(make, name, echoes_tid=not device.rtu_over_tcp, shared=shared_by > 1)
 
 
 def serial_link(bus: BusConfig) -> Link:
