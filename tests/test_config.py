@@ -361,7 +361,7 @@ def test_tags_alike_share_one_kind_and_tags_are_immutable() -> None:
     assert x != device.tags[0] and x != bytes(x) and str(x) == repr(x) == (
         f"Tag(id={x.id}, name='x', table='holding', address=60, type='float32', order='ABCD', bit=None, "
         "length=None, scale=2.0, offset=0.0, unit='', deadband=0.0, deadband_percent=0.0, heartbeat=600.0, "
-        "group='default', barrier=False, device='d')")
+        "group='default', barrier=False, device='d', on_change=False)")
     assert sys.getsizeof(x) < 80  # one object: id, address, bit, kind and name packed
 
 

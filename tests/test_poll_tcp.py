@@ -281,6 +281,57 @@ def test_report_by_exception_keeps_exactly_what_moved_the_heartbeats_and_quality
         assert stats.stored < stats.readings
 
 
+def _on_change(raw: list[Any], heartbeat_ns: int) -> list[int]:
+    """The timestamps on_change keeps out of a tag's full reading sequence (the model): any type."""
+    kept, last = [], None
+    for _, ts, v, q in raw:
+        if q != GOOD:
+            kept.append(ts)
+            last = None
+        elif last is None or v != last[0] or abs(ts - last[1]) >= heartbeat_ns:
+            kept.append(ts)
+            last = (v, ts)
+    return kept
+
+
+def test_on_change_keeps_a_bool_when_it_flips_and_a_string_at_its_heartbeat(tmp_path: Path) -> None:
+    """A bool flipping every 0.5 s and a constant string, polled every 100 ms beside twins without
+    on_change: the on_change tags keep exactly what the model keeps (the flips; the string only at its
+    1 s heartbeat)."""
+    square = {"type": "bool", "bit": 0, "wave": "square", "amplitude": 1.0, "period": 1.0}
+    write_map(tmp_path / "map.toml", [{"id": 1, "points": [
+        {"table": "holding", "address": 0, **square}, {"table": "holding", "address": 1, **square},
+        {"table": "holding", "address": 10, "type": "string", "length": 4, "value": "run"},
+        {"table": "holding", "address": 12, "type": "string", "length": 4, "value": "run"}]}])
+    with start_sim(tmp_path / "map.toml") as sim:
+        cfg = config([{"name": "d", "host": sim.host, "port": sim.port, "interval": "100ms",
+                       "timeout": "300ms", "tag": [
+                           {"name": "on", "address": 0, "type": "bool", "bit": 0, "on_change": True},
+                           {"name": "on_all", "address": 1, "type": "bool", "bit": 0},
+                           {"name": "state", "address": 10, "type": "string", "length": 4, "on_change": True,
+                            "heartbeat": "1s"},
+                           {"name": "state_all", "address": 12, "type": "string", "length": 4}]}])
+        ids = {n: tag_id(cfg, "d", n) for n in ("on", "on_all", "state", "state_all")}
+
+        async def body() -> Collector:
+            sink = Collector()
+            task = await _background(Poller(cfg, sink))
+            try:
+                await sink.until(lambda rs: sum(r[0] == ids["on_all"] for r in rs) >= 40)
+            finally:
+                await _stop(task)
+            return sink
+
+        sink = asyncio.run(body())
+    for name, heartbeat in (("on", 600.0), ("state", 1.0)):
+        raw = sink.of(ids[f"{name}_all"])
+        assert [r[1] for r in sink.of(ids[name])] == _on_change(raw, int(heartbeat * 1e9)), name
+    flips = sink.of(ids["on"])
+    assert 4 <= len(flips) < len(sink.of(ids["on_all"])) / 3  # the flips only, about two a second
+    assert [r[2] for r in flips[:4]] in ([True, False, True, False], [False, True, False, True])
+    assert {r[2] for r in sink.of(ids["state"])} == {"run"} and 2 <= len(sink.of(ids["state"])) <= 6
+
+
 def test_a_stop_lets_the_cycle_under_way_finish(tmp_path: Path) -> None:
     """200 tags are two requests a cycle (125 + 75) and the device answers each 0.2 s late: a stop that
     comes while the second request is in flight lets it finish, so every tag has as many readings as the

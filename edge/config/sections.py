@@ -130,9 +130,13 @@ def _tag(r: Reader, device: str, groups: set[str]) -> tuple[Tag, Writable | None
     deadband_percent = r.number("deadband_percent", 0.0, lo=0.0, hi=100.0)
     if deadband and deadband_percent:
         r.fail("deadband_percent", "set deadband or deadband_percent, not both")
+    on_change = r.flag("on_change", False)
+    if on_change and (deadband or deadband_percent):
+        r.fail("on_change", "set on_change or a deadband, not both (a deadband drops what did not move)")
     heartbeat = r.duration("heartbeat", 600.0, hi=86400.0)
-    if "heartbeat" in r.table and not (deadband or deadband_percent):
-        r.fail("heartbeat", "only with deadband or deadband_percent (without, every reading is stored)")
+    if "heartbeat" in r.table and not (deadband or deadband_percent or on_change):
+        r.fail("heartbeat", "only with deadband, deadband_percent or on_change (without, every reading is "
+                            "stored)")
     group = r.text("group", DEFAULT_GROUP)
     if group not in groups:
         r.fail("group", f'unknown poll group "{group}" (defined: {", ".join(sorted(groups))})')
@@ -155,7 +159,8 @@ def _tag(r: Reader, device: str, groups: set[str]) -> tuple[Tag, Writable | None
     tag_id = zlib.crc32(f"{device}/{name}".encode())
     intern = sys.intern  # the same few strings in every tag: one object each, not one per tag
     tag = Tag(tag_id, name, intern(table), address, intern(type_), intern(order), bit, length, scale, offset,
-              intern(unit), deadband, deadband_percent, heartbeat, intern(group), barrier, intern(device))
+              intern(unit), deadband, deadband_percent, heartbeat, intern(group), barrier, intern(device),
+              on_change)
     return tag, ((name, low, high) if writable else None)
 
 

@@ -31,6 +31,7 @@ class Kind(NamedTuple):
     group: str = DEFAULT_GROUP
     barrier: bool = False
     device: str = ""  # the device's name
+    on_change: bool = False  # report by exception on any change (any type): stored when the value differs
 
 
 # Every kind this process has made, each once, by index: a tag holds its kind's index. Reloads add only
@@ -52,7 +53,7 @@ class Tag(bytes):
 
     __slots__ = ()
     FIELDS = ("id", "name", "table", "address", "type", "order", "bit", "length", "scale", "offset", "unit",
-              "deadband", "deadband_percent", "heartbeat", "group", "barrier", "device")
+              "deadband", "deadband_percent", "heartbeat", "group", "barrier", "device", "on_change")
     # read from kind (properties set below the class)
     table: str
     type: str
@@ -67,14 +68,15 @@ class Tag(bytes):
     group: str
     barrier: bool
     device: str
+    on_change: bool
 
     def __new__(cls, id: int, name: str, table: str, address: int, type: str,  # noqa: PLR0917
                 order: str = "ABCD", bit: int | None = None, length: int | None = None, scale: float = 1.0,
                 offset: float = 0.0, unit: str = "", deadband: float = 0.0, deadband_percent: float = 0.0,
                 heartbeat: float = 600.0, group: str = DEFAULT_GROUP, barrier: bool = False,
-                device: str = "") -> Tag:
+                device: str = "", on_change: bool = False) -> Tag:
         index = cls.intern_kind(Kind(table, type, order, length, scale, offset, unit, deadband,
-                                     deadband_percent, heartbeat, group, barrier, device))
+                                     deadband_percent, heartbeat, group, barrier, device, on_change))
         packed = _PACKED.pack(id, address, -1 if bit is None else bit, index)
         return super().__new__(cls, packed + name.encode())
 

@@ -81,14 +81,15 @@ class Job:
     req: Request
     group: str
     ids: array[int]  # u32 tag ids in decode order: 4 B a tag, not an int object each
-    deadbands: list[tuple[int, int, float, float, int]]  # (index, tag id, absolute, percent, heartbeat ns)
+    # report by exception: (index, tag id, absolute band, percent band, heartbeat ns, any change)
+    deadbands: list[tuple[int, int, float, float, int, bool]]
     wire_bytes: int  # request + reply bytes on an RTU line
 
     @classmethod
     def of(cls, req: Request, group: str) -> Job:
         tags = req.decoder.tags
-        dbs = [(i, t.id, t.deadband, t.deadband_percent, round(t.heartbeat * 1e9)) for i, t in enumerate(tags)
-               if t.deadband or t.deadband_percent]
+        dbs = [(i, t.id, t.deadband, t.deadband_percent, round(t.heartbeat * 1e9), t.on_change)
+               for i, t in enumerate(tags) if t.deadband or t.deadband_percent or t.on_change]
         reply = 5 + (-(-req.count // 8) if req.bits else 2 * req.count)
         return cls(req, group, array("I", [t.id for t in tags]), dbs, 8 + reply)
 
@@ -122,7 +123,7 @@ class DeviceRunner:
         self.filter = LatencyFilter(cap=device.timeout)
         self.breaker = Breaker()
         self.stats = stats or DeviceStats()
-        self.last_kept: dict[int, tuple[float, int]] = {}  # tag id -> (value, timestamp ns) last stored
+        self.last_kept: dict[int, tuple[Value, int]] = {}  # tag id -> (value, timestamp ns) last stored
         self.last_end = 0.0
         self.reported: set[str] = set()
 
@@ -186,17 +187,21 @@ class DeviceRunner:
 
     def deadband(self, job: Job, values: list[Value], readings: list[Reading]) -> list[Reading]:
         """Report by exception: a good reading is stored when it moved at least its tag's deadband from
-        the last one stored, when its heartbeat passed since then, or when it follows a bad one."""
+        the last one stored (with on_change, when it differs: any type), when its heartbeat passed since
+        then, or when it follows a bad one."""
         drop = set()
         ts = readings[0][1]
-        for i, tid, absolute, pct, heartbeat in job.deadbands:
+        for i, tid, absolute, pct, heartbeat, change in job.deadbands:
             v = values[i]
-            if not isinstance(v, int | float):
-                continue
             last = self.last_kept.get(tid)
             if last is not None:
-                band = absolute or abs(last[0]) * pct / 100.0
-                if abs(v - last[0]) < band and not (heartbeat and abs(ts - last[1]) >= heartbeat):
+                if change:
+                    same = v == last[0]
+                elif isinstance(v, int | float) and isinstance(kept := last[0], int | float):
+                    same = abs(v - kept) < (absolute or abs(kept) * pct / 100.0)
+                else:
+                    same = False
+                if same and not (heartbeat and abs(ts - last[1]) >= heartbeat):
                     drop.add(i)
                     continue
             self.last_kept[tid] = (v, ts)
@@ -468,7 +473,7 @@ class Line:
 
     def failed(self, runner: DeviceRunner, job: Job, quality: int, detail: str = "") -> list[Reading]:
         name = runner.device.name
-        for _, tid, _, _, _ in job.deadbands:  # after a bad reading the next good one is always kept
+        for _, tid, *_ in job.deadbands:  # after a bad reading the next good one is always kept
             runner.last_kept.pop(tid, None)
         if quality & EXCEPTION or quality == BAD_EXCEPTION:
             runner.breaker.success()  # it answered: alive, but refuses this request
