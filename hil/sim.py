@@ -59,7 +59,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pymodbus.constants import ExcCodes
 from pymodbus.framer import FramerRTU, FramerType
@@ -483,6 +483,7 @@ class Sim:
         self.line = line
         self.rtu = rtu
         self.started = time.time()
+        self.recording: IO[str] | None = None  # --record: connections and requests as JSON lines
 
     def devices(self) -> list[SimDevice]:
         """One SimDevice per unit, plus id 0 (pymodbus' catch-all) for ids the map lacks."""
@@ -548,7 +549,14 @@ class Sim:
     def trace_pdu(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
         if not sending:
             _REQUEST.set((pdu.function_code, getattr(pdu, "address", -1), getattr(pdu, "count", 0)))
+            self.record("request", unit=pdu.dev_id, fc=pdu.function_code, address=getattr(pdu, "address", -1))
         return pdu
+
+    def record(self, event: str, **fields: Any) -> None:
+        """One JSON line in the --record file (what a test checks the appliance did on the wire)."""
+        if self.recording is not None:
+            self.recording.write(json.dumps({"t": time.time(), "event": event, **fields}) + "\n")
+            self.recording.flush()
 
     def trace_packet(self, conn: Any, sending: bool, packet: bytes) -> bytes:
         """Per-connection packet hook: applies the verdict the action hook left for this reply."""
@@ -616,6 +624,7 @@ class _PerConnection:
     sim: Sim
 
     def callback_new_connection(self) -> Any:
+        self.sim.record("connect")
         handler = super().callback_new_connection()  # type: ignore[misc]
         handler.trace_packet = functools.partial(self.sim.trace_packet, handler)
         return handler
@@ -643,6 +652,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--bytesize", type=int, choices=(7, 8), default=8)
     ap.add_argument("--control", type=Path)
     ap.add_argument("--no-wire-time", action="store_true")
+    ap.add_argument("--record", type=Path, help="append each connection and request as a JSON line")
     ap.add_argument("--framer", choices=("socket", "rtu"), default="socket",
                     help="with --tcp: MBAP (socket), or RTU frames on TCP (a serial server, transparent)")
     return ap.parse_args(argv)
@@ -661,6 +671,8 @@ def make_server(args: argparse.Namespace, units: Sequence[Unit], parity: str) ->
         server = RtuSimServer(sim.devices(), framer=FramerType.RTU, port=args.rtu, baudrate=args.baud,
                               bytesize=args.bytesize, parity=parity, stopbits=args.stopbits,
                               trace_pdu=sim.trace_pdu)
+    if args.record:
+        sim.recording = open(args.record, "a")  # noqa: SIM115 (open for the server's life)
     server.sim = sim
     return server
 

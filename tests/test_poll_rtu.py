@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from edge.poll import Poller
-from edge.reading import BAD_FRAME, GOOD
+from edge.reading import BAD_FRAME, GOOD, quality_name
 from tests.support import LINE, Collector, config, pty_pair, set_faults, start_sim, tag_id, write_map
 
 UNITS = (1, 2, 3)
@@ -202,3 +202,27 @@ def test_replies_later_than_the_timeout_never_land_on_another_request(
     assert len(late) == 1 and "device u2 answers" in late[0], late
     u1 = [r for r in sink.readings if r[0] == tag_id(cfg, "u1", "n")]
     assert len(u1) >= 20 and all(r[2] == 7 for r in u1 if r[3] == GOOD)
+
+
+def test_rs485_rts_on_a_port_whose_driver_refuses_it_is_one_clear_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """rs485_rts = true asks the driver for the kernel's RS-485 mode (RTS high while sending). A pty
+    cannot switch RTS, like many USB adapters' drivers: the port is not used with a direction nobody
+    switches; the tags read disconnected and one warning says why. (A driver that takes it toggles RTS
+    in the kernel, which no pty shows.)"""
+    caplog.set_level(logging.WARNING)
+    with bus(tmp_path, 115200) as port:
+        cfg = config([{"name": "u1", "bus": "rs485", "unit": 1, "retries": 0,
+                       "tag": [{"name": "n", "address": 0, "type": "uint16"}]}],
+                     [{"name": "rs485", "port": port, "baud": 115200, "rs485_rts": True, **LINE}])
+        sink = Collector()
+        poller = Poller(cfg, sink)
+
+        async def twice() -> None:
+            for _ in range(2):
+                await poller.run_once()
+
+        asyncio.run(twice())
+    assert [quality_name(r[3]) for r in sink.readings] == ["disconnected", "disconnected"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "rs485_rts: the driver refuses RS-485 mode" in warnings[0], warnings

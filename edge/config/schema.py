@@ -36,6 +36,7 @@ class BusConfig:
     byte_size: int = 8
     timeout: float = 0.5
     frame_gap: float = 0.0  # seconds of silence between frames; derived from 3.5 characters when not set
+    rs485_rts: bool = False  # the driver drives RTS high while sending (kernel RS-485 mode, TIOCSRS485)
 
     @property
     def bits_per_char(self) -> int:
@@ -78,6 +79,9 @@ class DeviceConfig:
     writable: tuple[tuple[str, float | None, float | None], ...] = ()  # (tag name, min, max) of writable tags
     rtu_over_tcp: bool = False  # transport = "rtu-over-tcp": RTU frames (CRC, no MBAP) on the TCP socket
     shared_connection: bool = True  # one connection with the other devices at the same host:port
+    connect_pause: float = 0.0  # s of quiet after connecting, before the first request (TCP)
+    close_after_cycle: bool = False  # the connection closed after each poll cycle of this device (TCP)
+    write_multiple: bool = False  # writes as FC 16 / FC 15 even for one register / one coil
 
     @property
     def transport(self) -> str:

@@ -65,8 +65,9 @@ def _bus(r: Reader) -> BusConfig:
     timeout = r.duration("timeout", 0.5, lo=0.01, hi=60.0)
     bits = 1 + byte_size + (parity != "N") + stop_bits
     frame_gap = r.duration("frame_gap", default_frame_gap(baud, bits), hi=1.0)
+    rs485_rts = r.flag("rs485_rts", False)
     r.done()
-    return BusConfig(name, port, baud, parity, stop_bits, byte_size, timeout, frame_gap)
+    return BusConfig(name, port, baud, parity, stop_bits, byte_size, timeout, frame_gap, rs485_rts)
 
 
 def _groups(r: Reader, device_interval: float) -> tuple[PollGroup, ...]:
@@ -190,8 +191,14 @@ def _device(r: Reader, buses: dict[str, BusConfig]) -> tuple[DeviceConfig, array
         r.fail("transport", "only for Modbus TCP devices (a [[bus]] device speaks RTU)")
     if rtu and "shared_connection" in r.table:
         r.fail("shared_connection", "only for Modbus TCP devices (a [[bus]] is one connection)")
+    for key in ("connect_pause", "close_after_cycle"):
+        if rtu and key in r.table:
+            r.fail(key, "only for Modbus TCP devices (a [[bus]]'s port stays open)")
     transport = r.text("transport", "tcp", choices=("tcp", "rtu-over-tcp"))
     shared = r.flag("shared_connection", True)
+    connect_pause = r.duration("connect_pause", 0.0, hi=60.0)
+    close_after_cycle = r.flag("close_after_cycle", False)
+    write_multiple = r.flag("write_multiple", False)
     max_gap = r.integer("max_gap", None, lo=0, hi=MAX_REGISTERS_PER_READ)
     interval = r.duration("interval", 1.0, lo=0.001, hi=86400.0)
     groups = _groups(r, interval)
@@ -218,7 +225,7 @@ def _device(r: Reader, buses: dict[str, BusConfig]) -> tuple[DeviceConfig, array
                           f'{r.key_path("tag")}[{j}].name)')
     dev = DeviceConfig(name, unit if unit is not None else 0, tuple(tags), groups, host, port, bus, timeout,
                        retries, max_registers, max_bits, single, pause, max_gap, tuple(writable),
-                       transport == "rtu-over-tcp", shared)
+                       transport == "rtu-over-tcp", shared, connect_pause, close_after_cycle, write_multiple)
     _check_tags(r, dev, index)
     return dev, index
 

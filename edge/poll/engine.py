@@ -338,6 +338,8 @@ class Line:
                 runner.stats.stored += len(readings)
                 self.sink(readings)
                 self.beat = time.monotonic()
+            if runner.device.close_after_cycle and self.link.connected:
+                self.link.close()  # a device that serves one connection per poll, or none for long
             self.last_cycle = time.monotonic()
 
     async def write(self, runner: DeviceRunner, table: str, address: int, value: list[int] | bool) -> None:
@@ -349,7 +351,8 @@ class Line:
             await self.wait_gap(runner)
             try:
                 await self.link.write(runner.device.unit, table, address, value,
-                                      runner.device.timeout + runner.wire_time_of(value))
+                                      runner.device.timeout + runner.wire_time_of(value),
+                                      multiple=runner.device.write_multiple)
             finally:
                 self.last_end = runner.last_end = time.monotonic()
 
@@ -363,6 +366,8 @@ class Line:
             if self.connect_failures:
                 log.info("%s: connected", self.name)
             self.connect_failures = 0
+            if pause := max(r.device.connect_pause for r in self.runners):
+                await asyncio.sleep(pause)  # devices that drop a request sent right after the handshake
             return True
         level = logging.WARNING if self.connect_failures == 0 else logging.DEBUG
         self.connect_failures += 1

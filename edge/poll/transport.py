@@ -33,6 +33,7 @@ from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu.register_message import ReadHoldingRegistersResponse, ReadInputRegistersResponse
+from serial.rs485 import RS485Settings
 
 from edge.config import BusConfig, DeviceConfig
 from edge.reading import BAD_EXCEPTION, BAD_FRAME, DISCONNECTED, EXCEPTION, TIMEOUT
@@ -76,8 +77,9 @@ class Link:
     """
 
     def __init__(self, make_client: Callable[[], Any], name: str, device: str | None = None, *,
-                 echoes_tid: bool = True, shared: bool = False) -> None:
+                 echoes_tid: bool = True, shared: bool = False, rs485_rts: bool = False) -> None:
         self.make_client = make_client
+        self.rs485_rts = rs485_rts  # a serial port whose driver switches the line's direction by RTS
         self.shared = shared  # a gateway's connection: one unit's silence is no reason to drop it
         self.device = device  # a serial port: opened once before connecting, for the OS's reason if it fails
         self.client: Any = None
@@ -197,10 +199,26 @@ class Link:
         self.sent_at.clear()
         try:
             async with asyncio.timeout(timeout + 1.0):  # not wait_for: in 3.11 it can swallow a cancel
-                return bool(await self.client.connect())
+                connected = bool(await self.client.connect())
         except (TimeoutError, OSError, termios.error) as e:  # termios: a port refusing its settings
             self.last_error = str(e)
             return False
+        return connected and self._rs485()
+
+    def _rs485(self) -> bool:
+        """The kernel's RS-485 mode (pyserial rs485_mode: RTS high while sending, low to receive) on a
+        port that asks for it; a driver that cannot (a pty, most USB adapters, which switch by
+        themselves) refuses, and the port is not used with a direction nobody switches."""
+        if not self.rs485_rts:
+            return True
+        try:
+            self.client.ctx.transport.sync_serial.rs485_mode = RS485Settings(
+                rts_level_for_tx=True, rts_level_for_rx=False)
+        except (ValueError, OSError, AttributeError) as e:
+            self.last_error = f"{self.device}: rs485_rts: the driver refuses RS-485 mode ({e})"
+            self.client.close()
+            return False
+        return True
 
     def close(self) -> None:
         if self.client is not None:
@@ -219,12 +237,15 @@ class Link:
         return values
 
     async def write(self, unit: int, table: str, address: int, value: list[int] | bool,
-                    timeout: float) -> None:
-        """One write: a coil (FC 5), one register (FC 6) or several (FC 16); raises RequestError as read()."""
+                    timeout: float, *, multiple: bool = False) -> None:
+        """One write: a coil (FC 5), one register (FC 6) or several (FC 16); with `multiple`, FC 15 and
+        FC 16 always (devices that implement only those). Raises RequestError as read()."""
         c = self.client
-        if table == "coil":
+        if table == "coil" and multiple:
+            await self._request(timeout, 15, lambda: c.write_coils(address, [bool(value)], device_id=unit))
+        elif table == "coil":
             await self._request(timeout, 5, lambda: c.write_coil(address, bool(value), device_id=unit))
-        elif isinstance(value, list) and len(value) == 1:
+        elif isinstance(value, list) and len(value) == 1 and not multiple:
             await self._request(timeout, 6, lambda: c.write_register(address, value[0], device_id=unit))
         else:
             await self._request(timeout, 16, lambda: c.write_registers(address, value, device_id=unit))
@@ -285,7 +306,7 @@ def serial_link(bus: BusConfig) -> Link:
         return AsyncModbusSerialClient(bus.port, framer=FramerType.RTU, baudrate=bus.baud,
                                        bytesize=bus.byte_size, parity=bus.parity, stopbits=bus.stop_bits,
                                        timeout=bus.timeout, retries=0, reconnect_delay=0, name=bus.name)
-    return Link(make, f"{bus.name}@{bus.port}", bus.port)
+    return Link(make, f"{bus.name}@{bus.port}", bus.port, rs485_rts=bus.rs485_rts)
 
 
 def url_link(url: str, timeout: float) -> tuple[Link, int]:
