@@ -4,6 +4,7 @@
     python -m hil.sim --map MAP.toml --rtu /dev/pts/7 --baud 9600      -> prints "READY rtu /dev/pts/7"
         [--parity E|N|O] [--stopbits 1|2] [--bytesize 7|8] [--control FILE] [--no-wire-time]
     python -m hil.sim --map MAP.toml --tcp 127.0.0.1:0 --framer rtu    RTU frames on TCP (a serial server)
+        [--baud 9600 ...]   and its RS-485 side's wire time, as a gateway in front of the units
 
 Every unit of the map is one SimDevice of the same server, so several RTU units share one bus. Each unit has
 four tables (coil, discrete, input, holding) spanning addresses 0..65535, zero unless a point sets them;
@@ -646,7 +647,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--tcp", metavar="HOST:PORT")
     where.add_argument("--rtu", metavar="PTY_PATH")
-    ap.add_argument("--baud", type=int, default=9600)
+    ap.add_argument("--baud", type=int, default=None,
+                    help="the line's baud rate (default 9600); with --tcp --framer rtu: emulate a gateway's "
+                         "RS-485 side at this rate (its wire time), none without")
     ap.add_argument("--parity", choices=("E", "N", "O"), default="E")
     ap.add_argument("--stopbits", type=int, choices=(1, 2), default=1)
     ap.add_argument("--bytesize", type=int, choices=(7, 8), default=8)
@@ -661,11 +664,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def make_server(args: argparse.Namespace, units: Sequence[Unit], parity: str) -> Any:
     if args.tcp:
         rtu = args.framer == "rtu"
-        sim = Sim(units, control=args.control, rtu=rtu)
+        wire = rtu and args.baud and not args.no_wire_time  # a gateway's serial side, one request at a time
+        line = Line(args.baud, args.bytesize, args.parity, args.stopbits) if wire else None
+        sim = Sim(units, control=args.control, rtu=rtu, line=line)
         host, port = args.tcp.rsplit(":", 1)
         server: Any = TcpSimServer(sim.devices(), address=(host, int(port)), trace_pdu=sim.trace_pdu,
                                    framer=FramerType.RTU if rtu else FramerType.SOCKET)
     else:
+        args.baud = args.baud or 9600
         line = None if args.no_wire_time else Line(args.baud, args.bytesize, args.parity, args.stopbits)
         sim = Sim(units, control=args.control, line=line, rtu=True)
         server = RtuSimServer(sim.devices(), framer=FramerType.RTU, port=args.rtu, baudrate=args.baud,
