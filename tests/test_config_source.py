@@ -117,3 +117,25 @@ def test_batches_of_any_size_give_the_same_tags(tmp_path: Path, monkeypatch: pyt
     config = load(path)
     assert config == whole(path)
     assert [t.name for d in config.devices for t in d.tags] == [f"t{i}" for i in range(9)]
+
+
+def test_templates_load_streamed_as_parsed_whole(tmp_path: Path) -> None:
+    """300 devices of one template of 300 tags (some with their own tags over and beside the template's,
+    streamed as [[device.tag]]): the same Config as the whole document's, every device with the template's
+    tags under its own ids."""
+    parts = ['[appliance]\nid = "tpl"\n[template.meter]\ninterval = "2s"\n']
+    parts += [f'[[template.meter.tag]]\nname = "t{i}"\naddress = {i * 2}\ntype = "uint32"\n'
+              for i in range(300)]
+    for d in range(300):
+        parts.append(f'[[device]]\nname = "dev{d}"\nhost = "10.0.{d // 100}.1"\nunit = {d % 100 + 1}\n'
+                     'template = "meter"\n')
+        if d % 7 == 0:
+            parts.append('[[device.tag]]\nname = "t3"\nscale = 0.5\n' + tag(400))
+    path = tmp_path / "tpl.toml"
+    path.write_text("".join(parts))
+    config = load(path)
+    assert config == whole(path)
+    assert len(config.devices) == 300 and {len(d.tags) for d in config.devices} == {300, 301}
+    assert len({t.id for d in config.devices for t in d.tags}) == sum(len(d.tags) for d in config.devices)
+    scaled = [t.scale for d in config.devices for t in d.tags if t.name == "t3"]
+    assert scaled.count(0.5) == 43 and all(d.groups[0].interval == 2.0 for d in config.devices)

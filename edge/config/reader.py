@@ -36,6 +36,9 @@ class Reader:
             table = {}
         self.table: dict[str, Any] = table
         self.used: set[str] = set()
+        # where an array's items come from, when not all from this table (a device's tags from its
+        # template): key -> each item's own path
+        self.item_paths: dict[str, list[str]] = {}
 
     def key_path(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path and key else self.path or key
@@ -153,8 +156,14 @@ class Reader:
         if not isinstance(items, list | Tables):
             self.fail(key, f"expected an array of tables ([[{self.key_path(key)}]]), got {_kind(items)}")
             return
+        paths = self.item_paths.get(key)
         for i, item in enumerate(items):
-            yield Reader(item, f"{self.key_path(key)}[{i}]", self.problems, self.base)
+            yield Reader(item, paths[i] if paths else f"{self.key_path(key)}[{i}]", self.problems, self.base)
+
+    def item_path(self, key: str, i: int) -> str:
+        """The key path of item `i` of the array of tables `key`."""
+        paths = self.item_paths.get(key)
+        return paths[i] if paths else f"{self.key_path(key)}[{i}]"
 
     def sub(self, key: str) -> Reader:
         self.used.add(key)

@@ -221,8 +221,8 @@ def _device(r: Reader, buses: dict[str, BusConfig]) -> tuple[DeviceConfig, array
     del first
     r.done()
     for i, tag_name, j in duplicates:
-        r.problems.append(f'{r.key_path("tag")}[{i}].name: duplicate tag name "{tag_name}" (also '
-                          f'{r.key_path("tag")}[{j}].name)')
+        r.problems.append(f'{r.item_path("tag", i)}.name: duplicate tag name "{tag_name}" (also '
+                          f'{r.item_path("tag", j)}.name)')
     dev = DeviceConfig(name, unit if unit is not None else 0, tuple(tags), groups, host, port, bus, timeout,
                        retries, max_registers, max_bits, single, pause, max_gap, tuple(writable),
                        transport == "rtu-over-tcp", shared, connect_pause, close_after_cycle, write_multiple)
@@ -237,7 +237,7 @@ def _check_tags(r: Reader, dev: DeviceConfig, index: array[int]) -> None:
     so a wide tag is checked against every tag it covers; bool tags may share a register on distinct bits.
     """
     def path(j: int) -> str:
-        return f"{r.path}.tag[{index[j]}]"
+        return r.item_path("tag", index[j])
 
     for j, t in enumerate(dev.tags):
         if t.end - 1 > MAX_ADDRESS:
@@ -431,14 +431,15 @@ def parse(data: dict[str, Any], base: Path | None = None) -> Config:
     ports = [(f"{b.path}.port", x.port) for b, x in zip(bus_readers, buses, strict=True)]
     _unique(problems, ports, "serial port")
     bus_map = {b.name: b for b in buses}
-    dev_readers = list(root.table_list("device"))
+    templates = _templates(root.sub("template"), bus_map)
+    dev_readers = [_from_template(d, templates) for d in root.table_list("device")]
     parsed = [_device(d, bus_map) for d in dev_readers]
     devices = [d for d, _ in parsed]
     _unique(problems, [(f"{d.path}.name", x.name) for d, x in zip(dev_readers, devices, strict=True)],
             "device")
     _unique(problems, [(f"{d.path}.unit", f"{x.bus}/{x.unit}") for d, x in
                        zip(dev_readers, devices, strict=True) if x.bus and x.unit], "bus/unit")
-    _check_ids(problems, [(d.path, x, index) for d, (x, index) in zip(dev_readers, parsed, strict=True)])
+    _check_ids(problems, [(d, x, index) for d, (x, index) in zip(dev_readers, parsed, strict=True)])
     _check_gateways(problems, {x.name: d.path for d, x in zip(dev_readers, devices, strict=True)}, devices)
     cfg = Config(appliance, tuple(buses), tuple(devices), _store(root.sub("store"), appliance.state_dir),
                  _uplink(root.sub("uplink")), _governor(root.sub("governor")), _metrics(root.sub("metrics")),
@@ -449,18 +450,18 @@ def parse(data: dict[str, Any], base: Path | None = None) -> Config:
     return cfg
 
 
-def _check_ids(problems: list[str], devices: list[tuple[str, DeviceConfig, array[int]]]) -> None:
+def _check_ids(problems: list[str], devices: list[tuple[Reader, DeviceConfig, array[int]]]) -> None:
     """Tag ids are crc32("device/tag"); two names hashing alike must be renamed, never merged. The ids that
     occur twice are found by sorting them; only those are looked at by name."""
     ordered = sorted(t.id for _, d, _ in devices for t in d.tags)
     twice = {a for a, b in itertools.pairwise(ordered) if a == b}
     del ordered
     ids: dict[int, tuple[str, str]] = {}
-    for path, d, index in devices:
+    for reader, d, index in devices:
         for t, i in zip(d.tags, index, strict=True):
             if t.id not in twice:
                 continue
-            here = (f"{path}.tag[{i}].name", f"{d.name}/{t.name}")
+            here = (f"{reader.item_path('tag', i)}.name", f"{d.name}/{t.name}")
             first = ids.setdefault(t.id, here)
             if first[1] != here[1]:
                 problems.append(f'{here[0]}: "{here[1]}" has the same tag id ({t.id}, crc32) as "{first[1]}" '
@@ -474,3 +475,73 @@ def _check_gateways(problems: list[str], paths: dict[str, str], devices: list[De
                         f'connection ({d.host}:{d.port}) is "{first.transport}": one connection speaks one '
                         f"framing (or set shared_connection = false on one of them)"
                         for d in rest if d.rtu_over_tcp != first.rtu_over_tcp)
+
+
+PER_DEVICE = ("name", "host", "port", "bus", "unit", "template")  # never in a [template.NAME]
+
+
+def _templates(r: Reader, buses: dict[str, BusConfig]) -> dict[str, Reader | None]:
+    """[template.NAME] tables: a register map (tags, groups, and any device key but those of PER_DEVICE)
+    used by many devices. Each is validated once, as a device of its own, with its own key paths; a
+    template with problems is None (its devices are not checked again: one report, not one a device)."""
+    out: dict[str, Reader | None] = {}
+    for name in list(r.table):
+        t = r.sub(name)
+        if not NAME.match(name):
+            t.fail("", "invalid template name (letters, digits, _ . -; not starting with . or -)")
+        if not isinstance(t.table, dict):
+            out[name] = None
+            continue
+        before = len(r.problems)
+        for key in PER_DEVICE:
+            if key in t.table:
+                t.fail(key, "set per device, not in a template")
+        check = Reader({**t.table, "name": "template", "host": "template"}, t.path, r.problems, r.base)
+        check.used.update(PER_DEVICE)  # the placeholders above, and PER_DEVICE keys already refused
+        _device(check, buses)
+        out[name] = t if len(r.problems) == before else None
+    return out
+
+
+def _from_template(r: Reader, templates: dict[str, Reader | None]) -> Reader:
+    """A device with `template = "NAME"`: the template's keys, then the device's own over them; its
+    groups, then the device's; its tags, a device tag of the same name overriding keys of that tag (a
+    scale, a unit, a writable) and other device tags added. Each tag keeps its own key path."""
+    name = r.table.get("template")
+    if name is None:
+        return r
+    r.used.add("template")
+    if not isinstance(name, str) or name not in templates:
+        r.fail("template", f"unknown template {name!r} (defined: {', '.join(sorted(templates)) or 'none'})")
+        return r
+    template = templates[name]
+    if template is None:  # its problems are reported once, under its own key paths
+        return Reader({}, r.path, [], r.base)
+    own_tags = list(r.table.get("tag", []))
+    own_groups = r.table.get("group", {})
+    merged = {k: v for k, v in template.table.items() if k not in ("tag", "group")}
+    merged |= {k: v for k, v in r.table.items() if k not in ("tag", "group", "template")}
+    groups = template.table.get("group", {})
+    if isinstance(groups, dict) and isinstance(own_groups, dict):
+        merged["group"] = {**groups, **own_groups}
+    tags: list[Any] = []
+    paths: list[str] = []
+    by_name = {t.get("name"): i for i, t in enumerate(own_tags) if isinstance(t, dict)}
+    used: set[int] = set()
+    for j, t in enumerate(template.table.get("tag", [])):
+        i = by_name.get(t.get("name"))
+        if i is None:
+            tags.append(t)
+            paths.append(template.item_path("tag", j))
+        else:
+            tags.append({**t, **own_tags[i]})
+            paths.append(r.item_path("tag", i))
+            used.add(i)
+    for i, t in enumerate(own_tags):
+        if i not in used:
+            tags.append(t)
+            paths.append(r.item_path("tag", i))
+    merged["tag"] = tags
+    out = Reader(merged, r.path, r.problems, r.base)
+    out.item_paths["tag"] = paths
+    return out
