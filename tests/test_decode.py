@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+import zlib
 
 import pytest
 from hypothesis import given, settings
@@ -95,3 +96,23 @@ def test_coils_by_bit_offset() -> None:
     tags = [Tag(1, "a", "coil", 10, "bool"), Tag(2, "b", "coil", 13, "bool")]
     dec = compile_block(tags, 10, 4, True)
     assert dec.decode([False, False, False, True, False, False, False, False]) == [False, True]
+
+
+def test_requests_of_one_layout_share_their_compiled_decoder() -> None:
+    """Two devices' identical requests (a template's, or meters written out alike) share one compiled
+    decode function, each decoder keeping its own tags in the order of the values; another scale is
+    another layout."""
+    def tags(device: str, scale: float = 0.1) -> list[Tag]:
+        return [Tag(zlib.crc32(f"{device}/t{i}".encode()), f"t{i}", "holding", 100 + 2 * i, ty,
+                    "CDAB" if ty == "float32" else "ABCD", scale=scale if ty == "int16" else 1.0,
+                    device=device) for i, ty in enumerate(("float32", "int16", "uint32", "int16"))]
+
+    a, b = compile_block(tags("m1"), 100, 8, False), compile_block(tags("m2"), 100, 8, False)
+    other = compile_block(tags("m3", scale=0.5), 100, 8, False)
+    assert a.compiled is b.compiled and other.compiled is not a.compiled
+    assert [t.device for t in a.tags] == ["m1"] * 4 and [t.device for t in b.tags] == ["m2"] * 4
+    assert [t.name for t in a.tags] == [t.name for t in b.tags]
+    regs = [0x0000, 0x3F80, 0xFFF6, 0x0000, 0x0000, 0x0007, 0x0014, 0x0000]
+    assert a.decode(regs) == b.decode(regs)
+    values = dict(zip((t.name for t in a.tags), a.decode(regs), strict=True))
+    assert values == {"t0": 1.0, "t1": -1.0, "t2": 7, "t3": 2.0}

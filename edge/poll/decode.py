@@ -27,8 +27,11 @@ from __future__ import annotations
 import functools
 import operator
 import struct
+import weakref
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from edge.config import Tag
 from edge.poll.types import ORDERS, TYPES
@@ -54,57 +57,86 @@ def _layout(tag: Tag, start: int) -> tuple[bool, str, int]:
     return True, "<" if word_swap else ">", offset
 
 
-@dataclass(frozen=True)
+class _Compiled:
+    """One request layout's decode function, and the order its values come in (indices into the tags it
+    was compiled for). Requests of the same layout share it: the devices of one template, identical
+    meters written out, the same map reloaded. Held by the decoders that use it, dropped with the last."""
+
+    __slots__ = ("__weakref__", "decode", "order")
+
+    def __init__(self, decode: Callable[[Sequence[int]], list[Value]], order: tuple[int, ...]) -> None:
+        self.decode = decode
+        self.order = order
+
+
+_COMPILED: weakref.WeakValueDictionary[tuple[Any, ...], _Compiled] = weakref.WeakValueDictionary()
+
+
+@dataclass(frozen=True, slots=True)
 class BlockDecoder:
     """Decodes one request's registers; values come back in the order of `tags` (not config order)."""
 
     tags: tuple[Tag, ...]
-    decode: Callable[[Sequence[int]], list[Value]]
+    compiled: _Compiled
 
-
-def _bits_decoder(tags: list[Tag], start: int) -> BlockDecoder:
-    offsets = [t.address - start for t in tags]
-    if len(offsets) == 1:
-        only = offsets[0]
-        return BlockDecoder(tuple(tags), lambda bits: [bool(bits[only])])
-    get = operator.itemgetter(*offsets)
-    return BlockDecoder(tuple(tags), lambda bits: [bool(b) for b in get(bits)])
+    @property
+    def decode(self) -> Callable[[Sequence[int]], list[Value]]:
+        return self.compiled.decode
 
 
 def compile_block(tags: Sequence[Tag], start: int, count: int, bit_table: bool) -> BlockDecoder:
-    """Compile the decoder of a request reading `count` registers (or bits) from `start`.
+    """The decoder of a request reading `count` registers (or bits) from `start`: compiled once per
+    layout (what decoding depends on: each tag's offset, type, order, length, bit, scale and offset).
 
     >>> from edge.config import Tag
     >>> t = Tag(1, "t", "holding", 10, "float32", "CDAB")
     >>> compile_block([t], 10, 2, False).decode([0x0000, 0x3F80])
     [1.0]
     """
-    if bit_table:
-        return _bits_decoder(list(tags), start)
-    groups: dict[tuple[bool, str], list[tuple[int, Tag]]] = {}
+    key = (start, count, bit_table, *((t.address - start, t.type, t.order, t.length, t.bit, t.scale, t.offset)
+                                      for t in tags))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = _COMPILED[key] = _bits(tags, start) if bit_table else _registers(tags, start, count)
+    return BlockDecoder(tuple(tags[i] for i in compiled.order), compiled)
+
+
+def _bits(tags: Sequence[Tag], start: int) -> _Compiled:
+    offsets = [t.address - start for t in tags]
+    order = tuple(range(len(tags)))
+    if len(offsets) == 1:
+        only = offsets[0]
+        return _Compiled(lambda bits: [bool(bits[only])], order)
+    get = operator.itemgetter(*offsets)
+    return _Compiled(lambda bits: [bool(b) for b in get(bits)], order)
+
+
+def _registers(tags: Sequence[Tag], start: int, count: int) -> _Compiled:
+    groups: dict[tuple[bool, str], list[tuple[int, int]]] = {}
     bit_tags = []
-    for t in tags:
+    for i, t in enumerate(tags):
         if TYPES[t.type].is_bool:
-            bit_tags.append(t)
+            bit_tags.append(i)
             continue
         little, endian, offset = _layout(t, start)
-        groups.setdefault((little, endian), []).append((offset, t))
+        groups.setdefault((little, endian), []).append((offset, i))
     steps: list[tuple[bool, struct.Struct]] = []
-    ordered: list[Tag] = []
+    order: list[int] = []
     for (little, endian), members in groups.items():
         members.sort(key=lambda m: m[0])
         fmt, pos = endian, 0
-        for offset, t in members:
+        for offset, i in members:
+            t = tags[i]
             dtype = TYPES[t.type]
             code, size = (dtype.code, dtype.size) if dtype.numeric else ("s", t.length or 0)
             fmt += f"{offset - pos}x" if offset > pos else ""
             fmt += f"{size}s" if code == "s" else code
             pos = offset + size
-            ordered.append(t)
+            order.append(i)
         steps.append((little, _struct(fmt)))
-    bit_refs = [(t.address - start, t.bit or 0) for t in bit_tags]
-    ordered.extend(bit_tags)
-    fixups = _fixups(ordered)
+    bit_refs = [(tags[i].address - start, tags[i].bit or 0) for i in bit_tags]
+    order.extend(bit_tags)
+    strings, linear = _fixups([tags[i] for i in order])
     fmt_big = _struct(f">{count}H")
     fmt_little = _struct(f"<{count}H")
     need_little = any(little for little, _ in steps)
@@ -116,33 +148,32 @@ def compile_block(tags: Sequence[Tag], start: int, count: int, bit_table: bool) 
         for is_little, s in steps:
             out.extend(s.unpack_from(little if is_little else big))
         out.extend([bool(regs[i] >> b & 1) for i, b in bit_refs])
-        for i, fix in fixups:
-            out[i] = fix(out[i])
+        for i in strings:
+            out[i] = _string(out[i])
+        for scale, offset, indices in linear:
+            for i in indices:
+                out[i] = float(out[i]) * scale + offset
         return out
 
-    return BlockDecoder(tuple(ordered), decode)
+    return _Compiled(decode, tuple(order))
 
 
-def _fixups(tags: list[Tag]) -> list[tuple[int, Callable[[Value], Value]]]:
-    """Per-tag post-processing only where needed: strings, scale and offset."""
-    out: list[tuple[int, Callable[[Value], Value]]] = []
+def _fixups(tags: list[Tag]) -> tuple[list[int], list[tuple[float, float, array[int]]]]:
+    """Post-processing only where needed: the strings' indices, and the scaled or offset numbers' indices
+    grouped by (scale, offset), 4 bytes a tag instead of a function each."""
+    strings: list[int] = []
+    linear: dict[tuple[float, float], array[int]] = {}
     for i, t in enumerate(tags):
         if t.type == "string":
-            out.append((i, _string))
+            strings.append(i)
         elif TYPES[t.type].numeric and (t.scale != 1.0 or t.offset != 0.0):
-            out.append((i, _linear(t.scale, t.offset)))
-    return out
+            linear.setdefault((t.scale, t.offset), array("I")).append(i)
+    return strings, [(scale, offset, indices) for (scale, offset), indices in linear.items()]
 
 
 def _string(raw: Value) -> Value:
     assert isinstance(raw, bytes)
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
-
-
-def _linear(scale: float, offset: float) -> Callable[[Value], Value]:
-    def apply(v: Value) -> Value:
-        return float(v) * scale + offset
-    return apply
 
 
 def encode(tag: Tag, value: Value) -> list[int]:

@@ -33,7 +33,7 @@ GAP_RTU = 10
 GAP_TCP = 50
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Request:
     """One Modbus read: function code `function` for `count` addresses from `start` of `table`."""
 
