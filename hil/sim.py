@@ -485,6 +485,7 @@ class Sim:
         self.rtu = rtu
         self.started = time.time()
         self.recording: IO[str] | None = None  # --record: connections and requests as JSON lines
+        self.arrived = 0.0  # monotonic time the last request's bytes arrived (one line: one at a time)
 
     def devices(self) -> list[SimDevice]:
         """One SimDevice per unit, plus id 0 (pymodbus' catch-all) for ids the map lacks."""
@@ -516,7 +517,11 @@ class Sim:
         error = self.error(req, fault)
         if error is None and req.values is None:
             self.overlay(req)
-        delay = fault.delay + (self.line.exchange(req.fc, req.count, error is not None) if self.line else 0.0)
+        delay = fault.delay
+        if self.line:  # the exchange's wire time counts from the request's arrival: the simulator's own
+            # parsing is hidden in it, as a real line's device takes the request while it arrives
+            wire = self.line.exchange(req.fc, req.count, error is not None)
+            delay += max(0.0, self.arrived + wire - time.monotonic())
         if delay > 0:
             await asyncio.sleep(delay)
         if fault.mode == "crc" and self.rtu:
@@ -556,11 +561,15 @@ class Sim:
     def record(self, event: str, **fields: Any) -> None:
         """One JSON line in the --record file (what a test checks the appliance did on the wire)."""
         if self.recording is not None:
+            # buffered: written out when the server stops (a flush per event would delay the replies)
             self.recording.write(json.dumps({"t": time.time(), "event": event, **fields}) + "\n")
-            self.recording.flush()
 
     def trace_packet(self, conn: Any, sending: bool, packet: bytes) -> bytes:
         """Per-connection packet hook: applies the verdict the action hook left for this reply."""
+        if not sending:
+            self.arrived = time.monotonic()
+        elif self.recording is not None:
+            self.record("reply", bytes=len(packet))
         verdict = _VERDICT.get() if sending else None
         if verdict is None:
             return packet
@@ -719,6 +728,8 @@ async def serve(args: argparse.Namespace) -> None:
     print(ready_line(args, server), flush=True)
     await stop.wait()
     await server.shutdown()
+    if server.sim.recording is not None:
+        server.sim.recording.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
