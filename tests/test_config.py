@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge import config as config_module
 from edge.cli import main
@@ -397,3 +399,29 @@ def test_no_spurious_overlap_after_bad_address() -> None:
     tags = [{"name": "a", "address": 0}, {"name": "b", "address": 400001}]
     assert problems_of({"device": [tcp_device(tag=tags)]}) == [
         "device[0].tag[1].address: 400001 out of range 0..65535"]
+
+
+HOSTILE_VALUES = st.one_of(st.integers(-3, 3), st.text(max_size=3), st.booleans(), st.none(),
+                           st.lists(st.integers(0, 2), max_size=2),
+                           st.dictionaries(st.text(max_size=2), st.integers(0, 2), max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(template=st.one_of(HOSTILE_VALUES, st.just({"tag": [{"name": "a", "address": 0}]})),
+       device_template=HOSTILE_VALUES | st.just("m"), tag=HOSTILE_VALUES, group=HOSTILE_VALUES)
+def test_templates_of_any_shape_are_refused_with_key_paths_never_a_crash(
+        template: object, device_template: object, tag: object, group: object) -> None:
+    """Whatever sits where a template, a device's template name, its tags or its groups belong: a Config
+    or a ConfigError whose every problem names a key path, never another exception."""
+    device: dict[str, object] = {"name": "d", "host": "h", "template": device_template}
+    if tag is not None:
+        device["tag"] = tag
+    if group is not None:
+        device["group"] = group
+    doc: dict[str, object] = {"device": [device]}
+    if template is not None:
+        doc["template"] = {"m": template}
+    try:
+        parse(doc)
+    except ConfigError as e:
+        assert e.problems and all(p.split(":", 1)[0].startswith(("device", "template")) for p in e.problems)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edge import identity
-from edge.config.reader import MISSING, NAME, Reader
+from edge.config.reader import MISSING, NAME, Reader, Tables
 from edge.config.schema import (
     ApplianceConfig,
     BusConfig,
@@ -517,13 +517,13 @@ def _from_template(r: Reader, templates: dict[str, Reader | None]) -> Reader:
     template = templates[name]
     if template is None:  # its problems are reported once, under its own key paths
         return Reader({}, r.path, [], r.base)
-    own_tags = list(r.table.get("tag", []))
-    own_groups = r.table.get("group", {})
     merged = {k: v for k, v in template.table.items() if k not in ("tag", "group")}
-    merged |= {k: v for k, v in r.table.items() if k not in ("tag", "group", "template")}
-    groups = template.table.get("group", {})
-    if isinstance(groups, dict) and isinstance(own_groups, dict):
-        merged["group"] = {**groups, **own_groups}
+    merged |= {k: v for k, v in r.table.items() if k != "template"}
+    own_groups, own_tags = r.table.get("group", {}), r.table.get("tag", [])
+    if not isinstance(own_groups, dict) or not isinstance(own_tags, list | Tables):
+        return Reader(merged, r.path, r.problems, r.base)  # the device's own value, refused as it stands
+    merged["group"] = {**template.table.get("group", {}), **own_groups}
+    own_tags = list(own_tags)
     tags: list[Any] = []
     paths: list[str] = []
     by_name = {t.get("name"): i for i, t in enumerate(own_tags) if isinstance(t, dict)}
