@@ -25,8 +25,11 @@ PUBLISH_ERRORS = (aiomqtt.MqttError, OSError)
 
 
 def _at_debug(record: logging.LogRecord) -> bool:
-    """paho's own lines, each at DEBUG: a lost connection is paho's ERROR ("failed to receive on socket")
-    beside the uplink's own warning for the episode, which is the one line the journal gets."""
+    """paho's socket failures at DEBUG: a lost connection is paho's ERROR ("failed to receive on socket")
+    beside the uplink's own warning for the episode, which is the one line the journal gets. paho's
+    other lines (an exception in a callback) keep their level."""
+    if not str(record.msg).startswith("failed to"):
+        return True
     record.levelno, record.levelname = logging.DEBUG, "DEBUG"
     return PAHO_LOG.isEnabledFor(logging.DEBUG)
 
@@ -49,6 +52,13 @@ class Client(aiomqtt.Client):
         if fut is not None and not fut.done():
             fut.set_result(int(getattr(reason_code, "value", 0)))
         super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        try:
+            await super().__aexit__(*exc_info)
+        finally:  # an error aiomqtt's socket callbacks set, with no disconnect from paho: read it too
+            if self._disconnected.done() and not self._disconnected.cancelled():
+                self._disconnected.exception()
 
     def _on_disconnect(self, *args: Any, **kwargs: Any) -> None:
         super()._on_disconnect(*args, **kwargs)

@@ -408,7 +408,9 @@ HOSTILE_VALUES = st.one_of(st.integers(-3, 3), st.text(max_size=3), st.booleans(
 
 @settings(max_examples=300, deadline=None)
 @given(template=st.one_of(HOSTILE_VALUES, st.just({"tag": [{"name": "a", "address": 0}]})),
-       device_template=HOSTILE_VALUES | st.just("m"), tag=HOSTILE_VALUES, group=HOSTILE_VALUES)
+       device_template=HOSTILE_VALUES | st.just("m"), group=HOSTILE_VALUES,
+       tag=HOSTILE_VALUES | st.lists(st.fixed_dictionaries({"name": HOSTILE_VALUES | st.just("a"),
+                                                            "address": st.integers(0, 3)}), max_size=2))
 def test_templates_of_any_shape_are_refused_with_key_paths_never_a_crash(
         template: object, device_template: object, tag: object, group: object) -> None:
     """Whatever sits where a template, a device's template name, its tags or its groups belong: a Config

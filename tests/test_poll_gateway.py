@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,46 @@ def test_each_device_has_its_own_connection_with_shared_connection_false() -> No
         "u1@127.0.0.1:1502", "u2@127.0.0.1:1502", "u3@127.0.0.1:1502", "other@127.0.0.1:1503"]
     shared = config(units_behind(1502, "tcp"))
     assert [[d.name for d in group] for group in connections(shared.devices)] == [["u1", "u2", "u3"]]
+
+
+def test_a_silent_gateway_connection_is_dropped_and_opened_again() -> None:
+    """A gateway that takes the connection and never answers, with a device that has no tags (it never
+    sends a request, so its breaker never opens) beside one that does: once the polled device's breaker
+    opens with no unit answering since it began failing, the connection is dropped and opened again."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    again = threading.Event()
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            held.append(conn)  # read nothing, answer nothing
+            if len(held) >= 2:
+                again.set()
+
+    threading.Thread(target=accept, daemon=True).start()
+    port = server.getsockname()[1]
+    cfg = config([{"name": "a", "host": "127.0.0.1", "port": port, "interval": "100ms", "timeout": "100ms",
+                   "retries": 0, "tag": [{"name": "n", "address": 0}]},
+                  {"name": "b", "host": "127.0.0.1", "port": port, "unit": 2}])
+
+    async def body() -> bool:
+        poller = Poller(cfg, Collector())
+        assert len(poller.lines) == 1
+        task = asyncio.create_task(poller.run())
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, again.wait, 15)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    try:
+        assert asyncio.run(body()), f"{len(held)} connection(s): the silent one was never dropped"
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()

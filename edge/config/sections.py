@@ -196,7 +196,7 @@ def _device(r: Reader, buses: dict[str, BusConfig]) -> tuple[DeviceConfig, array
             r.fail(key, "only for Modbus TCP devices (a [[bus]]'s port stays open)")
     transport = r.text("transport", "tcp", choices=("tcp", "rtu-over-tcp"))
     shared = r.flag("shared_connection", True)
-    connect_pause = r.duration("connect_pause", 0.0, hi=60.0)
+    connect_pause = r.duration("connect_pause", 0.0, hi=10.0)
     close_after_cycle = r.flag("close_after_cycle", False)
     write_multiple = r.flag("write_multiple", False)
     max_gap = r.integer("max_gap", None, lo=0, hi=MAX_REGISTERS_PER_READ)
@@ -475,6 +475,10 @@ def _check_gateways(problems: list[str], paths: dict[str, str], devices: list[De
                         f'connection ({d.host}:{d.port}) is "{first.transport}": one connection speaks one '
                         f"framing (or set shared_connection = false on one of them)"
                         for d in rest if d.rtu_over_tcp != first.rtu_over_tcp)
+        problems.extend(f"{paths[d.name]}.close_after_cycle: the connection to {d.host}:{d.port} is shared "
+                        f"with {len(rest)} other device(s), whose cycles it would cut; set "
+                        f"shared_connection = false on this device" for d in (first, *rest)
+                        if rest and d.close_after_cycle)
 
 
 PER_DEVICE = ("name", "host", "port", "bus", "unit", "template")  # never in a [template.NAME]
@@ -526,7 +530,8 @@ def _from_template(r: Reader, templates: dict[str, Reader | None]) -> Reader:
     own_tags = list(own_tags)
     tags: list[Any] = []
     paths: list[str] = []
-    by_name = {t.get("name"): i for i, t in enumerate(own_tags) if isinstance(t, dict)}
+    by_name = {t["name"]: i for i, t in enumerate(own_tags)
+               if isinstance(t, dict) and isinstance(t.get("name"), str)}
     used: set[int] = set()
     for j, t in enumerate(template.table.get("tag", [])):
         i = by_name.get(t.get("name"))

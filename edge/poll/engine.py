@@ -126,6 +126,7 @@ class DeviceRunner:
         self.last_kept: dict[int, tuple[Value, int]] = {}  # tag id -> (value, timestamp ns) last stored
         self.last_end = 0.0
         self.reported: set[str] = set()
+        self.failing_since = 0.0  # monotonic time of the first failure of the current run of failures
 
     def timeout(self, job: Job) -> float:
         if self.bus is None:
@@ -252,6 +253,7 @@ class Line:
         self.carried = carried or {}  # schedules of the poller this one replaces, for their counters
         self.lock = asyncio.Lock()
         self.last_end = 0.0
+        self.answered_at = 0.0  # monotonic time of the last reply on the link, a value or an exception
         self.connect_failures = 0
         self.next_connect = 0.0
         self.timeout = max(r.device.timeout for r in runners)
@@ -367,7 +369,9 @@ class Line:
                 log.info("%s: connected", self.name)
             self.connect_failures = 0
             if pause := max(r.device.connect_pause for r in self.runners):
+                self.beat = time.monotonic()  # at most 10 s: inside a watchdog tick
                 await asyncio.sleep(pause)  # devices that drop a request sent right after the handshake
+                self.beat = time.monotonic()
             return True
         level = logging.WARNING if self.connect_failures == 0 else logging.DEBUG
         self.connect_failures += 1
@@ -468,6 +472,7 @@ class Line:
             stats.latency_buckets[bucket] += 1
         if sample:
             runner.filter.update(max(0.0, latency - runner.wire_time(job)))
+        self.answered_at = time.monotonic()
         closed = runner.breaker.success()
         if closed or runner.reported or not stats.up:
             runner.recovered(job, closed)
@@ -481,6 +486,7 @@ class Line:
         for _, tid, *_ in job.deadbands:  # after a bad reading the next good one is always kept
             runner.last_kept.pop(tid, None)
         if quality & EXCEPTION or quality == BAD_EXCEPTION:
+            self.answered_at = time.monotonic()
             runner.breaker.success()  # it answered: alive, but refuses this request
             if quality == ILLEGAL_ADDRESS:
                 t = job.req.tags[0]
@@ -495,13 +501,17 @@ class Line:
         runner.down(quality_name(quality))
         runner.report(f"{quality_name(quality)}@{job.req}", "device %s: %s (%s); its tags read bad quality",
                       name, quality_name(quality), job.req)
-        if runner.breaker.failure(time.monotonic()):
+        now = time.monotonic()
+        if not runner.breaker.failures:
+            runner.failing_since = now
+        if runner.breaker.failure(now):
             log.log(logging.WARNING if "breaker" not in runner.reported else logging.DEBUG,
                     "device %s: %d failures in a row, backing off", name, runner.breaker.failures)
             runner.reported.add("breaker")
-            if runner.bus is None and all(r.breaker.is_open for r in self.runners):
-                # a TCP peer that stopped answering: reconnect on the next attempt; a gateway's connection
-                # only when none of its units answers (the others' connection is not one unit's to drop)
+            if runner.bus is None and self.answered_at < runner.failing_since:
+                # a TCP peer that stopped answering: reconnect on the next attempt. On a gateway's
+                # connection only if no unit answered since this one began failing: one dead unit is no
+                # reason to drop the others' connection, a silent connection is
                 self.link.close()
         return bad(job, quality)
 
