@@ -121,13 +121,16 @@ def connect(config: Config, topic_status: str) -> Client:
     password = None
     if cfg.password_file:
         password = cfg.password_file.read_text().strip()
-    connect_properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    # the broker drops anything larger meant for us
-    limit = MAX_INCOMING_CONFIG if config.commands.remote_config else MAX_INCOMING
-    connect_properties.MaximumPacketSize = limit
+    connect_properties = None
+    if cfg.protocol == "5":  # 3.1.1 has no properties: no commands with it (edge.config refuses them)
+        connect_properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        # the broker drops anything larger meant for us
+        limit = MAX_INCOMING_CONFIG if config.commands.remote_config else MAX_INCOMING
+        connect_properties.MaximumPacketSize = limit
+    protocol = aiomqtt.ProtocolVersion.V5 if cfg.protocol == "5" else aiomqtt.ProtocolVersion.V311
     return Client(
         cfg.host, cfg.port, username=cfg.username, password=password, properties=connect_properties,
-        identifier=f"edge-{config.appliance.id}", protocol=aiomqtt.ProtocolVersion.V5,
+        identifier=f"edge-{config.appliance.id}", protocol=protocol,
         will=aiomqtt.Will(topic_status, b"offline", qos=1, retain=True),
         keepalive=int(cfg.keepalive), timeout=cfg.publish_timeout,
         tls_context=tls_context(config),

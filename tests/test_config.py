@@ -427,3 +427,18 @@ def test_templates_of_any_shape_are_refused_with_key_paths_never_a_crash(
         parse(doc)
     except ConfigError as e:
         assert e.problems and all(p.split(":", 1)[0].startswith(("device", "template")) for p in e.problems)
+
+
+def test_mqtt_3_1_1_is_an_option_but_not_with_remote_commands(tmp_path: Path) -> None:
+    key = tmp_path / "ops.key"
+    key.write_text("k" * 64)
+    base = {"device": [{"name": "d", "host": "h", "tag": [{"name": "t", "address": 0}]}]}
+    assert parse({**base, "uplink": {"protocol": "3.1.1"}}).uplink.protocol == "3.1.1"
+    assert parse(base).uplink.protocol == "5"
+    with pytest.raises(ConfigError) as e:
+        parse({**base, "uplink": {"protocol": "3.1.1"},
+               "commands": {"remote": True, "remote_config": True, "keys": {"ops": str(key)}}})
+    assert [p.split(":", 1)[0] for p in e.value.problems] == ["commands.remote", "commands.remote_config"]
+    with pytest.raises(ConfigError) as e:
+        parse({**base, "uplink": {"protocol": "3"}})
+    assert e.value.problems == ["uplink.protocol: unknown value '3' (one of: 5, 3.1.1)"]

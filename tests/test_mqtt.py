@@ -97,6 +97,32 @@ def test_a_reset_connection_is_logged_by_paho_at_debug_only(tmp_path: Path,
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == [], caplog.text
 
 
+def test_mqtt_3_1_1_for_brokers_that_speak_only_that(tmp_path: Path) -> None:
+    """[uplink] protocol = "3.1.1": the broker sees a 3.1.1 client (mosquitto logs p2, not p5), a publish
+    is acknowledged (3.1.1 has no reason codes: 0) and delivered, and the will still says offline."""
+    log_file = tmp_path / "broker.log"  # written as it happens (its stderr is kept only at its end)
+    with start_broker(tmp_path / "mqtt", extra=f"log_dest file {log_file}\n") as broker:
+        sub = Subscriber(broker.port, "edge/m1/#")
+
+        async def main() -> int:
+            client = mqtt.connect(config(broker.port, protocol="3.1.1", keepalive="5s"), "edge/m1/status")
+            await client.__aenter__()
+            code = await client.publish_acked("edge/m1/data", b"fine", 3.0)
+            sock = client._client.socket()
+            assert sock is not None
+            sock.shutdown(socket.SHUT_RDWR)  # the link drops: the will goes out
+            with pytest.raises(aiomqtt.MqttError):
+                await client.publish_acked("edge/m1/data", b"lost", 3.0)
+            return code
+
+        code = asyncio.run(main())
+        sub.wait(lambda s: ("edge/m1/status", b"offline") in s.messages, timeout=20)
+        sub.close()
+        log = log_file.read_text()
+    assert code == 0 and ("edge/m1/data", b"fine") in sub.messages
+    assert "as edge-m1 (p2," in log, log
+
+
 def test_a_packet_above_the_limit_never_reaches_the_client(tmp_path: Path) -> None:
     """MaximumPacketSize in CONNECT: the broker drops an oversized command meant for the appliance instead
     of making it read one; the next small one arrives."""

@@ -268,3 +268,20 @@ def test_the_health_message_follows_the_boxs_state(tmp_path: Path) -> None:
             assert stop(edge) == 0, edge.log
             sub.close()
     assert len(healths(sub)) <= 6  # changes of state only, not a message a second
+
+
+def test_edge_run_forwards_over_mqtt_3_1_1(tmp_path: Path) -> None:
+    """`edge run` with [uplink] protocol = "3.1.1" against mosquitto: blocks, the retained status and the
+    health message arrive, and a clean stop leaves nothing behind."""
+    with simulated_pump(tmp_path) as sim_port, start_broker(tmp_path / "mqtt") as broker:
+        sub = Subscriber(broker.port, "edge/t1/#")
+        write_config(tmp_path / "config.toml", config_dict(tmp_path, sim_port, broker.port, protocol="3.1.1"))
+        edge = EdgeProcess(tmp_path / "config.toml")
+        try:
+            sub.wait(lambda s: len(s.seqs()) >= 3 and any(t == "edge/t1/health" for t, _ in s.messages))
+        finally:
+            code = stop(edge)
+        sub.close()
+    assert code == 0, edge.log
+    assert ("edge/t1/status", b"online") in sub.messages
+    assert "Traceback" not in edge.log and " ERROR " not in edge.log, edge.log

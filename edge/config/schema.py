@@ -143,6 +143,7 @@ class UplinkConfig:
     publish_timeout: float = 10.0
     payload: str = "json"
     health_interval: float = 60.0  # seconds between health messages (0: none)
+    protocol: str = "5"  # MQTT "5" or "3.1.1" (brokers that speak only that)
 
 
 @dataclass(frozen=True, slots=True)

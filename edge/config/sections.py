@@ -320,6 +320,7 @@ def _uplink(r: Reader) -> UplinkConfig:
         publish_timeout=r.duration("publish_timeout", 10.0, lo=0.1, hi=120.0),
         payload=r.text("payload", "json", choices=("json",)),
         health_interval=r.duration("health_interval", 60.0, hi=86400.0),
+        protocol=r.text("protocol", "5", choices=("5", "3.1.1")),
     )
     if 0 < u.health_interval < 1:
         r.fail("health_interval", f"{u.health_interval} s: 0 (no health messages) or at least 1 s")
@@ -445,6 +446,10 @@ def parse(data: dict[str, Any], base: Path | None = None) -> Config:
                  _uplink(root.sub("uplink")), _governor(root.sub("governor")), _metrics(root.sub("metrics")),
                  _commands(root.sub("commands")))
     root.done()
+    if cfg.uplink.protocol == "3.1.1":
+        problems.extend(f'commands.{flag}: needs [uplink] protocol = "5": with 3.1.1 the broker cannot be '
+                        f"asked to cap what it sends us, and a command is taken in whole before it is checked"
+                        for flag in ("remote", "remote_config") if getattr(cfg.commands, flag))
     if problems:
         raise ConfigError(problems)
     return cfg
