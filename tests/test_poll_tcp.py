@@ -332,6 +332,19 @@ def test_on_change_keeps_a_bool_when_it_flips_and_a_string_at_its_heartbeat(tmp_
     assert {r[2] for r in sink.of(ids["state"])} == {"run"} and 2 <= len(sink.of(ids["state"])) <= 6
 
 
+def test_on_change_keeps_one_nan_of_a_run_of_them() -> None:
+    """A float32 that reads NaN cycle after cycle (a sensor's "no value"): on_change keeps the first NaN
+    and the next different value, not every NaN (NaN equals nothing, itself included)."""
+    cfg = config([{"name": "d", "host": "127.0.0.1", "port": 1,
+                   "tag": [{"name": "f", "address": 0, "type": "float32", "on_change": True}]}])
+    runner = Poller(cfg, Collector()).runners[0]
+    job = runner.jobs["default"][0]
+    kept = []
+    for i, v in enumerate([1.0, math.nan, math.nan, math.nan, 2.0, 2.0]):
+        kept += runner.deadband(job, [v], [(job.ids[0], i, v, GOOD)])
+    assert [r[1] for r in kept] == [0, 1, 4]
+
+
 def test_a_stop_lets_the_cycle_under_way_finish(tmp_path: Path) -> None:
     """200 tags are two requests a cycle (125 + 75) and the device answers each 0.2 s late: a stop that
     comes while the second request is in flight lets it finish, so every tag has as many readings as the

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from array import array
 from bisect import bisect_left
@@ -197,7 +198,7 @@ class DeviceRunner:
             last = self.last_kept.get(tid)
             if last is not None:
                 if change:
-                    same = v == last[0]
+                    same = v == last[0] or _both_nan(v, last[0])
                 elif isinstance(v, int | float) and isinstance(kept := last[0], int | float):
                     same = abs(v - kept) < (absolute or abs(kept) * pct / 100.0)
                 else:
@@ -207,6 +208,11 @@ class DeviceRunner:
                     continue
             self.last_kept[tid] = (v, ts)
         return [r for i, r in enumerate(readings) if i not in drop] if drop else readings
+
+
+def _both_nan(a: Value, b: Value) -> bool:
+    """NaN again is no change (NaN equals nothing, itself included: on_change would store every one)."""
+    return isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
 
 
 def bad(job: Job, quality: int) -> list[Reading]:
