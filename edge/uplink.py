@@ -285,11 +285,18 @@ class Uplink:
         """Keep up to max_inflight blocks in flight; returns when stopping; raises on connection loss."""
         pending: set[asyncio.Task[None]] = set()
         failure: list[BaseException] = []
+        rate = self.cfg.drain_rate
+        tokens, filled = max(1.0, rate), time.monotonic()  # drain_rate: a second's worth at once, then rate
         try:
             while not self.stopping and not failure:
                 self.wake.clear()
                 free = self.cfg.max_inflight - len(pending)
+                if rate:
+                    now = time.monotonic()
+                    tokens, filled = min(max(1.0, rate), tokens + (now - filled) * rate), now
+                    free = min(free, int(tokens))
                 blocks = self.store.take(free) if free > 0 else []
+                tokens -= len(blocks)
                 for block in blocks:
                     task = asyncio.create_task(self._send(client, block, failure),
                                                name=f"uplink:block-{block.seq}")
@@ -301,10 +308,12 @@ class Uplink:
                 self.stats.last_progress = time.monotonic()  # heartbeat: the forwarding loop is alive
                 if blocks:
                     continue
-                if self.policy().session_interval and not pending:
+                throttled = bool(rate) and tokens < 1.0  # not drained, maybe: held back by drain_rate
+                if self.policy().session_interval and not pending and not throttled:
                     return  # low power: drained, end the session
+                wait = min(1.0, (1.0 - tokens) / rate) if throttled else 1.0
                 with contextlib.suppress(TimeoutError):  # a commit or a PUBACK sets wake
-                    async with asyncio.timeout(1.0):
+                    async with asyncio.timeout(wait):
                         await self.wake.wait()
             if pending:  # stopping: let what is in flight finish (what is not acknowledged stays stored)
                 await asyncio.wait(pending, timeout=min(self.cfg.publish_timeout, STOP_WAIT))

@@ -131,6 +131,36 @@ def test_every_block_is_published_once_and_removed_only_when_acknowledged(tmp_pa
     store.close()
 
 
+def test_drain_rate_caps_how_fast_a_backlog_goes_out(tmp_path: Path) -> None:
+    """60 stored blocks: with drain_rate = 20 (a fleet back after an outage must not stampede its broker)
+    they take at least (60 - a second's 20) / 20 = 2 s, each once; without a cap, in the same run, far
+    less."""
+    def drain(rate: float, name: str) -> float:
+        with start_broker(tmp_path / f"mqtt-{name}") as broker:
+            sub = Subscriber(broker.port, "edge/u1/data")
+            store, first = filled_store(tmp_path / f"store-{name}", 60, 10)
+            uplink = Uplink(uplink_config(broker.port, max_inflight=16, drain_rate=rate), store)
+
+            async def main() -> float:
+                t0 = time.monotonic()
+                task = asyncio.create_task(uplink.run())
+                await until(lambda: uplink.stats.acked >= 60)
+                elapsed = time.monotonic() - t0
+                uplink.stop()
+                await asyncio.wait_for(task, 20)
+                return elapsed
+
+            elapsed = asyncio.run(main())
+            sub.wait(lambda s: len(received(s)) >= 60)
+            sub.close()
+            store.close()
+        assert sorted(received(sub)) == seqs(first, 60) and uplink.stats.published == 60
+        return elapsed
+
+    capped, free = drain(20.0, "capped"), drain(0.0, "free")
+    assert capped >= 1.9 and free < capped / 2, (capped, free)
+
+
 def test_a_broker_that_goes_away_keeps_every_unacknowledged_block(tmp_path: Path) -> None:
     """The broker stops while the uplink forwards: what was not acknowledged stays in the store, is sent
     again when it is back, and the subscriber ends up with every sequence number."""
