@@ -21,7 +21,8 @@ Outcome of a block, from the broker's PUBACK (MQTT 5 reason codes):
     lost)
 
 Delivery is at-least-once: a block whose PUBACK was lost is sent again; every message carries the
-appliance id and the block's sequence number, so the receiver de-duplicates on (appliance, seq). With
+appliance id and the block's sequence number (and a block above [uplink] max_message_bytes goes out in
+parts, each with its part number), so the receiver de-duplicates on (appliance, seq, part). With
 MQTT 3.1.1 a broker cannot refuse a publish (it acknowledges and drops it), so rejections are only seen
 with protocol 5, the default.
 
@@ -89,12 +90,15 @@ class Payloads:
         self.appliance = config.appliance.id
         self.tags = config.tags
         self.dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+        self.limit = config.uplink.max_message_bytes
+        self.room = len(self.dumps(self.appliance)) + 128  # a part's head: the id, seq, part, parts, count
 
-    def encode(self, block: Block) -> bytes:
+    def encode(self, block: Block) -> list[bytes]:
+        """The block's message, or its parts where one message would exceed [uplink] max_message_bytes:
+        each part a whole JSON document with "part" and "parts" beside "seq" (docs/payload.md)."""
         slots, ids, mask = self.tags.slots, self.tags.ids, self.tags.mask
         unknown, dumps = UNKNOWN_TAG, self.dumps
-        head = dumps({"appliance": self.appliance, "seq": block.seq, "count": block.n, "readings": []})
-        parts: list[bytes | memoryview] = [head[:-2].encode()]  # without the closing "]}"
+        chunks: list[tuple[int, bytes | memoryview]] = []  # (rows, their JSON without "[" and "]")
         readings = block.readings()
         for i in range(0, len(readings), self.ROWS):
             rows = []
@@ -106,16 +110,42 @@ class Payloads:
                 value = float32(raw) if k.type == "float32" and raw.__class__ is float else raw
                 rows.append({"device": k.device, "tag": name, "unit": k.unit, "ts": ts, "value": value,
                              "quality": quality_name(quality) if quality else "good"})
-            if i:
-                parts.append(b",")
-            try:
-                text = dumps(rows)
-            except ValueError:  # a NaN or an infinity: rare, so checked only when the encoder refuses
-                text = dumps([strict_json(row) for row in rows])
-            parts.append(memoryview(text.encode())[1:-1])  # the slice's rows, without "[" and "]"
-        parts.append(b"]}")
-        # One join of small pieces: the message is built once, not as three full-size copies on the way
-        return b"".join(parts)
+            text = self._rows(rows)
+            if len(text) + self.room > self.limit and len(rows) > 1:  # too big a slice: a row at a time
+                chunks.extend((1, self._rows([row])) for row in rows)
+            else:
+                chunks.append((len(rows), text))
+        whole = sum(len(c) + 1 for _, c in chunks) + self.room <= self.limit
+        groups: list[list[tuple[int, bytes | memoryview]]] = [[]]
+        size = 0
+        for chunk in chunks:
+            if not whole and groups[-1] and size + len(chunk[1]) + 1 + self.room > self.limit:
+                groups.append([])
+                size = 0
+            groups[-1].append(chunk)
+            size += len(chunk[1]) + 1
+        out = []
+        for n, group in enumerate(groups):
+            head = {"appliance": self.appliance, "seq": block.seq}
+            if len(groups) > 1:
+                head |= {"part": n, "parts": len(groups)}
+            head |= {"count": sum(rows for rows, _ in group), "readings": []}
+            pieces: list[bytes | memoryview] = [dumps(head)[:-2].encode()]  # without the closing "]}"
+            for m, (_, body) in enumerate(group):
+                if m:
+                    pieces.append(b",")
+                pieces.append(body)
+            pieces.append(b"]}")
+            # One join of small pieces: the message is built once, not as three full-size copies
+            out.append(b"".join(pieces))
+        return out
+
+    def _rows(self, rows: list[dict[str, Any]]) -> memoryview:
+        try:
+            text = self.dumps(rows)
+        except ValueError:  # a NaN or an infinity: rare, so checked only when the encoder refuses
+            text = self.dumps([strict_json(row) for row in rows])
+        return memoryview(text.encode())[1:-1]  # the rows, without "[" and "]"
 
 
 class Uplink:
@@ -327,13 +357,14 @@ class Uplink:
         from edge import mqtt  # noqa: PLC0415 (loaded by run())
 
         try:
-            payload = self.payloads.encode(block)
+            parts = self.payloads.encode(block)
             self.stats.published += 1
-            self.stats.bytes_published += len(payload)
+            self.stats.bytes_published += sum(len(part) for part in parts)
             try:
-                publishing = client.publish_acked(self.topic_data, payload, self.cfg.publish_timeout)
-                del payload
-                reason = await publishing
+                reason = 0
+                while parts and reason < 0x80:  # a block's parts in order, each acknowledged
+                    publishing = client.publish_acked(self.topic_data, parts.pop(0), self.cfg.publish_timeout)
+                    reason = await publishing
             except mqtt.PUBLISH_ERRORS as e:
                 self.store.keep([block])
                 self.stats.kept += 1

@@ -309,8 +309,24 @@ class Subscriber:
         return {m["seq"] for m in self.data()}
 
     def data(self) -> list[dict[str, Any]]:
+        """The data messages; a block sent in parts ([uplink] max_message_bytes) as one message, once all
+        its parts came (again if they come again: at-least-once)."""
         with self.cond:
-            return [json.loads(p) for t, p in self.messages if t.endswith("/data")]
+            docs = [json.loads(p) for t, p in self.messages if t.endswith("/data")]
+        out: list[dict[str, Any]] = []
+        parts: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+        for doc in docs:
+            if "parts" not in doc:
+                out.append(doc)
+                continue
+            got = parts.setdefault((doc["appliance"], doc["seq"]), {})
+            got.setdefault(doc["part"], doc)
+            if len(got) == doc["parts"]:
+                ordered = [got[k] for k in range(doc["parts"])]
+                out.append({"appliance": doc["appliance"], "seq": doc["seq"],
+                            "count": sum(m["count"] for m in ordered),
+                            "readings": [r for m in ordered for r in m["readings"]]})
+        return out
 
     def wait(self, predicate: Any, timeout: float = 30.0) -> None:
         """Until predicate(self) holds (re-checked on every message)."""

@@ -4,6 +4,7 @@ Store and a real mosquitto on 127.0.0.1, without the poller or the appliance aro
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import signal
@@ -57,9 +58,18 @@ def test_payload_is_the_documented_json_whatever_the_block_size(n: int) -> None:
                          "ts": ts, "value": v, "quality": quality_name(q) if q else "good"})
             for t, ts, v, q in rs]
     expected = {"appliance": config.appliance.id, "seq": 77, "count": n, "readings": rows}
-    payload = Payloads(config).encode(block)
+    [payload] = Payloads(config).encode(block)  # one message: the demo's blocks fit 128 KiB
     assert payload == json.dumps(expected, separators=(",", ":"), allow_nan=False).encode()
     json.loads(payload, parse_constant=no_constant)  # strict JSON: NaN and Infinity are not numbers there
+    # a broker's smaller limit: parts, each within it, each a whole document, in order, every row once
+    small = dataclasses.replace(config, uplink=dataclasses.replace(config.uplink, max_message_bytes=4096))
+    parts = [json.loads(m, parse_constant=no_constant) for m in Payloads(small).encode(block)]
+    assert all(len(m) <= 4096 for m in Payloads(small).encode(block))
+    assert [(m["seq"], m.get("part", 0), m.get("parts", 1)) for m in parts] == [
+        (77, k, len(parts)) for k in range(len(parts))]
+    assert [r for m in parts for r in m["readings"]] == rows and sum(m["count"] for m in parts) == n
+    assert all(m["count"] == len(m["readings"]) and m["appliance"] == config.appliance.id for m in parts)
+    assert len(parts) == 1 or len(parts) >= -(-len(payload) // 4096)
 
 
 def no_constant(name: str) -> Any:
@@ -79,7 +89,7 @@ def test_payload_finds_every_tag_by_id_and_no_other(names: set[str], shifts: lis
     stray |= {(i + 1) & 0xFFFFFFFF for i in tags}
     ids = list(tags) + sorted(stray - set(tags))
     block = Block(1, len(ids), encode_block([(i, T0, 0, 0) for i in ids]))
-    got = [r["tag"] for r in json.loads(Payloads(config).encode(block))["readings"]]
+    got = [r["tag"] for m in Payloads(config).encode(block) for r in json.loads(m)["readings"]]
     assert got == [tags.get(i, "?") for i in ids]
 
 
@@ -159,6 +169,42 @@ def test_drain_rate_caps_how_fast_a_backlog_goes_out(tmp_path: Path) -> None:
 
     capped, free = drain(20.0, "capped"), drain(0.0, "free")
     assert capped >= 1.9 and free < capped / 2, (capped, free)
+
+
+def test_a_block_above_the_brokers_limit_goes_out_in_parts(tmp_path: Path) -> None:
+    """mosquitto with message_size_limit 16000: 3 blocks of 400 readings (about 30 KB as one message) sent
+    whole never get through (the broker drops the connection at each, the block is kept and sent again:
+    the uplink is stuck); with max_message_bytes 15000 they go out in parts, every reading once, and the
+    store lets each block go only when all its parts were acknowledged."""
+    def run(limit: int, name: str) -> tuple[Any, dict[int, dict[str, Any]], Any]:
+        with start_broker(tmp_path / f"mqtt-{name}", extra="message_size_limit 16000\n") as broker:
+            sub = Subscriber(broker.port, "edge/u1/data")
+            store, _ = filled_store(tmp_path / f"store-{name}", 3, 400)
+            uplink = Uplink(uplink_config(broker.port, max_message_bytes=limit), store)
+
+            async def main() -> None:
+                task = asyncio.create_task(uplink.run())
+                await until(lambda: uplink.stats.acked + uplink.stats.rejected >= 3 or uplink.stats.kept >= 3)
+                uplink.stop()
+                await asyncio.wait_for(task, 20)
+
+            asyncio.run(main())
+            store.commit()
+            if uplink.stats.acked:
+                sub.wait(lambda s: len(received(s)) >= 3)
+            sub.close()
+            counters = store.snapshot().counters
+            store.close()
+        return uplink.stats, received(sub), counters
+
+    whole, got, counters = run(1 << 20, "whole")
+    assert (whole.acked, got, counters.backlog_readings) == (0, {}, 1200) and whole.kept >= 3
+    parts, got, counters = run(15000, "parts")
+    assert (parts.acked, parts.rejected) == (3, 0)
+    assert [m["count"] for m in got.values()] == [400, 400, 400]
+    stamps = [[r["ts"] for r in m["readings"]] for m in got.values()]
+    assert all(ts == sorted(ts) for ts in stamps)
+    assert (counters.backlog_readings, counters.readings_forwarded) == (0, 1200)
 
 
 def test_a_broker_that_goes_away_keeps_every_unacknowledged_block(tmp_path: Path) -> None:

@@ -145,6 +145,7 @@ class UplinkConfig:
     health_interval: float = 60.0  # seconds between health messages (0: none)
     protocol: str = "5"  # MQTT "5" or "3.1.1" (brokers that speak only that)
     drain_rate: float = 0.0  # messages a second the backlog is sent at, at most (0: as fast as acked)
+    max_message_bytes: int = 128 << 10  # a block's message above this goes out in parts
 
 
 @dataclass(frozen=True, slots=True)

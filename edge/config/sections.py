@@ -322,6 +322,7 @@ def _uplink(r: Reader) -> UplinkConfig:
         health_interval=r.duration("health_interval", 60.0, hi=86400.0),
         protocol=r.text("protocol", "5", choices=("5", "3.1.1")),
         drain_rate=r.number("drain_rate", 0.0, lo=0.0, hi=10_000.0),
+        max_message_bytes=r.size("max_message_bytes", 128 << 10, lo=4096),
     )
     if 0 < u.health_interval < 1:
         r.fail("health_interval", f"{u.health_interval} s: 0 (no health messages) or at least 1 s")
