@@ -123,6 +123,10 @@ class Appliance:
     def _wake_uplink(self) -> None:
         self.uplink.wake.set()
 
+    def _forwarding(self) -> bool:
+        """The uplink is connected: the store may send a window from RAM before writing it."""
+        return self.config.uplink.enabled and self.uplink.snapshot().connected
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -138,7 +142,8 @@ class Appliance:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 self._start("poll", self.poller.run())
-                self._start("store", self.store.run(self.governor.current, self._wake_uplink))
+                self._start("store", self.store.run(self.governor.current, self._wake_uplink,
+                                                         self._forwarding))
                 await self.poller.started()
                 if delay := float(os.environ.get("EDGE_TEST_READY_DELAY", "0")):  # systemd test hook
                     await asyncio.sleep(delay)

@@ -162,6 +162,8 @@ class ApplianceCollector:
                           ("commits", "Write transactions of the store (one per commit window)"),
                           ("blocks_forwarded", "Blocks acknowledged upstream"),
                           ("readings_forwarded", "Readings acknowledged upstream"),
+                          ("blocks_direct", "Blocks acknowledged upstream from RAM, never written"),
+                          ("readings_direct", "Readings acknowledged upstream from RAM, never written"),
                           ("blocks_rejected", "Blocks refused upstream, kept aside"),
                           ("readings_rejected", "Readings refused upstream, kept aside"),
                           ("blocks_dropped", "Blocks dropped because the store was full"),

@@ -135,7 +135,9 @@ class Run:
 
     def start_edge(self, config: Path | None = None, prefix: tuple[str, ...] | list[str] = ()) -> None:
         self.edge = EdgeProcess(config or self.config_path, [*prefix, *self.edge_cmd])
-        self.wait(lambda: self.m("edge_store_commits_total") > 0, 120, "the appliance committing")
+        # a window is committed, or sent from RAM and acknowledged (memory-first: nothing to commit)
+        names = ("edge_store_commits_total", "edge_store_blocks_direct_total")
+        self.wait(lambda: max(self.m(n) for n in names) > 0, 120, "the appliance committing or forwarding")
 
     def stop_edge(self) -> None:
         if self.edge is not None and self.edge.proc.poll() is None:

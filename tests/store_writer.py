@@ -1,6 +1,6 @@
 """Writer process for tests/test_store_crash.py: appends readings to a Store until it is killed.
 
-    python -m tests.store_writer PATH FIRST_I
+    python -m tests.store_writer PATH FIRST_I [--memory-first]
 
 Opens a Store on PATH, prints `OPEN <next_seq>`, then appends readings at RATE readings/s, reading i
 being reading(i) for i = FIRST_I, FIRST_I + 1, ... (the test recomputes every one), and calls commit()
@@ -140,11 +140,37 @@ class Writer:
             time.sleep(0.002)
 
 
+class MemoryFirstWriter(Writer):
+    """The appliance's memory-first turn, every COMMIT_EVERY: stage the window, take every block (the
+    stored ones, then the staged ones), print `S <seq> <n>` for each before it could reach a broker,
+    accept two in three (the others' acknowledgement is lost), then commit what is left and print
+    `W <seq>` for each block in the store after it returns."""
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        first_i = self.i
+        while True:
+            due = first_i + int((time.monotonic() - t0) * RATE)
+            if due > self.i:
+                self.store.add([reading(k) for k in range(self.i, due)])
+                self.i = due
+            self.store.stage()
+            blocks = self.store.take(10**6)
+            for b in blocks:
+                emit(f"S {b.seq} {b.n}")
+            self.store.accept([b for b in blocks if b.seq % 3])
+            self.store.keep([b for b in blocks if not b.seq % 3])
+            self.store.commit(window=False)
+            for seq, _ in blocks_from(self.store, 0):
+                emit(f"W {seq}")
+            time.sleep(COMMIT_EVERY)
+
+
 def main(argv: list[str]) -> int:
     path, first_i = Path(argv[0]), int(argv[1])
     store = Store(config(path), APPLIANCE)
     emit(f"OPEN {store.next_seq}")
-    Writer(store, first_i).run()
+    (MemoryFirstWriter if argv[2:] == ["--memory-first"] else Writer)(store, first_i).run()
     return 0  # pragma: no cover - runs until killed
 
 

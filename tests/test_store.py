@@ -242,6 +242,61 @@ def test_close_commits_the_open_window(tmp_path: Path) -> None:
     s.close()
 
 
+def test_memory_first_acknowledged_blocks_never_reach_the_flash(tmp_path: Path) -> None:
+    s = Store(cfg(tmp_path), "a")
+    s.add(readings(30))
+    assert s.stage() == 1 and s.snapshot().window_readings == 30
+    txnid = s.env.info()["last_txnid"]
+    s.add(readings(5, 30))  # arrives while the staged block waits: stays in the open window
+    (block,) = s.take(10)
+    assert block.readings() == readings(30)
+    s.accept([block])
+    assert s.commit(window=False) == 0
+    assert s.env.info()["last_txnid"] == txnid, "a transaction for blocks acknowledged from RAM"
+    c = s.counters
+    assert (c.blocks_direct, c.readings_direct, c.readings_forwarded, c.backlog_readings) == (1, 30, 30, 0)
+    assert s.snapshot().window_readings == 5
+
+    assert s.stage() == 1
+    (kept,) = s.take(10)
+    s.keep([kept])  # its acknowledgement was lost: written by the commit that follows
+    assert s.commit(window=False) == 1 and s.counters.backlog_readings == 5
+    assert s.take(10)[0].seq == kept.seq
+
+    s.add(readings(4, 35))
+    s.stage()
+    (refused,) = [b for b in s.take(10) if b.seq != kept.seq]
+    s.reject([refused], "broker refused: quota")
+    s.commit(window=False)
+    assert (s.counters.blocks_rejected, s.counters.backlog_readings) == (1, 5)
+    with s.env.begin(db=s.db_rejected) as txn:
+        assert [parse_key(k)[0] for k, _ in txn.cursor()] == [refused.seq]
+    next_seq = s.next_seq
+    s.close()
+    s = Store(cfg(tmp_path), "a")
+    assert s.next_seq == next_seq, "a clean close hands the unused lease back: no gap"
+    s.close()
+
+
+def test_a_stage_persists_a_lease_before_any_block_goes_out(tmp_path: Path) -> None:
+    s = Store(cfg(tmp_path), "a")
+    s.add(readings(10))
+    s.stage()
+    (block,) = s.take(1)
+    with s.env.begin(db=s.db_meta) as txn:
+        lease = int.from_bytes(txn.get(b"next_seq"), "little")
+    assert lease > block.seq
+    s.accept([block])
+    txnid = s.env.info()["last_txnid"]
+    for i in range(20):  # within the lease: no more transactions for it
+        s.add(readings(10, 10 * (i + 1)))
+        s.stage()
+        s.accept(s.take(10))
+        s.commit(window=False)
+    assert s.env.info()["last_txnid"] == txnid and s.counters.blocks_direct == 21
+    s.close()
+
+
 class StoreMachine(RuleBasedStateMachine):
     """Any interleaving of the pipeline's calls, reopens included: what was committed and not accepted
     is delivered, in order, and nothing accepted comes back."""
@@ -256,6 +311,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.flying: list = []
         self.accepted_seqs: set[int] = set()
         self.accepted_uncommitted = False
+        self.staged = False  # blocks in RAM, not written (memory-first)
 
     @rule(n=st.integers(1, 400))
     def add(self, n: int) -> None:
@@ -269,7 +325,19 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.commit()
         self.committed.extend(self.pending)
         self.pending = []
-        self.accepted_uncommitted = False
+        self.accepted_uncommitted = self.staged = False
+
+    @rule()
+    def stage(self) -> None:  # memory-first: the window sealed into blocks kept in RAM
+        self.store.stage()
+        self.committed.extend(self.pending)
+        self.pending = []
+        self.staged = True
+
+    @rule()
+    def commit_staged(self) -> None:  # the commit after a stage: the window stays open
+        self.store.commit(window=False)
+        self.accepted_uncommitted = self.staged = False
 
     @rule(n=st.integers(1, 5))
     def take(self, n: int) -> None:
@@ -297,13 +365,13 @@ class StoreMachine(RuleBasedStateMachine):
         self.committed.extend(self.pending)
         self.pending = []
         self.flying = []
-        self.accepted_uncommitted = False
+        self.accepted_uncommitted = self.staged = False
         self.store = Store(cfg(self.dir), "m")
 
     @invariant()
     def backlog_counts(self) -> None:
         c = self.store.counters
-        if not self.pending and not self.accepted_uncommitted and not self.flying:
+        if not (self.pending or self.accepted_uncommitted or self.flying or self.staged):
             assert c.backlog_readings == len(self.committed)
 
     def teardown(self) -> None:

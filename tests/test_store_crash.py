@@ -60,9 +60,10 @@ def parse(out: str) -> Run:
     return run
 
 
-def start_writer(path: Path, first_i: int, out: Path, err: Path) -> subprocess.Popen[bytes]:
+def start_writer(path: Path, first_i: int, out: Path, err: Path,
+                 *args: str) -> subprocess.Popen[bytes]:
     with out.open("wb") as o, err.open("wb") as e:
-        return subprocess.Popen([sys.executable, "-m", "tests.store_writer", str(path), str(first_i)],
+        return subprocess.Popen([sys.executable, "-m", "tests.store_writer", str(path), str(first_i), *args],
                                 cwd=ROOT, stdout=o, stderr=e)
 
 
@@ -76,6 +77,21 @@ def wait_open(proc: subprocess.Popen[bytes], out: Path, err: Path, ctx: str) -> 
             proc.wait()
             raise AssertionError(f"{ctx}: writer did not open the store within 30 s")
         time.sleep(0.002)
+
+
+def kill_writer(path: Path, first_i: int, delay: float, ctx: str, *args: str) -> None:
+    """Start a writer (its output in writer.out and writer.err beside the store), let it run `delay`
+    seconds after it opened the store, SIGKILL it."""
+    out, err = path.parent / "writer.out", path.parent / "writer.err"
+    proc = start_writer(path, first_i, out, err, *args)
+    try:
+        wait_open(proc, out, err, ctx)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, f"{ctx}: writer died by itself:\n{err.read_text()}"
 
 
 @dataclass
@@ -178,25 +194,17 @@ def test_kill_9_while_writing_never_loses_or_invents_a_block(tmp_path: Path) -> 
     print(f"EDGE_CRASH_SEED={SEED} EDGE_CRASH_KILLS={KILLS}")
     rng = random.Random(SEED)
     path = tmp_path / "store"
-    out, err = tmp_path / "writer.out", tmp_path / "writer.err"
+    out = tmp_path / "writer.out"
     seen = Seen()
     delays = []
     for k in range(KILLS):
         ctx = f"seed={SEED} kill {k + 1}/{KILLS}"
         first_i = k * FIRST_I_STEP
-        proc = start_writer(path, first_i, out, err)
-        try:
-            wait_open(proc, out, err, ctx)
-            delay = rng.uniform(0.020, 0.300)
-            if rng.random() < 0.5:  # aim near a commit (every 100 ms from OPEN): inside one, more often
-                delay = min(0.300, rng.choice((0.1, 0.2, 0.3)) + rng.uniform(-0.002, 0.008))
-            delays.append(delay)
-            time.sleep(delay)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait(timeout=30)
-        assert proc.returncode == -signal.SIGKILL, f"{ctx}: writer died by itself:\n{err.read_text()}"
+        delay = rng.uniform(0.020, 0.300)
+        if rng.random() < 0.5:  # aim near a commit (every 100 ms from OPEN): inside one, more often
+            delay = min(0.300, rng.choice((0.1, 0.2, 0.3)) + rng.uniform(-0.002, 0.008))
+        delays.append(delay)
+        kill_writer(path, first_i, delay, ctx)
         check_after_kill(path, parse(out.read_text()), first_i, seen, ctx)
     print(f"{KILLS} kills: {seen.commits} blocks committed, {seen.deletes} deleted and confirmed, "
           f"{seen.uncertain_deletes} deleted by a commit the kill cut short, {seen.extras} appended by one, "
@@ -210,7 +218,7 @@ def test_kills_in_a_row_without_a_clean_close_are_not_damage(tmp_path: Path) -> 
     writers killed one after the other (no clean close between them) never add up to "damaged"."""
     rng = random.Random(SEED + 1)
     path = tmp_path / "store"
-    out, err = tmp_path / "writer.out", tmp_path / "writer.err"
+    out = tmp_path / "writer.out"
     marker = path.parent / f".{path.name}{MARKER}"
     committed: dict[int, tuple[int, int]] = {}  # seq -> (n, first_i), printed C and not A
     maybe_gone: set[int] = set()  # accepted, deleted by a commit that may have landed before the kill
@@ -218,15 +226,7 @@ def test_kills_in_a_row_without_a_clean_close_are_not_damage(tmp_path: Path) -> 
     max_seq = -1
     for k in range(CRASHED_OPENS + 3):
         ctx = f"seed={SEED} kill {k + 1} in a row"
-        proc = start_writer(path, k * FIRST_I_STEP, out, err)
-        try:
-            wait_open(proc, out, err, ctx)
-            time.sleep(rng.uniform(0.1, 0.3))
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait(timeout=30)
-        assert proc.returncode == -signal.SIGKILL, f"{ctx}: writer died by itself:\n{err.read_text()}"
+        kill_writer(path, k * FIRST_I_STEP, rng.uniform(0.1, 0.3), ctx)
         run = parse(out.read_text())
         assert run.open_seq > max_seq, f"{ctx}: next_seq {run.open_seq} reuses <= {max_seq}"
         for seq, n, first_i in run.committed:
@@ -250,3 +250,35 @@ def test_kills_in_a_row_without_a_clean_close_are_not_damage(tmp_path: Path) -> 
     assert store.counters.recoveries == 0 and not marker.exists()
     assert (store.counters.backlog_blocks, store.counters.backlog_readings) == (
         len(rows), sum(n for _, n, _ in rows))
+
+
+def test_kill_9_with_memory_first_never_hands_out_a_sequence_number_again(tmp_path: Path) -> None:
+    """Staged blocks go out from RAM before anything is written: after a kill, the next start must not
+    use any sequence number a block was sent under (the lease in meta), and every block in the store
+    when the kill came is still there or was acknowledged."""
+    rng = random.Random(SEED + 2)
+    path = tmp_path / "store"
+    out = tmp_path / "writer.out"
+    sent: dict[int, int] = {}  # seq -> n, every block ever sent
+    direct = 0
+    for k in range(max(5, KILLS // 5)):
+        ctx = f"seed={SEED} memory-first kill {k + 1}"
+        kill_writer(path, k * FIRST_I_STEP, rng.uniform(0.05, 0.4), ctx, "--memory-first")
+        lines = out.read_text()
+        lines = lines[: lines.rfind("\n") + 1].splitlines()
+        open_seq = int(lines[0].split()[1])
+        assert all(open_seq > seq for seq in sent), f"{ctx}: next_seq {open_seq} was sent before"
+        written = set()
+        for line in lines[1:]:
+            kind, seq, *rest = line.split()
+            if kind == "S":
+                n = int(rest[0])
+                assert sent.setdefault(int(seq), n) == n, f"{ctx}: block {seq} sent again, changed"
+            else:
+                written.add(int(seq))
+        rows, store = present_blocks(path)
+        assert store.next_seq > max(sent, default=-1), ctx
+        present = {seq for seq, _, _ in rows}
+        assert written <= present, f"{ctx}: a written block (its acknowledgement lost) is gone"
+        direct += sum(1 for s in sent if s % 3)
+    assert direct > 0, "no block went out from RAM"

@@ -112,6 +112,7 @@ class StoreConfig:
     map_size: int = 1 << 30
     reserve: bool = True  # allocate the data file up to map_size (fallocate, nothing written)
     commit_interval: float = 1.0
+    ack_wait: float = 1.0  # memory-first: seconds a staged window waits for its PUBACKs (0: write first)
     commit_bytes: int = 256 * 1024
     low_power_commit_interval: float = 30.0
     high_watermark: float = 0.8

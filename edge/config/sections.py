@@ -283,6 +283,7 @@ def _store(r: Reader, state_dir: Path) -> StoreConfig:
         map_size=r.size("map_size", 1 << 30, lo=1 << 20),
         reserve=r.flag("reserve", True),
         commit_interval=r.duration("commit_interval", 1.0, lo=0.01, hi=3600.0),
+        ack_wait=r.duration("ack_wait", 1.0, lo=0.0, hi=10.0),
         commit_bytes=r.size("commit_bytes", 256 * 1024, lo=1024),
         low_power_commit_interval=r.duration("low_power_commit_interval", 30.0, lo=0.01, hi=86400.0),
         high_watermark=r.number("high_watermark", 0.8, lo=0.1, hi=0.95),

@@ -17,8 +17,10 @@ Worked example: block 5 of 1,000 readings has the key 80 00 00 00 00 00 00 05 | 
 
 Sequence numbers never repeat for one appliance: a new store starts at its creation time in
 microseconds (~1.7e15, far below 2**63) and counts up by one per block, so upstream de-duplicates on
-(appliance id, sequence) even after the store was replaced. next_seq is persisted only when it cannot be
-derived from the last key (the newest block was delivered or the queue drained, or a store is created).
+(appliance id, sequence) even after the store was replaced. At open, next_seq is the larger of meta's
+b"next_seq" and the last key + 1. meta's is written when the last key cannot tell it (the newest block
+was delivered or the queue drained, or a store is created) and, memory-first, as a lease ahead of the
+blocks sent from RAM and never written (edge.store.queue): a crash then skips the rest of the lease.
 
 Flags and their flash cost (figures: docs/performance.md, scripts/bench-store): sync=True and
 metasync=True, so every commit is durable when it returns and the loss window on a power cut is the

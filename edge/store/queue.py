@@ -7,21 +7,35 @@ readings are waiting), then packed into blocks (edge.store.block) and appended i
 leave the store only when the uplink accepted them (at-least-once). Acknowledged blocks are deleted
 inside the next append transaction (one flush instead of two).
 
+Memory-first ([store] ack_wait, while the uplink is connected): the window is first staged (stage()):
+packed into blocks with their sequence numbers, kept in RAM and handed out by take() after the stored
+ones. The commit that follows ack_wait later (or as soon as every staged block is acknowledged) writes
+only the staged blocks still unacknowledged; one the broker acknowledged never reaches the flash. So a
+power cut loses at most the open window and the staged blocks not yet acknowledged: commit_interval +
+ack_wait of readings (2 s by default), against commit_interval writing first. Sequence numbers are never
+handed out twice: before a staged block goes out, meta's next_seq is persisted above it (a lease of
+LEASE numbers, one small transaction per LEASE blocks); a restart after a crash starts above the lease
+(the unused rest is a gap in seq, nothing lost); a clean close hands the rest back. Offline, or with
+ack_wait = 0, every window is written before it is sent, as above.
+
 Threads. The store owns its state; one lock, `_lock`, guards all of it that lives in RAM (the open
 window, blocks in flight, acknowledged and refused blocks waiting for the next commit, counters, the
 environment handle) and is held only for short steps: add(), take() (a read transaction),
 accept/reject/keep, snapshot(), and the two ends of a commit. A commit is three steps:
 
     seal     (_lock)       the open window is swapped for an empty one and sealed (edge.store.block.Batch,
-                           bytes), with the acknowledged and refused blocks: one immutable Sealed value
+                           bytes), with the staged blocks not acknowledged and the acknowledged and
+                           refused blocks: one immutable Sealed value
     write    (no lock)     the write transaction, from the Sealed value alone, in a worker thread
                            (asyncio.to_thread from run()): returns an immutable Written value
     settle   (_lock)       the Written value is applied: counters, next sequence number, blocks in flight;
                            if the commit failed, the sealed readings go back in front of the window
+                           and the staged blocks back to RAM
 
 Commits run one at a time (_commit_lock, also held by recovery and close). The worker thread touches
 only the Sealed value, the environment (LMDB allows one writer beside any number of readers) and what
-belongs to the commit alone (the compressor, the block-size estimate, the map's address). The
+belongs to the commit alone (the compressor, the block-size estimate, the map's address, the lease).
+stage() runs under _commit_lock too: it packs outside _lock and hands the blocks over under it. The
 environment is replaced (recovery) only with both locks held, so never under a running transaction.
 Damage found by take() is noted and recovered from at the next commit.
 
@@ -104,6 +118,7 @@ log = logging.getLogger("edge.store")
 READING_BYTES = 21  # u32 + u64 + f64 + u8: the raw size used for commit_bytes and ratios
 REJECTED_SHARE = 0.1  # refused blocks kept for inspection may use this share of the map
 SALVAGE_BATCH = 256  # salvaged blocks put back per transaction
+LEASE = 1 << 16  # sequence numbers persisted ahead at once for staged blocks (memory-first)
 RESERVE_RETRY = 600.0  # seconds between attempts to reserve the data file
 DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, StoreDamaged, struct.error)
 REFUSED = (lmdb.MapFullError, lmdb.DiskError, lmdb.Error, OSError)  # after DAMAGE: the file system said no
@@ -125,6 +140,8 @@ class Counters:
     rejected_trimmed: int = 0
     blocks_salvaged: int = 0  # from moved-aside stores, back in the queue
     readings_salvaged: int = 0  # ... to here
+    blocks_direct: int = 0  # delivered from RAM, never written (memory-first)
+    readings_direct: int = 0
     commit_failures: int = 0
     backlog_blocks: int = 0
     backlog_readings: int = 0
@@ -137,7 +154,7 @@ class StoreSnapshot:
     counters: Counters
     oldest_ts: int | None  # ns, the oldest stored reading
     commit_interval: float  # in force
-    window_readings: int  # waiting in RAM for the next commit
+    window_readings: int  # in RAM, not written: the open window and the staged blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,14 +162,16 @@ class Sealed:
     """One commit's input, handed to the worker thread: nothing in it changes."""
 
     batch: Batch
+    staged: tuple[Block, ...]  # staged blocks not acknowledged: written now (memory-first)
     acked: tuple[Block, ...]
     rejecting: tuple[tuple[Block, str], ...]
+    unstored: frozenset[int]  # of `rejecting`, the staged blocks: never written to the queue
     protected: frozenset[int]  # in flight or being settled: never dropped by the watermark
     next_seq: int
     totals: tuple[tuple[str, int], ...]  # the persisted counters at sealing
 
     def __bool__(self) -> bool:
-        return bool(self.batch or self.acked or self.rejecting)
+        return bool(self.batch or self.staged or self.acked or self.rejecting)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +212,10 @@ class Store:
         self._asked = False  # commit_bytes reached: the commit loop was woken
         self._acked: list[Block] = []
         self._rejecting: list[tuple[Block, str]] = []
+        self._staged: dict[int, Block] = {}  # sealed, in RAM, not written: memory-first (stage())
+        self._staged_n = 0  # readings in them
+        self._unstored: set[int] = set()  # refused staged blocks (in _rejecting): not in the queue
+        self._all_acked: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None  # set: none staged
         self._in_flight: set[int] = set()
         self._settling: frozenset[int] = frozenset()
         self._damage: str | None = None
@@ -206,6 +229,7 @@ class Store:
         self._mapped: tuple[lmdb.Environment, int, int] | None = None  # env, address, length of its map
         self._identity: tuple[int, int] | None = None  # (device, inode) of the data file opened
         self._reserve_at = 0.0  # when to try reserving the data file again (0: reserved, or not wanted)
+        self._lease = 0  # the next_seq persisted in meta: sequence numbers below it may go out unwritten
         self.next_seq = 0
         self._open()
 
@@ -259,6 +283,7 @@ class Store:
         self.env, self.db_blocks, self.db_rejected, self.db_meta = o.env, o.blocks, o.rejected, o.meta
         self._identity = _identity(self.path / "data.mdb")
         self.next_seq = o.next_seq
+        self._lease = o.lease
         c = self.counters
         c.backlog_blocks, c.backlog_readings = o.backlog_blocks, o.backlog_readings
         for name, value in o.totals.items():
@@ -314,6 +339,7 @@ class Store:
         self._in_flight.clear()
         self._acked.clear()
         self._rejecting.clear()
+        self._unstored.clear()
         self.env.close()
         self._usable()
         if not (self.path / "data.mdb").exists():
@@ -346,6 +372,7 @@ class Store:
         self._in_flight.clear()  # blocks taken before: accept/reject/keep of them are ignored
         self._acked.clear()
         self._rejecting.clear()
+        self._unstored.clear()
         self._damage = None
         self.env.close()
         self._move_aside(reason)
@@ -377,13 +404,22 @@ class Store:
     # -- the commit --------------------------------------------------------------------------------
 
     async def run(self, policy: Callable[[], Policy] = normal,
-                  committed: Callable[[], None] = lambda: None) -> None:
+                  committed: Callable[[], None] = lambda: None,
+                  forwarding: Callable[[], bool] = lambda: False) -> None:
         """The commit loop: commit the open window when the policy's interval has passed since it opened,
         when commit_bytes are waiting, or when the policy asks for a commit now; the write in a worker
         thread, so a slow flash never stalls polling. `committed()` after each commit that appended
-        blocks. Beats at least once a second. Cancel to stop (then close())."""
+        blocks, and after each window staged. Beats at least once a second. Cancel to stop (then close()).
+
+        Memory-first ([store] ack_wait > 0): while `forwarding()` (the uplink is connected), a window is
+        first staged (stage()): the uplink sends its blocks from RAM; the commit that follows, once they
+        are all acknowledged or ack_wait has passed, writes only those still unacknowledged. A commit the
+        policy asks for (memory pressure) is never staged: its readings leave RAM at once."""
         wake = asyncio.Event()
-        self._wake = (asyncio.get_running_loop(), wake)
+        acked = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._wake = (loop, wake)
+        self._all_acked = (loop, acked)
         asked = policy().commit_now
         try:
             while True:
@@ -396,17 +432,78 @@ class Store:
                         async with asyncio.timeout(min(remaining, 1.0)):
                             await wake.wait()
                     continue
-                asked = p.commit_now
+                forced, asked = p.commit_now != asked, p.commit_now
                 wake.clear()
-                if await asyncio.to_thread(self.commit):
+                staged = 0
+                if self.cfg.ack_wait and not forced and forwarding():
+                    acked.clear()
+                    staged = await asyncio.to_thread(self.stage)
+                    if staged:
+                        committed()
+                        await self._until_acked(acked)
+                if await asyncio.to_thread(self.commit, window=not staged):
                     committed()
         finally:
             self._wake = None
+            self._all_acked = None
 
-    def commit(self) -> int:
-        """Commit the open window, the deletes of acknowledged blocks and the moves of refused ones: one
-        transaction, durable on return. Returns the number of blocks appended (0 also when it failed:
-        then everything stays pending). Callable from any thread; commits run one at a time."""
+    async def _until_acked(self, acked: asyncio.Event) -> None:
+        """Until every staged block was acknowledged (or refused), or ack_wait has passed; beating."""
+        end = time.monotonic() + self.cfg.ack_wait
+        while (left := end - time.monotonic()) > 0:
+            self.beat = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, 1.0)):
+                    await acked.wait()
+                    return
+
+    def stage(self) -> int:
+        """Memory-first: seal the open window into blocks kept in RAM, not written: take() hands them out
+        after the stored ones; those acknowledged before the next commit never reach the flash, the
+        others are written by it. Their sequence numbers are covered by the lease persisted in meta
+        first (edge.store.layout), so a crash can never hand one out again. Returns the blocks staged
+        (0: nothing to stage, or the lease could not be written: then the window stays open)."""
+        with self._commit_lock:
+            with self._lock:
+                if self._damage is not None or not self._window:
+                    return 0
+                window, self._window = self._window, Window()
+                self._window_start = time.monotonic()
+                self._asked = False
+                seq = self.next_seq
+            batch = window.seal()
+            blocks = self._pack(batch)
+            top = seq + len(blocks)
+            if top > self._lease and not self._extend_lease(top + LEASE):
+                with self._lock:
+                    self._window.prepend(batch)
+                return 0
+            with self._lock:
+                for n, value in blocks:
+                    self._staged[seq] = Block(seq, n, value)
+                    self._staged_n += n
+                    seq += 1
+                self.next_seq = seq
+            return len(blocks)
+
+    def _extend_lease(self, lease: int) -> bool:  # _commit_lock held
+        """Persist next_seq = lease in meta (a transaction of its own, once in LEASE blocks)."""
+        try:
+            with self.env.begin(write=True) as txn:
+                txn.put(b"next_seq", U64.pack(lease), db=self.db_meta)
+        except (*DAMAGE, *REFUSED) as e:
+            self._once("lease", logging.WARNING, "store: cannot persist the sequence lease (%s): windows are "
+                       "written before they are sent", e)
+            return False
+        self._logged.discard("lease")
+        self._lease = lease
+        return True
+
+    def commit(self, *, window: bool = True) -> int:
+        """Commit the open window (unless `window` is false), the staged blocks not yet acknowledged, the
+        deletes of acknowledged blocks and the moves of refused ones: one transaction, durable on return.
+        Returns the number of blocks appended (0 also when it failed: then everything stays pending).
+        Callable from any thread; commits run one at a time."""
         with self._commit_lock:
             with self._lock:
                 if self._damage is not None:
@@ -419,7 +516,7 @@ class Store:
             if self._reserve_at and time.monotonic() >= self._reserve_at:
                 self._reserve()
             with self._lock:
-                sealed = self._seal()
+                sealed = self._seal(window)
             if not sealed:
                 return 0
             written = self._write(sealed)
@@ -479,16 +576,59 @@ class Store:
             c.readings_salvaged += readings
         return (added, readings), False
 
-    def _seal(self) -> Sealed:  # _lock held
-        window, self._window = self._window, Window()
+    def _seal(self, with_window: bool) -> Sealed:  # _lock held
+        batch = EMPTY
+        if with_window:
+            window, self._window = self._window, Window()
+            self._window_start = time.monotonic()
+            self._asked = False
+            batch = window.seal() if window else EMPTY
+        staged, self._staged, self._staged_n = tuple(self._staged.values()), {}, 0
         acked, self._acked = tuple(self._acked), []
         rejecting, self._rejecting = tuple(self._rejecting), []
-        self._window_start = time.monotonic()
-        self._asked = False
+        unstored, self._unstored = frozenset(self._unstored), set()
         self._settling = frozenset(b.seq for b in acked) | frozenset(b.seq for b, _ in rejecting)
-        return Sealed(window.seal() if window else EMPTY, acked, rejecting,
-                      frozenset(self._in_flight) | self._settling, self.next_seq,
-                      tuple(self._totals().items()))
+        return Sealed(batch, staged, acked, rejecting, unstored, frozenset(self._in_flight) | self._settling,
+                      self.next_seq, tuple(self._totals().items()))
+
+    def _unseal(self, s: Sealed) -> None:  # both locks held
+        """A commit that wrote nothing: its readings and staged blocks back in RAM (a staged block
+        acknowledged or refused meanwhile is settled as such), its deletes and moves pending again."""
+        self._window.prepend(s.batch)
+        acked = {b.seq for b in self._acked}
+        refused = {b.seq for b, _ in self._rejecting}
+        c = self.counters
+        for b in s.staged:
+            if b.seq in acked:  # acknowledged while it was being written: it never was
+                self._acked = [a for a in self._acked if a.seq != b.seq]
+                c.blocks_direct += 1
+                c.readings_direct += b.n
+            elif b.seq in refused:
+                self._unstored.add(b.seq)
+            else:
+                self._staged[b.seq] = b
+                self._staged_n += b.n
+        self._staged = dict(sorted(self._staged.items()))
+        self._acked[:0] = s.acked
+        self._rejecting[:0] = s.rejecting
+        self._unstored |= s.unstored
+        self._trim_staged()
+
+    def _trim_staged(self) -> None:  # _lock held
+        """RAM stays bounded while commits fail: beyond max_buffer, the oldest staged blocks not in
+        flight are dropped (counted)."""
+        c = self.counters
+        for seq in list(self._staged):
+            if self._staged_n + len(self._window) <= self.max_buffer:
+                break
+            if seq in self._in_flight:
+                continue
+            b = self._staged.pop(seq)
+            self._staged_n -= b.n
+            c.blocks_dropped += 1
+            c.readings_dropped += b.n
+            self._once("ram", logging.ERROR, "store: commits failing, RAM buffer full: dropping the "
+                       "oldest readings (counted in readings_dropped)")
 
     def _settle(self, s: Sealed, w: Written) -> int:  # both locks held
         self._settling = frozenset()
@@ -497,13 +637,11 @@ class Store:
         c = self.counters
         self._count_drops(w)
         if w.damage is not None:
-            self._window.prepend(s.batch)  # the window's readings go to the fresh store
+            self._unseal(s)  # the window's readings and the staged blocks go to the fresh store
             self._recover(w.damage)
             return 0
         if w.error is not None:
-            self._window.prepend(s.batch)
-            self._acked[:0] = s.acked
-            self._rejecting[:0] = s.rejecting
+            self._unseal(s)
             c.commit_failures += 1
             self._once("commit", logging.ERROR, "store: commit failed (%s): readings kept in RAM, dropping "
                        "the oldest blocks to make room", w.error)
@@ -515,8 +653,9 @@ class Store:
         c.blocks_rejected += w.moved_blocks
         c.readings_rejected += w.moved_readings
         c.rejected_trimmed += w.trimmed
-        c.backlog_blocks += len(w.appended) - len(s.acked) - len(s.rejecting)
-        c.backlog_readings += sum(w.appended) - sum(b.n for b in s.acked) - sum(b.n for b, _ in s.rejecting)
+        stored = [b for b, _ in s.rejecting if b.seq not in s.unstored]  # refused, out of the queue now
+        c.backlog_blocks += len(w.appended) - len(s.acked) - len(stored)
+        c.backlog_readings += sum(w.appended) - sum(b.n for b in s.acked) - sum(b.n for b in stored)
         self.next_seq = w.next_seq
         self._oldest_ts = w.oldest_ts
         if w.trimmed:
@@ -541,7 +680,8 @@ class Store:
     # -- the worker thread's part: Sealed in, Written out --------------------------------------------
 
     def _write(self, s: Sealed) -> Written:
-        blocks = self._pack(s.batch)
+        blocks = [(b.seq, b.n, b.value) for b in s.staged]
+        blocks += [(seq, n, value) for seq, (n, value) in enumerate(self._pack(s.batch), s.next_seq)]
         try:
             w = self._transaction(s, blocks, time.perf_counter())
         except DAMAGE as e:
@@ -572,45 +712,47 @@ class Store:
                 self._per_block = max(1, min(10_000, int(k * MAX_VALUE * 0.92 / len(value))))
         return out
 
-    def _transaction(self, s: Sealed, blocks: list[tuple[int, bytes]], t0: float) -> Written:
+    def _transaction(self, s: Sealed, blocks: list[tuple[int, int, bytes]], t0: float) -> Written:
         totals = dict(s.totals)
         meta: dict[bytes, int] = {}
         with self.env.begin(write=True) as txn:
             for b in s.acked:
                 txn.delete(b.key, db=self.db_blocks)
-            moved = [b for b, reason in s.rejecting if self._move_rejected(txn, b, reason)]
+            moved = [b for b, reason in s.rejecting
+                     if self._move_rejected(txn, b, reason, stored=b.seq not in s.unstored)]
             if moved:
                 meta[b"blocks_rejected"] = totals["blocks_rejected"] + len(moved)
                 meta[b"readings_rejected"] = totals["readings_rejected"] + sum(b.n for b in moved)
-            new_pages = sum(pages_of(v) for _, v in blocks)
+            new_pages = sum(pages_of(v) for _, _, v in blocks)
             trimmed, dropped, readings = self._watermark(txn, new_pages, s.protected)
             if trimmed:
                 meta[b"rejected_trimmed"] = totals["rejected_trimmed"] + trimmed
             if dropped:
                 meta[b"blocks_dropped"] = totals["blocks_dropped"] + len(dropped)
                 meta[b"readings_dropped"] = totals["readings_dropped"] + readings
-            seq = s.next_seq
-            for n, value in blocks:
+            for seq, n, value in blocks:
                 txn.put(key_of(seq, n), value, db=self.db_blocks, append=True)
-                seq += 1
-            if s.acked or s.rejecting or dropped:
+            seq = s.next_seq + len(blocks) - len(s.staged)
+            if (s.acked or s.rejecting or dropped) and seq > self._lease:
                 last = txn.cursor(db=self.db_blocks)
                 if not last.last() or last.key() < FIRST_KEY or parse_key(last.key())[0] + 1 < seq:
                     meta[b"next_seq"] = seq  # the newest block is gone: its key no longer tells it
             for k, v in meta.items():
                 txn.put(k, U64.pack(v), db=self.db_meta)
             oldest = oldest_ts(txn, self.db_blocks)
+        if b"next_seq" in meta:
+            self._lease = seq
         seconds = time.perf_counter() - t0
         notes: tuple[str, ...] = ()
         if len(meta) > (b"next_seq" in meta):
             totals.update({k.decode(): v for k, v in meta.items() if k != b"next_seq"})
             problem = self.files.save_totals(totals)
             notes = (f"totals: {problem}",) if problem else ()
-        return Written(tuple(n for n, _ in blocks), seq, len(moved), sum(b.n for b in moved), trimmed,
+        return Written(tuple(n for _, n, _ in blocks), seq, len(moved), sum(b.n for b in moved), trimmed,
                        dropped, readings, oldest, seconds, notes=notes)
 
-    def _move_rejected(self, txn: lmdb.Transaction, block: Block, reason: str) -> bool:
-        if not txn.delete(block.key, db=self.db_blocks):
+    def _move_rejected(self, txn: lmdb.Transaction, block: Block, reason: str, *, stored: bool) -> bool:
+        if not txn.delete(block.key, db=self.db_blocks) and stored:
             return False
         raw = reason.encode()[:1000]
         txn.put(block.key, struct.pack("<H", len(raw)) + raw + block.value, db=self.db_rejected)
@@ -681,28 +823,35 @@ class Store:
     # -- forwarder side ----------------------------------------------------------------------------
 
     def take(self, limit: int) -> list[Block]:
-        """The oldest blocks not yet in flight (at most `limit`), marked in flight. A block that fails its
-        checksum is moved aside (rejected, reason "corrupt") instead of being returned."""
+        """The oldest blocks not yet in flight (at most `limit`), marked in flight: the stored ones, then
+        the staged ones. A block that fails its checksum is moved aside (rejected, reason "corrupt")
+        instead of being returned."""
         out: list[Block] = []
         with self._lock:
             if self._damage is not None:
                 return out
             skip = (self._in_flight | self._settling | {b.seq for b in self._acked}
                     | {b.seq for b, _ in self._rejecting})
-            try:
-                with self.env.begin(db=self.db_blocks, buffers=True) as txn:
-                    for key, value in queue_items(txn):
-                        seq, n = parse_key(key)
-                        if seq in skip:
-                            continue
-                        block = self._checked(Block(seq, n, bytes(value)), key)
-                        if block is not None:
-                            out.append(block)
-                            if len(out) >= limit:
-                                break
+            try:  # (a read transaction writes to lock.mdb, so none while nothing is stored)
+                if self.counters.backlog_blocks > 0:
+                    with self.env.begin(db=self.db_blocks, buffers=True) as txn:
+                        for key, value in queue_items(txn):
+                            seq, n = parse_key(key)
+                            if seq in skip:
+                                continue
+                            block = self._checked(Block(seq, n, bytes(value)), key)
+                            if block is not None:
+                                out.append(block)
+                                if len(out) >= limit:
+                                    break
             except DAMAGE as e:
                 self._damage = str(e)  # recovered from at the next commit, when no write is running
                 return []
+            for seq, block in self._staged.items():
+                if len(out) >= limit:
+                    break
+                if seq not in skip:
+                    out.append(block)
             self._in_flight.update(b.seq for b in out)
         return out
 
@@ -727,7 +876,13 @@ class Store:
                     self._in_flight.discard(b.seq)
                     c.blocks_forwarded += 1
                     c.readings_forwarded += b.n
-                    self._acked.append(b)
+                    if self._staged.pop(b.seq, None) is None:
+                        self._acked.append(b)
+                    else:  # memory-first: it never reaches the flash
+                        self._staged_n -= b.n
+                        c.blocks_direct += 1
+                        c.readings_direct += b.n
+            self._staged_settled()
 
     def reject(self, blocks: Sequence[Block], reason: str) -> None:
         """Refused by the receiver: moved to `rejected` in the next commit, kept for inspection."""
@@ -736,6 +891,16 @@ class Store:
                 if b.seq in self._in_flight:
                     self._in_flight.discard(b.seq)
                     self._rejecting.append((b, reason))
+                    if self._staged.pop(b.seq, None) is not None:
+                        self._staged_n -= b.n
+                        self._unstored.add(b.seq)
+            self._staged_settled()
+
+    def _staged_settled(self) -> None:  # _lock held
+        """Wake the commit loop waiting for the staged blocks' acknowledgements once none is left."""
+        if not self._staged and self._all_acked is not None:
+            loop, event = self._all_acked
+            loop.call_soon_threadsafe(event.set)
 
     def keep(self, blocks: Sequence[Block]) -> None:
         """Not delivered (connection lost): back in the queue, taken again later, oldest first."""
@@ -747,7 +912,8 @@ class Store:
 
     def snapshot(self) -> StoreSnapshot:
         with self._lock:
-            return StoreSnapshot(replace(self.counters), self._oldest_ts, self.interval, len(self._window))
+            return StoreSnapshot(replace(self.counters), self._oldest_ts, self.interval,
+                                 len(self._window) + self._staged_n)
 
     def pending(self) -> int:
         """Readings in the open window (RAM)."""
@@ -758,10 +924,13 @@ class Store:
         """Commit the open window and close; a clean close clears the unclean-start marker."""
         self.commit()
         with self._commit_lock, self._lock:
-            lost = len(self._window)
+            lost = len(self._window) + self._staged_n
             if lost:
                 self.counters.readings_dropped += lost
                 log.error("store: %d readings could not be committed at stop and are lost", lost)
+            elif self._lease > self.next_seq:  # hand the lease back: the next start goes on without a gap
+                with contextlib.suppress(*DAMAGE, *REFUSED), self.env.begin(write=True) as txn:
+                    txn.put(b"next_seq", U64.pack(self.next_seq), db=self.db_meta)
             self.env.close()
             self.files.marker.unlink(missing_ok=True)
 

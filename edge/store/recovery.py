@@ -77,6 +77,7 @@ class Opened:
     totals: dict[str, int]
     oldest_ts: int | None
     corrupt: list[Block] = field(default_factory=list)  # blocks failing their CRC (a full read only)
+    lease: int = 0  # next_seq as persisted in meta
 
 
 class Files:
@@ -177,7 +178,8 @@ def _load(o: Opened, appliance_id: str, fresh: bool) -> None:
         if rejected_last.last():
             last = max(last, parse_key(rejected_last.key())[0])
         o.oldest_ts = oldest_ts(txn, o.blocks)
-    o.next_seq = max(U64.unpack(meta[b"next_seq"])[0], last + 1)
+    o.lease = U64.unpack(meta[b"next_seq"])[0]
+    o.next_seq = max(o.lease, last + 1)
     o.totals = {name: U64.unpack(meta.get(name.encode(), bytes(8)))[0] for name in PERSISTED}
 
 
