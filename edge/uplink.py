@@ -15,6 +15,8 @@ Topics (prefix from [uplink] topic_prefix, default "edge"):
 Outcome of a block, from the broker's PUBACK (MQTT 5 reason codes):
 
     reason < 0x80 (success)          store.accept: deleted at the next commit
+    reason 0x10 (no matching         with [uplink] require_subscriber: store.keep, sent again after a
+    subscribers)                     pause (1 s, doubling up to NO_SUBSCRIBER_MAX); else a success
     reason >= 0x80 (e.g. 0x87 not    store.reject: moved aside, counted, never retried
     authorized, 0x97 quota)
     no PUBACK (timeout, connection   store.keep: taken again after reconnecting, oldest first
@@ -61,6 +63,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge.uplink")
 MAX_OUTBOX = 16  # results waiting for a connection; the oldest go first
 STOP_WAIT = 15.0  # seconds a stop waits at most for in-flight publishes (systemd's TimeoutStopSec is 45)
+NO_SUBSCRIBERS = 0x10  # PUBACK reason code: accepted, but nobody subscribes: dropped by the broker
+NO_SUBSCRIBER_MAX = 60.0  # seconds between attempts at most while nobody subscribes
 UNKNOWN_TAG = Tag(0, "?", "", 0, "", device="?")  # a reading of a tag no longer in the config
 
 
@@ -178,6 +182,9 @@ class Uplink:
         self.stopping = False
         self._stop = asyncio.Event()
         self._failures = 0
+        self._held_until = 0.0  # require_subscriber: no block taken before (monotonic)
+        self._unheard = 0  # blocks in a row that found no subscriber
+        self._rounds = 0  # rounds of sending in a row that found none
 
     async def run(self) -> None:
         """Connect, forward, and on any connection problem back off and try again, until cancelled."""
@@ -321,6 +328,9 @@ class Uplink:
             while not self.stopping and not failure:
                 self.wake.clear()
                 free = self.cfg.max_inflight - len(pending)
+                held = self._held_until - time.monotonic()
+                if held > 0:
+                    free = 0
                 if rate:
                     now = time.monotonic()
                     tokens, filled = min(max(1.0, rate), tokens + (now - filled) * rate), now
@@ -339,9 +349,11 @@ class Uplink:
                 if blocks:
                     continue
                 throttled = bool(rate) and tokens < 1.0  # not drained, maybe: held back by drain_rate
-                if self.policy().session_interval and not pending and not throttled:
+                if self.policy().session_interval and not pending and not throttled and held <= 0:
                     return  # low power: drained, end the session
                 wait = min(1.0, (1.0 - tokens) / rate) if throttled else 1.0
+                if held > 0:
+                    wait = min(wait, held)
                 with contextlib.suppress(TimeoutError):  # a commit or a PUBACK sets wake
                     async with asyncio.timeout(wait):
                         await self.wake.wait()
@@ -362,9 +374,12 @@ class Uplink:
             self.stats.bytes_published += sum(len(part) for part in parts)
             try:
                 reason = 0
+                unheard = self.cfg.require_subscriber and self.cfg.protocol == "5"
                 while parts and reason < 0x80:  # a block's parts in order, each acknowledged
                     publishing = client.publish_acked(self.topic_data, parts.pop(0), self.cfg.publish_timeout)
                     reason = await publishing
+                    if reason == NO_SUBSCRIBERS and unheard:
+                        break
             except mqtt.PUBLISH_ERRORS as e:
                 self.store.keep([block])
                 self.stats.kept += 1
@@ -373,7 +388,11 @@ class Uplink:
             except asyncio.CancelledError:
                 self.store.keep([block])
                 raise
-            if reason >= 0x80:
+            if reason == NO_SUBSCRIBERS and unheard:
+                self.store.keep([block])
+                self.stats.kept += 1
+                self._no_subscriber(block)
+            elif reason >= 0x80:
                 self.store.reject([block], f"broker refused: reason code {reason:#04x}")
                 self.stats.rejected += 1
                 log.warning("uplink: broker refused block %d (reason %#04x); kept aside in the store",
@@ -384,5 +403,24 @@ class Uplink:
                 self.stats.readings_delivered += block.n
                 self.stats.last_delivery = time.time()
                 self.stats.last_progress = time.monotonic()
+                if self._unheard:
+                    log.info("uplink: %s has a subscriber again after %d blocks found none",
+                             self.topic_data, self._unheard)
+                    self._unheard = self._rounds = 0
         finally:
             self.wake.set()
+
+    def _no_subscriber(self, block: Block) -> None:
+        """[uplink] require_subscriber: nobody reads the data topic, so the broker dropped the block; it
+        stays in the store and no block goes out before a pause, doubling at each round that finds none."""
+        self._unheard += 1
+        now = time.monotonic()
+        if now < self._held_until:
+            return  # a block of the same round: paused already
+        pause = min(NO_SUBSCRIBER_MAX, 2.0 ** min(self._rounds, 6))
+        if not self._rounds:
+            log.warning("uplink: no subscriber for %s (PUBACK 0x10): block %d and the rest stay in the "
+                        "store; trying again in %.0f s, then up to every %.0f s", self.topic_data, block.seq,
+                        pause, NO_SUBSCRIBER_MAX)
+        self._rounds += 1
+        self._held_until = now + pause

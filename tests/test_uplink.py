@@ -171,6 +171,46 @@ def test_drain_rate_caps_how_fast_a_backlog_goes_out(tmp_path: Path) -> None:
     assert capped >= 1.9 and free < capped / 2, (capped, free)
 
 
+def test_require_subscriber_keeps_blocks_nobody_would_read(tmp_path: Path) -> None:
+    """A broker with no subscriber for the data topic acknowledges with 0x10 and drops the message. With
+    require_subscriber the blocks stay stored until a subscriber comes, then each arrives; without it,
+    in the same run, they are acknowledged and gone."""
+    def run(require: bool, name: str) -> tuple[Uplink, Subscriber, Store, int]:
+        broker_ctx = start_broker(tmp_path / f"mqtt-{name}")
+        broker = broker_ctx.__enter__()
+        store, first = filled_store(tmp_path / f"store-{name}", 10, 5)
+        uplink = Uplink(uplink_config(broker.port, require_subscriber=require), store)
+        sub: list[Subscriber] = []
+
+        async def main() -> None:
+            task = asyncio.create_task(uplink.run())
+            await until(lambda: uplink.stats.kept >= 1 or uplink.stats.acked >= 10)
+            if require:
+                assert uplink.stats.acked == 0 and store.snapshot().counters.backlog_blocks == 10
+            sub.append(Subscriber(broker.port, "edge/u1/data"))  # the consumer arrives
+            await until(lambda: uplink.stats.acked >= 10)
+            uplink.stop()
+            await asyncio.wait_for(task, 20)
+
+        try:
+            asyncio.run(main())
+            store.commit()
+        finally:
+            broker_ctx.__exit__(None, None, None)
+        return uplink, sub[0], store, first
+
+    uplink, sub, store, first = run(True, "required")
+    sub.wait(lambda s: len(received(s)) >= 10)
+    sub.close()
+    assert sorted(received(sub)) == seqs(first, 10) and uplink.stats.kept >= 1
+    assert store.snapshot().counters.backlog_blocks == 0
+    store.close()
+    uplink, sub, store, _ = run(False, "not-required")
+    sub.close()
+    assert uplink.stats.kept == 0 and not received(sub)  # acknowledged, and dropped by the broker
+    store.close()
+
+
 def test_a_block_above_the_brokers_limit_goes_out_in_parts(tmp_path: Path) -> None:
     """mosquitto with message_size_limit 16000: 3 blocks of 400 readings (about 30 KB as one message) sent
     whole never get through (the broker drops the connection at each, the block is kept and sent again:

@@ -147,6 +147,7 @@ class UplinkConfig:
     protocol: str = "5"  # MQTT "5" or "3.1.1" (brokers that speak only that)
     drain_rate: float = 0.0  # messages a second the backlog is sent at, at most (0: as fast as acked)
     max_message_bytes: int = 128 << 10  # a block's message above this goes out in parts
+    require_subscriber: bool = False  # PUBACK 0x10 (no matching subscribers): keep the block, retry later
 
 
 @dataclass(frozen=True, slots=True)

@@ -324,6 +324,7 @@ def _uplink(r: Reader) -> UplinkConfig:
         protocol=r.text("protocol", "5", choices=("5", "3.1.1")),
         drain_rate=r.number("drain_rate", 0.0, lo=0.0, hi=10_000.0),
         max_message_bytes=r.size("max_message_bytes", 128 << 10, lo=4096),
+        require_subscriber=r.flag("require_subscriber", False),
     )
     if 0 < u.health_interval < 1:
         r.fail("health_interval", f"{u.health_interval} s: 0 (no health messages) or at least 1 s")
