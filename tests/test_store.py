@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,6 +26,7 @@ from edge.reading import Reading
 from edge.store import Store, decode_block, encode_block
 from edge.store.block import Window
 from edge.store.layout import MAX_VALUE, parse_key, queue_items
+from tests.store_writer import noisy_reading
 
 T0 = 1_790_000_000_000_000_000
 
@@ -275,6 +277,62 @@ def test_memory_first_acknowledged_blocks_never_reach_the_flash(tmp_path: Path) 
     s.close()
     s = Store(cfg(tmp_path), "a")
     assert s.next_seq == next_seq, "a clean close hands the unused lease back: no gap"
+    s.close()
+
+
+def test_a_refused_staged_block_outlives_a_damaged_commit(tmp_path: Path) -> None:
+    """No store holds a staged block: refused by the broker, then the commit finds damage, it goes to
+    the fresh store's `rejected`, counted, not nowhere."""
+    s = Store(cfg(tmp_path), "a")
+    s.add(readings(30))
+    s.stage()
+    (b,) = s.take(10)
+    s.reject([b], "broker refused: quota")
+    write = s._transaction
+
+    def damaged(*args: Any) -> Any:
+        raise lmdb.CorruptedError("simulated")
+
+    s._transaction = damaged  # type: ignore[method-assign]
+    s.commit(window=False)
+    s._transaction = write  # type: ignore[method-assign]
+    s.commit()
+    with s.env.begin(db=s.db_rejected) as txn:
+        assert [parse_key(k)[0] for k, _ in txn.cursor()] == [b.seq]
+    assert (s.counters.blocks_rejected, s.counters.readings_rejected) == (1, 30)
+    s.close()
+
+
+def test_a_block_acknowledged_while_the_watermark_drops_it_is_counted_once(tmp_path: Path) -> None:
+    """The oldest block, taken and acknowledged while a commit that drops it at the high watermark is
+    being written: the backlog counter stays exact, and take() finds every stored block to the end."""
+    s = Store(cfg(tmp_path, map_size=1 << 20, commit_bytes=1024), "a")
+    i = 0
+    while s.counters.blocks_dropped == 0:
+        s.add([noisy_reading(j) for j in range(i, i + 400)])
+        i += 400
+        s.commit()
+    write = s._transaction
+
+    def during_write(*args: Any) -> Any:  # the uplink, on its thread, while the worker writes
+        s.accept(s.take(1))
+        return write(*args)
+
+    s._transaction = during_write  # type: ignore[method-assign]
+    dropped = s.counters.blocks_dropped
+    while s.counters.blocks_dropped == dropped:
+        s.add([noisy_reading(j) for j in range(i, i + 4000)])
+        i += 4000
+        s.commit()
+    s._transaction = write  # type: ignore[method-assign]
+    s.commit()
+    with s.env.begin(db=s.db_blocks) as txn:
+        assert s.counters.backlog_blocks == sum(1 for _ in queue_items(txn))
+    while blocks := s.take(1):
+        s.accept(blocks)
+        s.commit(window=False)
+    with s.env.begin(db=s.db_blocks) as txn:
+        assert s.counters.backlog_blocks == 0 and not list(queue_items(txn))
     s.close()
 
 

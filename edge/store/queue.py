@@ -182,6 +182,7 @@ class Written:
     next_seq: int = 0
     moved_blocks: int = 0  # refused blocks moved to `rejected`
     moved_readings: int = 0
+    gone: tuple[int, int] = (0, 0)  # (blocks, readings) acknowledged or refused that left the queue
     trimmed: int = 0  # refused blocks dropped to keep room
     dropped: tuple[int, ...] = ()  # sequence numbers of the blocks dropped (watermark or failure)
     dropped_readings: int = 0
@@ -215,6 +216,8 @@ class Store:
         self._staged: dict[int, Block] = {}  # sealed, in RAM, not written: memory-first (stage())
         self._staged_n = 0  # readings in them
         self._unstored: set[int] = set()  # refused staged blocks (in _rejecting): not in the queue
+        self._queue_empty = False  # a read found no stored block and none was stored since: take() reads
+        # nothing (a read transaction writes this process's reader slot in lock.mdb, a page on the card)
         self._all_acked: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None  # set: none staged
         self._in_flight: set[int] = set()
         self._settling: frozenset[int] = frozenset()
@@ -289,6 +292,7 @@ class Store:
         for name, value in o.totals.items():
             setattr(c, name, value)
         self._oldest_ts = o.oldest_ts
+        self._queue_empty = False
         self._rejecting.extend((b, "corrupt: block checksum mismatch") for b in o.corrupt)
         self._reserve()
 
@@ -338,8 +342,7 @@ class Store:
         c.backlog_blocks = c.backlog_readings = 0
         self._in_flight.clear()
         self._acked.clear()
-        self._rejecting.clear()
-        self._unstored.clear()
+        self._keep_unstored()
         self.env.close()
         self._usable()
         if not (self.path / "data.mdb").exists():
@@ -355,8 +358,15 @@ class Store:
         for name, value in totals.items():  # the totals are the appliance's, not the file's
             setattr(c, name, max(value, getattr(c, name)))
         self.next_seq = max(seq, opened.next_seq)  # never a sequence number used before
+        if self.next_seq > self._lease:  # numbers sent from RAM: persisted in the file found now
+            self._extend_lease(self.next_seq + LEASE)
         if problem := self.files.save_totals(self._totals()):
             log.warning("store: %s", problem)
+
+    def _keep_unstored(self) -> None:  # _lock held
+        """The refusals still to settle, but those of staged blocks: no store holds those, so they go to
+        the next one's `rejected`."""
+        self._rejecting = [(b, r) for b, r in self._rejecting if b.seq in self._unstored]
 
     def recover(self, reason: str) -> None:
         """Damage found: move the store aside and continue with a fresh one. Its backlog is counted as
@@ -371,8 +381,7 @@ class Store:
         c.backlog_blocks = c.backlog_readings = 0
         self._in_flight.clear()  # blocks taken before: accept/reject/keep of them are ignored
         self._acked.clear()
-        self._rejecting.clear()
-        self._unstored.clear()
+        self._keep_unstored()
         self._damage = None
         self.env.close()
         self._move_aside(reason)
@@ -440,17 +449,18 @@ class Store:
                     staged = await asyncio.to_thread(self.stage)
                     if staged:
                         committed()
-                        await self._until_acked(acked)
+                        await self._until_acked(acked, policy, asked)
                 if await asyncio.to_thread(self.commit, window=not staged):
                     committed()
         finally:
             self._wake = None
             self._all_acked = None
 
-    async def _until_acked(self, acked: asyncio.Event) -> None:
-        """Until every staged block was acknowledged (or refused), or ack_wait has passed; beating."""
+    async def _until_acked(self, acked: asyncio.Event, policy: Callable[[], Policy], asked: int) -> None:
+        """Until every staged block was acknowledged (or refused), ack_wait has passed, or the policy asks
+        for a commit now (checked every second); beating."""
         end = time.monotonic() + self.cfg.ack_wait
-        while (left := end - time.monotonic()) > 0:
+        while (left := end - time.monotonic()) > 0 and policy().commit_now == asked:
             self.beat = time.monotonic()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(left, 1.0)):
@@ -574,6 +584,7 @@ class Store:
             c.backlog_readings += readings
             c.blocks_salvaged += added
             c.readings_salvaged += readings
+            self._queue_empty &= not added
         return (added, readings), False
 
     def _seal(self, with_window: bool) -> Sealed:  # _lock held
@@ -653,9 +664,11 @@ class Store:
         c.blocks_rejected += w.moved_blocks
         c.readings_rejected += w.moved_readings
         c.rejected_trimmed += w.trimmed
-        stored = [b for b, _ in s.rejecting if b.seq not in s.unstored]  # refused, out of the queue now
-        c.backlog_blocks += len(w.appended) - len(s.acked) - len(stored)
-        c.backlog_readings += sum(w.appended) - sum(b.n for b in s.acked) - sum(b.n for b in stored)
+        # a block dropped at the watermark before its delete or move is counted in w.dropped, not here
+        c.backlog_blocks += len(w.appended) - w.gone[0]
+        c.backlog_readings += sum(w.appended) - w.gone[1]
+        if w.appended:
+            self._queue_empty = False
         self.next_seq = w.next_seq
         self._oldest_ts = w.oldest_ts
         if w.trimmed:
@@ -716,10 +729,10 @@ class Store:
         totals = dict(s.totals)
         meta: dict[bytes, int] = {}
         with self.env.begin(write=True) as txn:
-            for b in s.acked:
-                txn.delete(b.key, db=self.db_blocks)
+            gone = [b for b in s.acked if txn.delete(b.key, db=self.db_blocks)]
             moved = [b for b, reason in s.rejecting
                      if self._move_rejected(txn, b, reason, stored=b.seq not in s.unstored)]
+            gone += [b for b in moved if b.seq not in s.unstored]
             if moved:
                 meta[b"blocks_rejected"] = totals["blocks_rejected"] + len(moved)
                 meta[b"readings_rejected"] = totals["readings_rejected"] + sum(b.n for b in moved)
@@ -731,7 +744,8 @@ class Store:
                 meta[b"blocks_dropped"] = totals["blocks_dropped"] + len(dropped)
                 meta[b"readings_dropped"] = totals["readings_dropped"] + readings
             for seq, n, value in blocks:
-                txn.put(key_of(seq, n), value, db=self.db_blocks, append=True)
+                if not txn.put(key_of(seq, n), value, db=self.db_blocks, append=True):
+                    raise StoreDamaged(f"block {seq} does not sort after the newest stored block")
             seq = s.next_seq + len(blocks) - len(s.staged)
             if (s.acked or s.rejecting or dropped) and seq > self._lease:
                 last = txn.cursor(db=self.db_blocks)
@@ -748,8 +762,9 @@ class Store:
             totals.update({k.decode(): v for k, v in meta.items() if k != b"next_seq"})
             problem = self.files.save_totals(totals)
             notes = (f"totals: {problem}",) if problem else ()
-        return Written(tuple(n for _, n, _ in blocks), seq, len(moved), sum(b.n for b in moved), trimmed,
-                       dropped, readings, oldest, seconds, notes=notes)
+        return Written(tuple(n for _, n, _ in blocks), seq, len(moved), sum(b.n for b in moved),
+                       (len(gone), sum(b.n for b in gone)), trimmed, dropped, readings, oldest, seconds,
+                       notes=notes)
 
     def _move_rejected(self, txn: lmdb.Transaction, block: Block, reason: str, *, stored: bool) -> bool:
         if not txn.delete(block.key, db=self.db_blocks) and stored:
@@ -832,10 +847,12 @@ class Store:
                 return out
             skip = (self._in_flight | self._settling | {b.seq for b in self._acked}
                     | {b.seq for b, _ in self._rejecting})
-            try:  # (a read transaction writes to lock.mdb, so none while nothing is stored)
-                if self.counters.backlog_blocks > 0:
+            try:
+                if not self._queue_empty:
+                    seen = 0
                     with self.env.begin(db=self.db_blocks, buffers=True) as txn:
                         for key, value in queue_items(txn):
+                            seen += 1
                             seq, n = parse_key(key)
                             if seq in skip:
                                 continue
@@ -844,6 +861,7 @@ class Store:
                                 out.append(block)
                                 if len(out) >= limit:
                                     break
+                    self._queue_empty = not seen
             except DAMAGE as e:
                 self._damage = str(e)  # recovered from at the next commit, when no write is running
                 return []
@@ -882,7 +900,7 @@ class Store:
                         self._staged_n -= b.n
                         c.blocks_direct += 1
                         c.readings_direct += b.n
-            self._staged_settled()
+                        self._staged_settled()
 
     def reject(self, blocks: Sequence[Block], reason: str) -> None:
         """Refused by the receiver: moved to `rejected` in the next commit, kept for inspection."""
@@ -894,10 +912,10 @@ class Store:
                     if self._staged.pop(b.seq, None) is not None:
                         self._staged_n -= b.n
                         self._unstored.add(b.seq)
-            self._staged_settled()
+                        self._staged_settled()
 
     def _staged_settled(self) -> None:  # _lock held
-        """Wake the commit loop waiting for the staged blocks' acknowledgements once none is left."""
+        """A staged block left: wake the commit loop waiting for their acknowledgements if none is left."""
         if not self._staged and self._all_acked is not None:
             loop, event = self._all_acked
             loop.call_soon_threadsafe(event.set)
@@ -924,7 +942,8 @@ class Store:
         """Commit the open window and close; a clean close clears the unclean-start marker."""
         self.commit()
         with self._commit_lock, self._lock:
-            lost = len(self._window) + self._staged_n
+            lost = len(self._window) + self._staged_n + sum(b.n for b, _ in self._rejecting
+                                                            if b.seq in self._unstored)
             if lost:
                 self.counters.readings_dropped += lost
                 log.error("store: %d readings could not be committed at stop and are lost", lost)
