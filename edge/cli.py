@@ -486,7 +486,30 @@ def parser() -> argparse.ArgumentParser:
     sv = stsub.add_parser("salvage-read", help=argparse.SUPPRESS)  # the store's own child (recovery.py)
     sv.add_argument("aside", type=Path)
     sv.set_defaults(fn=cmd_store_salvage_read)
+    ing = sub.add_parser("ingest", help="a fleet's data messages from MQTT into PostgreSQL, each reading "
+                         "once (needs the ingest extra: psycopg)")
+    ing.add_argument("--dsn", required=True, help='libpq connection string, e.g. "host=db dbname=plant"')
+    ing.add_argument("--host", default="127.0.0.1", help="MQTT broker (default 127.0.0.1)")
+    ing.add_argument("--port", type=int, default=1883)
+    ing.add_argument("--prefix", default="edge", help="the appliances' [uplink] topic_prefix")
+    ing.add_argument("--group", default="ingest", help="shared subscription group ($share/GROUP/...)")
+    ing.add_argument("--client-id", help="stable across restarts (default edge-ingest-<hostname>)")
+    ing.add_argument("--table", default="readings")
+    ing.add_argument("--username")
+    ing.add_argument("--password-file", type=Path)
+    ing.add_argument("--tls-ca", type=Path, help="CA to verify the broker (TLS)")
+    ing.add_argument("--session-expiry", type=int, default=86_400,
+                     help="seconds the broker keeps this session's messages while it is away")
+    ing.add_argument("--receive-maximum", type=int, default=64,
+                     help="unacknowledged messages in flight to this process at most")
+    ing.set_defaults(fn=_ingest)
     return p
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from edge.ingest import cmd_ingest  # noqa: PLC0415 (paho and psycopg: only for this command)
+
+    return cmd_ingest(args)
 
 
 from edge.store import StoreUnavailable  # noqa: E402 (edge.store loads lmdb: here, not at the top)

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -269,6 +270,45 @@ def start_broker(path: Path, port: int | None = None, extra: str = "") -> Iterat
         yield BrokerHandle(proc, port, conf)
     finally:
         _stop(proc)
+
+
+@contextlib.contextmanager
+def start_postgres() -> Iterator[str]:
+    """PostgreSQL from Debian: a private cluster in a temporary directory, on 127.0.0.1:port, trust
+    authentication, user and database "edge"; ready when the server says so. Run as the postgres user
+    when this is root (the server refuses root). Yields the connection string."""
+    bindir = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
+    home = Path(tempfile.mkdtemp(prefix="edge-pg-"))
+    as_pg: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(home, "postgres", "postgres")
+        as_pg = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
+    data, port = home / "data", free_port()
+    proc = None
+    try:
+        subprocess.run([*as_pg, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "edge",
+                        "--no-sync"], check=True, capture_output=True)
+        proc = subprocess.Popen([*as_pg, str(bindir / "postgres"), "-D", str(data), "-k", str(home), "-p",
+                                 str(port), "-c", "listen_addresses=127.0.0.1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert proc.stderr is not None
+        _read_until(proc, proc.stderr, b"ready to accept connections", READY_TIMEOUT)
+        log = home / "postgres.log"
+        threading.Thread(target=lambda: log.write_bytes(proc.stderr.read() if proc and proc.stderr else b""),
+                         daemon=True).start()
+        dsn = f"host=127.0.0.1 port={port} user=edge dbname=postgres"
+        subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "edge", "edge"],
+                       check=True, capture_output=True)
+        yield dsn.replace("dbname=postgres", "dbname=edge")
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # fast shutdown
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 class Subscriber:
