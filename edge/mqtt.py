@@ -71,17 +71,33 @@ class Client(aiomqtt.Client):
 
     async def publish_acked(self, topic: str, payload: bytes, timeout: float) -> int:
         """Publish at QoS 1 and return the PUBACK reason code; raises MqttError if none comes."""
-        info = self._client.publish(topic, payload, qos=1)
+        mid, fut = self.publish_now(topic, payload)
         del payload  # paho keeps its own copy until the PUBACK: one copy in RAM, not two
+        return await self.acked(mid, fut, timeout)
+
+    def publish_unacked(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 0 at once (Sparkplug's births), in this order among publishes."""
+        info = self._client.publish(topic, payload, qos=0)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "could not publish")
+
+    def publish_now(self, topic: str, payload: bytes) -> tuple[int, asyncio.Future[int]]:
+        """Publish at QoS 1 at once (in this order among publishes: Sparkplug's seq), without waiting:
+        (message id, its PUBACK reason code to come), for acked()."""
+        info = self._client.publish(topic, payload, qos=1)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise aiomqtt.MqttCodeError(info.rc, "could not publish")
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.acks[info.mid] = fut
+        return info.mid, fut
+
+    async def acked(self, mid: int, fut: asyncio.Future[int], timeout: float) -> int:
+        """The PUBACK reason code of a publish_now(); raises MqttError if none comes."""
         try:
             waiting: set[asyncio.Future[Any]] = {fut, self._disconnected}
             done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self.acks.pop(info.mid, None)
+            self.acks.pop(mid, None)
         if fut in done:
             return fut.result()
         raise aiomqtt.MqttError("no PUBACK" if not done else "connection lost")
@@ -115,8 +131,9 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
-def connect(config: Config, topic_status: str) -> Client:
-    """A client for [uplink] (entered with `async with`), its will "offline" on topic_status."""
+def connect(config: Config, topic_status: str, will: tuple[str, bytes] | None = None) -> Client:
+    """A client for [uplink] (entered with `async with`), its will "offline" on topic_status, or `will`
+    (topic, payload: Sparkplug's NDEATH)."""
     cfg = config.uplink
     password = None
     if cfg.password_file:
@@ -131,7 +148,8 @@ def connect(config: Config, topic_status: str) -> Client:
     return Client(
         cfg.host, cfg.port, username=cfg.username, password=password, properties=connect_properties,
         identifier=f"edge-{config.appliance.id}", protocol=protocol,
-        will=aiomqtt.Will(topic_status, b"offline", qos=1, retain=True),
+        will=aiomqtt.Will(topic_status, b"offline", qos=1, retain=True) if will is None
+        else aiomqtt.Will(will[0], will[1], qos=1, retain=False),
         keepalive=int(cfg.keepalive), timeout=cfg.publish_timeout,
         tls_context=tls_context(config),
         tls_insecure=False if cfg.tls else None, max_inflight_messages=cfg.max_inflight,

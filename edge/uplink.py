@@ -58,6 +58,7 @@ from edge.store import Block, Store
 if TYPE_CHECKING:
     from edge.mqtt import Client
     from edge.snapshot import Snapshot
+    from edge.sparkplug import Node
     from edge.write import Commands
 
 log = logging.getLogger("edge.uplink")
@@ -171,6 +172,11 @@ class Uplink:
         self.topic_result = f"{prefix}/cmd/result"
         self.topic_config = f"{prefix}/cmd/config"
         self.configure = configure  # a cmd/config message -> its result, or None (posted after the trial)
+        self.sparkplug: Node | None = None
+        if self.cfg.format == "sparkplug_b":
+            from edge.sparkplug import Node  # noqa: PLC0415 (protobuf: only for this format)
+
+            self.sparkplug = Node(config, lambda: time.time_ns() // 1_000_000)
         self.outbox: list[dict[str, Any]] = []  # results to publish on cmd/result (post_result)
         self.topic_health = f"{prefix}/health"
         self.report = report  # the app's snapshot, for the health message (None: no health messages)
@@ -192,17 +198,24 @@ class Uplink:
 
         while not self.stopping:
             try:
-                async with mqtt.connect(self.config, self.topic_status) as client:
+                spb = self.sparkplug
+                will = spb.death() if spb else None  # Sparkplug: NDEATH with a new bdSeq
+                async with mqtt.connect(self.config, self.topic_status, will) as client:
                     commands = None
                     remote = self.commands is not None and self.config.commands.remote
                     pushed = self.configure is not None and self.config.commands.remote_config
-                    for topic, wanted in ((self.topic_write, remote), (self.topic_config, pushed)):
+                    for topic, wanted in ((self.topic_write, remote), (self.topic_config, pushed),
+                                          (spb.topic_ncmd if spb else "", spb is not None)):
                         if wanted:
                             await client.subscribe(topic, qos=1)
-                    if remote or pushed:
+                    if remote or pushed or spb:
                         commands = asyncio.create_task(self._commands(client), name="uplink:commands")
                     self._connected()  # and listening for commands
-                    await client.publish(self.topic_status, b"online", qos=1, retain=True)
+                    if spb:
+                        spb.connected()
+                        self._births(client, spb)
+                    else:
+                        await client.publish(self.topic_status, b"online", qos=1, retain=True)
                     health = asyncio.create_task(self._every_second(client), name="uplink:health")
                     try:
                         await self._forward(client)
@@ -212,7 +225,10 @@ class Uplink:
                                 task.cancel()
                                 with contextlib.suppress(asyncio.CancelledError):
                                     await task
-                    await client.publish(self.topic_status, b"offline", qos=1, retain=True)
+                    if spb:  # a clean stop: the death the will would have brought
+                        await client.publish(*spb.will, qos=1)
+                    else:
+                        await client.publish(self.topic_status, b"offline", qos=1, retain=True)
                 if (session := self.policy().session_interval) and not self.stopping:
                     log.info("uplink: session done (backlog drained); next in %.0f s", session)
                     await self._pause(session)
@@ -233,6 +249,11 @@ class Uplink:
                 payload = raw if isinstance(raw, bytes) else str(raw).encode()
                 result: dict[str, Any] | None
                 try:
+                    if self.sparkplug is not None and topic == self.sparkplug.topic_ncmd:
+                        if self.sparkplug.wants_rebirth(payload):
+                            log.info("uplink: Sparkplug rebirth requested: NBIRTH and DBIRTHs again")
+                            self._births(client, self.sparkplug)
+                        continue
                     if topic == self.topic_write and self.commands is not None:
                         result = await self.commands.handle(payload)
                     elif topic == self.topic_config and self.configure is not None:
@@ -245,6 +266,32 @@ class Uplink:
                 if result is not None:
                     await client.publish(self.topic_result, json.dumps(result, allow_nan=False).encode(),
                                          qos=1)
+
+    @staticmethod
+    def _births(client: Client, spb: Node) -> None:
+        """NBIRTH and the DBIRTHs, stamped and published with nothing in between (seq 0, 1, ...)."""
+        for topic, payload in spb.births():
+            client.publish_unacked(topic, spb.stamp(payload))
+
+    async def _publish(self, client: Client, block: Block) -> int:
+        """A block's messages; the worst PUBACK reason code (JSON: its parts in order, each acknowledged
+        before the next; Sparkplug: its DDATA messages stamped and published at once, then their PUBACKs)."""
+        if self.sparkplug is not None:
+            spb = self.sparkplug
+            messages = [(topic, spb.stamp(p)) for topic, p in spb.data(block)]
+            self.stats.bytes_published += sum(len(data) for _, data in messages)
+            sent = [client.publish_now(topic, data) for topic, data in messages]
+            del messages
+            reasons = [await client.acked(mid, fut, self.cfg.publish_timeout) for mid, fut in sent]
+            return max(reasons, default=0)
+        parts = self.payloads.encode(block)
+        self.stats.bytes_published += sum(len(part) for part in parts)
+        reason = 0
+        while parts and reason < 0x80:  # a block's parts in order, each acknowledged
+            reason = await client.publish_acked(self.topic_data, parts.pop(0), self.cfg.publish_timeout)
+            if reason == NO_SUBSCRIBERS and self.cfg.require_subscriber:
+                break
+        return reason
 
     def post_result(self, result: dict[str, Any]) -> None:
         """A command's result to publish on cmd/result once connected (the end of a config's trial)."""
@@ -369,17 +416,10 @@ class Uplink:
         from edge import mqtt  # noqa: PLC0415 (loaded by run())
 
         try:
-            parts = self.payloads.encode(block)
             self.stats.published += 1
-            self.stats.bytes_published += sum(len(part) for part in parts)
+            unheard = self.cfg.require_subscriber and self.cfg.protocol == "5"
             try:
-                reason = 0
-                unheard = self.cfg.require_subscriber and self.cfg.protocol == "5"
-                while parts and reason < 0x80:  # a block's parts in order, each acknowledged
-                    publishing = client.publish_acked(self.topic_data, parts.pop(0), self.cfg.publish_timeout)
-                    reason = await publishing
-                    if reason == NO_SUBSCRIBERS and unheard:
-                        break
+                reason = await self._publish(client, block)
             except mqtt.PUBLISH_ERRORS as e:
                 self.store.keep([block])
                 self.stats.kept += 1
