@@ -191,6 +191,7 @@ class Uplink:
         self._held_until = 0.0  # require_subscriber: no block taken before (monotonic)
         self._unheard = 0  # blocks in a row that found no subscriber
         self._rounds = 0  # rounds of sending in a row that found none
+        self._host_online = False  # Sparkplug: the primary host's STATE, while connected
 
     async def run(self) -> None:
         """Connect, forward, and on any connection problem back off and try again, until cancelled."""
@@ -201,11 +202,16 @@ class Uplink:
                 spb = self.sparkplug
                 will = spb.death() if spb else None  # Sparkplug: NDEATH with a new bdSeq
                 async with mqtt.connect(self.config, self.topic_status, will) as client:
+                    # with a primary host, data waits for its STATE (which may come with the subscription)
+                    self._host_online = spb is None or not spb.topic_state
                     commands = None
                     remote = self.commands is not None and self.config.commands.remote
                     pushed = self.configure is not None and self.config.commands.remote_config
                     for topic, wanted in ((self.topic_write, remote), (self.topic_config, pushed),
-                                          (spb.topic_ncmd if spb else "", spb is not None)):
+                                          (spb.topic_ncmd if spb else "", spb is not None),
+                                          (spb.topic_dcmd if spb else "", spb is not None and remote),
+                                          (spb.topic_state if spb else "", spb is not None and bool(
+                                              spb.topic_state))):
                         if wanted:
                             await client.subscribe(topic, qos=1)
                     if remote or pushed or spb:
@@ -213,7 +219,8 @@ class Uplink:
                     self._connected()  # and listening for commands
                     if spb:
                         spb.connected()
-                        self._births(client, spb)
+                        if not spb.topic_state:  # else births when the host's STATE says online
+                            self._births(client, spb)
                     else:
                         await client.publish(self.topic_status, b"online", qos=1, retain=True)
                     health = asyncio.create_task(self._every_second(client), name="uplink:health")
@@ -249,10 +256,27 @@ class Uplink:
                 payload = raw if isinstance(raw, bytes) else str(raw).encode()
                 result: dict[str, Any] | None
                 try:
+                    if self.sparkplug is not None and topic == self.sparkplug.topic_state:
+                        online = self.sparkplug.host_online(payload)
+                        if online and not self._host_online:
+                            log.info("uplink: Sparkplug primary host online: births, then data")
+                            self._births(client, self.sparkplug)
+                        elif not online and self._host_online:
+                            log.warning("uplink: Sparkplug primary host offline: data held in the store")
+                        self._host_online = online
+                        self.wake.set()
+                        continue
                     if self.sparkplug is not None and topic == self.sparkplug.topic_ncmd:
                         if self.sparkplug.wants_rebirth(payload):
                             log.info("uplink: Sparkplug rebirth requested: NBIRTH and DBIRTHs again")
                             self._births(client, self.sparkplug)
+                        continue
+                    if (self.sparkplug is not None and self.commands is not None
+                            and topic.startswith(self.sparkplug.dcmd)):
+                        for envelope in self.sparkplug.writes(payload):  # each answered on cmd/result
+                            answer = await self.commands.handle(envelope)
+                            await client.publish(self.topic_result, json.dumps(answer, allow_nan=False)
+                                                 .encode(), qos=1)
                         continue
                     if topic == self.topic_write and self.commands is not None:
                         result = await self.commands.handle(payload)
@@ -378,6 +402,8 @@ class Uplink:
                 held = self._held_until - time.monotonic()
                 if held > 0:
                     free = 0
+                if self.sparkplug is not None and not self._host_online:
+                    free = 0  # the primary host is offline: its data waits in the store
                 if rate:
                     now = time.monotonic()
                     tokens, filled = min(max(1.0, rate), tokens + (now - filled) * rate), now

@@ -135,31 +135,76 @@ def test_writes_land_every_refusal_is_reported_and_a_duplicate_runs_once(tmp_pat
         assert holding(sim, 10, 1) == [5]  # the read-only tag's register is untouched
 
 
+def send_commands(cfg: dict[str, Any], sim: Any, broker_port: int, topic: str,
+                  messages: list[bytes]) -> tuple[Any, list[dict[str, Any]], list[int]]:
+    """Run the appliance, publish `messages` on `topic` once it is connected, wait for as many results
+    on cmd/result: (the appliance, the results, holding registers 0..1 read back afterwards)."""
+    results = Subscriber(broker_port, "edge/w1/cmd/result")  # upstream: commands out, results in
+    try:
+        async def body(app: Any) -> None:
+            await until(lambda: app.uplink.stats.connected)  # connected and subscribed
+            for m in messages:
+                sent = results.client.publish(topic, m, qos=1)
+                await asyncio.to_thread(sent.wait_for_publish, 10)
+            await asyncio.to_thread(results.wait, lambda s: len(s.messages) >= len(messages))
+
+        app = run_app(cfg, body)
+        return app, [json.loads(p) for _, p in results.messages], holding(sim, 0, 2)
+    finally:
+        results.close()
+
+
 def test_remote_write_over_mqtt_through_the_appliance(tmp_path: Path) -> None:
     """cmd/write in, cmd/result out, through mosquitto and `edge run`'s uplink; a redelivered id is
     answered with its first result and not written again."""
     write_map(tmp_path / "map.toml", MAP)
     with start_broker(tmp_path / "mqtt") as broker, start_sim(tmp_path / "map.toml") as sim:
-        cfg = remote_config(tmp_path, sim, broker.port)
-        results = Subscriber(broker.port, "edge/w1/cmd/result")  # upstream: commands out, results in
         m1 = cmd("m1", "d/setpoint", 55.0, by="scada")
-        try:
-            async def body(app: Any) -> None:
-                await until(lambda: app.uplink.stats.connected)  # connected and subscribed
-                for c in (m1, cmd("m2", "d/fixed", 1), cmd("m3", "d/setpoint", 60.0), m1):
-                    sent = results.client.publish("edge/w1/cmd/write", c, qos=1)
-                    await asyncio.to_thread(sent.wait_for_publish, 10)
-                await asyncio.to_thread(results.wait, lambda s: len(s.messages) >= 4)
-
-            app = run_app(cfg, body)
-            got = [json.loads(p) for _, p in results.messages]
-            after = holding(sim, 0, 2)
-        finally:
-            results.close()
+        app, got, after = send_commands(remote_config(tmp_path, sim, broker.port), sim, broker.port,
+                                        "edge/w1/cmd/write",
+                                        [m1, cmd("m2", "d/fixed", 1), cmd("m3", "d/setpoint", 60.0), m1])
     assert [(r["id"], r["ok"], r.get("error")) for r in got] == [
         ("m1", True, None), ("m2", False, "not writable"), ("m3", True, None), ("m1", True, None)]
     assert after == [0x4270, 0]  # 60.0: m3 landed and the redelivered m1 (55.0) did not run again
     assert (app.commands.executed, app.commands.refused) == (2, 1)  # edge_writes_total{result=...}
+
+
+def _pb(number: int, wire: int, value: bytes | int) -> bytes:
+    """One protobuf field, encoded here by hand (the Sparkplug B specification's field numbers)."""
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append(n & 0x7F | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+    key = varint(number << 3 | wire)
+    if isinstance(value, int):
+        return key + varint(value)
+    return key + varint(len(value)) + value
+
+
+def dcmd(*metrics: tuple[str, bytes]) -> bytes:
+    """A DCMD Payload whose metrics are String metrics (name, value)."""
+    return b"".join(_pb(2, 2, _pb(1, 2, name.encode()) + _pb(4, 0, 12) + _pb(15, 2, value))
+                    for name, value in metrics)
+
+
+def test_a_sparkplug_dcmd_write_takes_the_same_checked_path(tmp_path: Path) -> None:
+    """[uplink] format = "sparkplug_b": a DCMD's "Edge Command/Write" metric carries a signed command; it
+    is checked and answered like cmd/write, and lands; an unsigned Sparkplug write (a metric by its tag
+    name) and a payload that is not protobuf are refused, and write nothing."""
+    write_map(tmp_path / "map.toml", MAP)
+    with start_broker(tmp_path / "mqtt") as broker, start_sim(tmp_path / "map.toml") as sim:
+        cfg = remote_config(tmp_path, sim, broker.port)
+        cfg["uplink"] |= {"format": "sparkplug_b", "sparkplug_group": "plant"}
+        app, got, after = send_commands(cfg, sim, broker.port, "spBv1.0/plant/DCMD/w1/d", [
+            dcmd(("setpoint", b"99")), b"\xff\xff not protobuf",
+            dcmd(("Edge Command/Write", cmd("s1", "d/setpoint", 42.5)))])
+    assert [(r["id"], r["ok"], r.get("error")) for r in got] == [
+        (None, False, "bad command"), (None, False, "bad command"), ("s1", True, None)]
+    assert after == [0x422A, 0]  # 42.5
+    assert (app.commands.executed, app.commands.refused) == (1, 2)
 
 
 def remote_config(tmp: Path, sim: Any, broker_port: int) -> dict[str, Any]:

@@ -144,6 +144,7 @@ class UplinkConfig:
     publish_timeout: float = 10.0
     format: str = "json"  # "json" (docs/payload.md) or "sparkplug_b" (edge.sparkplug)
     sparkplug_group: str = "edge"  # Sparkplug B group id
+    sparkplug_host: str = ""  # the primary host application's id: data held while its STATE is offline
     health_interval: float = 60.0  # seconds between health messages (0: none)
     protocol: str = "5"  # MQTT "5" or "3.1.1" (brokers that speak only that)
     drain_rate: float = 0.0  # messages a second the backlog is sent at, at most (0: as fast as acked)

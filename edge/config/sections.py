@@ -322,6 +322,7 @@ def _uplink(r: Reader) -> UplinkConfig:
         format=r.text("format", r.text("payload", "json", choices=("json",)),  # payload: the older spelling
                       choices=("json", "sparkplug_b")),
         sparkplug_group=r.text("sparkplug_group", "edge"),
+        sparkplug_host=r.text("sparkplug_host", ""),
         health_interval=r.duration("health_interval", 60.0, hi=86400.0),
         protocol=r.text("protocol", "5", choices=("5", "3.1.1")),
         drain_rate=r.number("drain_rate", 0.0, lo=0.0, hi=10_000.0),
@@ -334,8 +335,9 @@ def _uplink(r: Reader) -> UplinkConfig:
         r.fail("topic_prefix", f"invalid MQTT topic prefix {u.topic_prefix!r} (no #, +, leading /)")
     if u.backoff_min > u.backoff_max:
         r.fail("backoff_min", f"{u.backoff_min} s exceeds backoff_max {u.backoff_max} s")
-    if any(c in u.sparkplug_group for c in "/#+"):
-        r.fail("sparkplug_group", f"{u.sparkplug_group!r}: a Sparkplug id has no /, # or +")
+    for key in ("sparkplug_group", "sparkplug_host"):
+        if any(c in getattr(u, key) for c in "/#+"):
+            r.fail(key, f"{getattr(u, key)!r}: a Sparkplug id has no /, # or +")
     r.done()
     return u
 

@@ -19,6 +19,15 @@ Topics (namespace spBv1.0, group [uplink] sparkplug_group, node id = the applian
                                             a value is is_null, a quality other than good is property
                                             "quality"
     spBv1.0/<group>/NCMD/<node>             Node Control/Rebirth = true: NBIRTH and every DBIRTH again
+    spBv1.0/<group>/DCMD/<node>/<device>    with [commands] remote: writes, each a String metric named
+                                            "Edge Command/Write" holding the signed envelope of a cmd/write
+                                            command (edge.write), checked and answered on cmd/result the
+                                            same way; any other metric (an unsigned write) is refused there
+
+With [uplink] sparkplug_host (the primary host application's id) the node subscribes to
+spBv1.0/STATE/<host> and publishes its births and data only while the host's retained STATE says online
+({"online": true, ...}; Sparkplug 2's "ONLINE"/"OFFLINE" read too); meanwhile blocks stay in the store
+and go out, historical, when the host is back (after new births).
 
 seq runs 0..255 over NBIRTH, DBIRTH and DDATA in the order they are published (stamped at publishing,
 not at encoding, since blocks are in flight together). bdSeq counts CONNECTs, 0..255.
@@ -31,6 +40,7 @@ on (node, device, alias, timestamp)). Births go at QoS 0, the death (the will) a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +53,7 @@ if TYPE_CHECKING:
 
 NAMESPACE = "spBv1.0"
 REBIRTH = "Node Control/Rebirth"
+WRITE = "Edge Command/Write"
 MAX_COMMAND = 16 * 1024  # bytes of an NCMD we parse at most
 # Sparkplug B datatypes (specification 6.4.16)
 INT8, INT16, INT32, INT64, UINT8, UINT16, UINT32, UINT64 = 1, 2, 3, 4, 5, 6, 7, 8
@@ -90,6 +101,9 @@ class Node:
         self.topic_ncmd = f"{prefix}/NCMD/{self.node}"
         self.topic_death = f"{prefix}/NDEATH/{self.node}"
         self.topic_nbirth = f"{prefix}/NBIRTH/{self.node}"
+        self.topic_dcmd = f"{prefix}/DCMD/{self.node}/+"
+        self.dcmd = f"{prefix}/DCMD/{self.node}/"
+        self.topic_state = f"{NAMESPACE}/STATE/{cfg.sparkplug_host}" if cfg.sparkplug_host else ""
         self.prefix = prefix
         self.tags = config.tags
         self.devices: dict[str, list[Tag]] = {d.name: list(d.tags) for d in config.devices}
@@ -182,14 +196,44 @@ class Node:
         half = len(metrics) // 2
         return self._fit(metrics[:half], now) + self._fit(metrics[half:], now)
 
-    def wants_rebirth(self, raw: bytes) -> bool:
-        """An NCMD asking for a rebirth (Node Control/Rebirth = true); anything else, or bytes that do
-        not parse, is not one."""
+    def writes(self, raw: bytes) -> list[bytes]:
+        """A DCMD's commands, for edge.write.Commands.handle: each "Edge Command/Write" metric's signed
+        envelope; b"" for any other metric (refused there as a bad command) or a payload that does not
+        parse."""
+        p = self._parse(raw)
+        if p is None:
+            return [b""]
+        return [m.string_value.encode() if m.name == WRITE and m.HasField("string_value") else b""
+                for m in p.metrics] or [b""]
+
+    @staticmethod
+    def _parse(raw: bytes) -> Any:
         if len(raw) > MAX_COMMAND:
-            return False
+            return None
         p = Payload()
         try:
             p.ParseFromString(raw)
         except Exception:  # noqa: BLE001 (DecodeError, and whatever a hostile payload makes of the parser)
+            return None
+        return p
+
+    @staticmethod
+    def host_online(raw: bytes) -> bool:
+        """A primary host's STATE: online? (3.0: JSON {"online": true, "timestamp": ms}; 2.x: "ONLINE")
+        Anything else is offline."""
+        if len(raw) > MAX_COMMAND:
             return False
-        return any(m.name == REBIRTH and m.HasField("boolean_value") and m.boolean_value for m in p.metrics)
+        if raw.strip() in (b"ONLINE", b"OFFLINE"):
+            return raw.strip() == b"ONLINE"
+        try:
+            doc = json.loads(raw)
+        except (ValueError, RecursionError):
+            return False
+        return isinstance(doc, dict) and doc.get("online") is True
+
+    def wants_rebirth(self, raw: bytes) -> bool:
+        """An NCMD asking for a rebirth (Node Control/Rebirth = true); anything else, or bytes that do
+        not parse, is not one."""
+        p = self._parse(raw)
+        return p is not None and any(m.name == REBIRTH and m.HasField("boolean_value") and m.boolean_value
+                                     for m in p.metrics)
