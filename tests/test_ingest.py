@@ -153,8 +153,8 @@ def test_two_ingests_kills_and_a_broker_restart_every_reading_exactly_once(tmp_p
         cfg["store"] |= {"commit_interval": "100ms", "ack_wait": "200ms"}
         conf = tmp_path / "config.toml"
         write_config(conf, cfg)
+        edge = EdgeProcess(conf)
         try:
-            edge = EdgeProcess(conf)
             for _ in range(2):  # power cuts of the appliance while it forwards: repeated blocks
                 mport = edge.metrics_port()
                 acked = metric(mport, "edge_uplink_blocks_acked_total")
@@ -216,6 +216,9 @@ def test_two_ingests_kills_and_a_broker_restart_every_reading_exactly_once(tmp_p
                 reasons = [r for (r,) in c.execute("SELECT reason FROM readings_rejected ORDER BY received")]
             assert len(reasons) == 2 and "not JSON" in reasons[0] and "topic of 't9'" in reasons[1]
         finally:
+            if edge.proc.poll() is None:
+                edge.proc.kill()
+                edge.proc.wait()
             for ingest in ingests.values():
                 if ingest.proc.poll() is None:
                     assert ingest.stop() == 0, ingest.log.read_text()

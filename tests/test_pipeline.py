@@ -226,22 +226,28 @@ def test_kill_9_again_and_again_with_memory_first_loses_and_repeats_nothing(tmp_
         write_config(conf, cfg)
         stored: set[int] = set()
         direct = 0.0
-        for _ in range(5):
+        edge = None
+        try:
+            for _ in range(5):
+                edge = EdgeProcess(conf)
+                mport = edge.metrics_port()
+                start = metric(mport, "edge_uplink_blocks_acked_total")
+                wait_metric(mport, "edge_uplink_blocks_acked_total", lambda v, s=start: v >= s + 5)
+                direct += metric(mport, "edge_store_blocks_direct_total")
+                sub.wait(lambda s: len(received(s)) >= 5)
+                time.sleep(rng.uniform(0.0, 0.5))  # not a wait for anything: a random moment of the cycle
+                edge.proc.kill()
+                edge.proc.wait()
+                stored |= {seq for seq, _ in dump(tmp_path / "state" / "store", 64 << 20, 0, 10**6)}
             edge = EdgeProcess(conf)
-            mport = edge.metrics_port()
-            start = metric(mport, "edge_uplink_blocks_acked_total")
-            wait_metric(mport, "edge_uplink_blocks_acked_total", lambda v, s=start: v >= s + 5)
-            direct += metric(mport, "edge_store_blocks_direct_total")
-            sub.wait(lambda s: len(received(s)) >= 5)
-            time.sleep(rng.uniform(0.0, 0.5))  # not a wait for anything: a random moment of the cycle
-            edge.proc.kill()
-            edge.proc.wait()
-            stored |= {seq for seq, _ in dump(tmp_path / "state" / "store", 64 << 20, 0, 10**6)}
-        edge = EdgeProcess(conf)
-        edge.metrics_port()
-        sub.wait(lambda s: stored <= set(received(s)), timeout=60)
-        assert stop(edge) == 0, edge.log
-        sub.close()
+            edge.metrics_port()
+            sub.wait(lambda s: stored <= set(received(s)), timeout=60)
+            assert stop(edge) == 0, edge.log
+        finally:
+            if edge is not None and edge.proc.poll() is None:
+                edge.proc.kill()
+                edge.proc.wait()
+            sub.close()
     msgs = received(sub)  # asserts that a sequence number received twice carries the same readings
     check_values_and_order(msgs)
     assert direct > 0, "no window went out from RAM"
