@@ -74,15 +74,27 @@ class Message:
     payload: bytes
     mid: int
     qos: int
+    connection: int  # which connection it came on: its mid means nothing on another
 
 
 Row = tuple[str, str, str, dt.datetime, float | None, str | None, str, str, int]
 
 
+def _storable(text: str) -> bool:
+    """PostgreSQL text: no NUL, and valid UTF-8 (JSON's \\ud800 escapes make lone surrogates)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _text(doc: dict[str, Any], key: str, limit: int = MAX_TEXT) -> str:
     value = doc.get(key)
-    if not isinstance(value, str) or len(value) > limit:
-        raise BadMessage(f"{key}: not a string of at most {limit} characters")
+    if not isinstance(value, str) or len(value) > limit or not _storable(value):
+        raise BadMessage(f"{key}: not a string of at most {limit} characters (no NUL, valid UTF-8)")
     return value
 
 
@@ -133,10 +145,12 @@ def _value(r: dict[str, Any], i: int) -> tuple[float | None, str | None]:
     if isinstance(value, bool):
         return float(value), "true" if value else "false"
     if isinstance(value, int):
+        if not -(2**64) < value < 2**64:  # float() of a 400-digit integer raises
+            raise BadMessage(f"readings[{i}].value: an integer beyond 64 bits")
         return float(value), str(value) if abs(value) > EXACT else None
     if isinstance(value, float):
         return value, None
-    if isinstance(value, str) and len(value) <= MAX_VALUE_TEXT:
+    if isinstance(value, str) and len(value) <= MAX_VALUE_TEXT and _storable(value):
         return None, value
     raise BadMessage(f"readings[{i}].value: not a number, boolean, string or null")
 
@@ -171,6 +185,7 @@ class Ingest:
         self.topic = f"$share/{args.group}/{self.prefix}/+/data"
         self.inbox: queue.Queue[Message] = queue.Queue(maxsize=args.receive_maximum * 2)
         self.stop = threading.Event()
+        self.connection = 0  # connections made (the network thread counts them)
         self.totals = Totals()
         self._logged: set[str] = set()
         client_id = args.client_id or f"edge-ingest-{socket.gethostname()}"
@@ -198,6 +213,7 @@ class Ingest:
             self._once("mqtt", logging.WARNING, "ingest: the broker refused the connection: %s", reason)
             return
         self._logged.discard("mqtt")
+        self.connection += 1  # written here only; an int read by the writer to skip stale acks
         log.info("ingest: connected to %s:%d, subscribing to %s", self.args.host, self.args.port, self.topic)
         client.subscribe(self.topic, qos=1)
 
@@ -207,8 +223,15 @@ class Ingest:
                        reason)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        # Blocks while the writer is behind: paho stops reading the socket, the broker holds the rest
-        self.inbox.put(Message(str(msg.topic), bytes(msg.payload), int(msg.mid), int(msg.qos)))
+        # Waits while the writer is behind (paho stops reading the socket, the broker holds the rest), but
+        # not past a stop: then the message stays unacknowledged in the session
+        m = Message(str(msg.topic), bytes(msg.payload), int(msg.mid), int(msg.qos), self.connection)
+        while not self.stop.is_set():
+            try:
+                self.inbox.put(m, timeout=1.0)
+            except queue.Full:
+                continue
+            return
 
     # -- the writer ----------------------------------------------------------------------------------
 
@@ -235,7 +258,10 @@ class Ingest:
                         if conn is None or conn.closed:
                             conn = psycopg.connect(self.args.dsn, connect_timeout=10)
                             self._schema(conn)
-                        self._write(conn, batch)
+                        try:
+                            self._write(conn, batch)
+                        except psycopg.DataError:  # one message the database takes for bad data
+                            self._write_each(conn, batch)
                     except psycopg.Error as e:
                         failures += 1
                         self.totals.db_failures += 1
@@ -252,7 +278,8 @@ class Ingest:
                         self._logged.discard("db")
                     failures = 0
                     for m in batch:  # in the order received, as MQTT asks
-                        self.client.ack(m.mid, m.qos)
+                        if m.connection == self.connection:  # else the broker sends it again anyway
+                            self.client.ack(m.mid, m.qos)
                     batch = []
         finally:
             self.client.disconnect()
@@ -327,6 +354,23 @@ class Ingest:
         else:
             self._logged.discard("bad")
 
+    def _write_each(self, conn: Any, batch: list[Message]) -> None:
+        """The batch a message at a time: one the database refuses as data goes to <table>_rejected with
+        its reason, and the batch is not held for ever on it."""
+        import psycopg  # noqa: PLC0415
+
+        for m in batch:
+            try:
+                self._write(conn, [m])
+            except psycopg.DataError as e:
+                with conn.transaction(), conn.cursor() as cur:
+                    reason = f"database refused: {_first_line(e)}"[:500]
+                    cur.execute(self.reject, (m.topic, reason, m.payload))
+                self.totals.messages += 1
+                self.totals.rejected += 1
+                self._once("bad", logging.WARNING, "ingest: a message rejected by the database (kept in "
+                           "%s_rejected): %s: %s", self.table, m.topic, _first_line(e))
+
     def _once(self, kind: str, level: int, message: str, *args: object) -> None:
         log.log(level if kind not in self._logged else logging.DEBUG, message, *args)
         self._logged.add(kind)
@@ -340,8 +384,8 @@ def _first_line(e: BaseException) -> str:
 def cmd_ingest(args: Any) -> int:
     """`edge ingest`: runs until SIGTERM or SIGINT; exit 2 on bad arguments."""
     problem = None
-    if not IDENTIFIER.fullmatch(args.table):
-        problem = f"--table {args.table!r}: lower-case letters, digits and _ only, at most 48"
+    if not IDENTIFIER.fullmatch(args.table) or args.table == "edge_incoming":
+        problem = f"--table {args.table!r}: lower-case letters, digits and _, at most 48, not edge_incoming"
     elif not 1 <= args.receive_maximum <= 65535:
         problem = f"--receive-maximum {args.receive_maximum}: 1..65535"
     elif not 0 <= args.session_expiry <= 2**32 - 1:

@@ -75,12 +75,6 @@ class Client(aiomqtt.Client):
         del payload  # paho keeps its own copy until the PUBACK: one copy in RAM, not two
         return await self.acked(mid, fut, timeout)
 
-    def publish_unacked(self, topic: str, payload: bytes) -> None:
-        """Publish at QoS 0 at once (Sparkplug's births), in this order among publishes."""
-        info = self._client.publish(topic, payload, qos=0)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise aiomqtt.MqttCodeError(info.rc, "could not publish")
-
     def publish_now(self, topic: str, payload: bytes) -> tuple[int, asyncio.Future[int]]:
         """Publish at QoS 1 at once (in this order among publishes: Sparkplug's seq), without waiting:
         (message id, its PUBACK reason code to come), for acked()."""

@@ -66,6 +66,7 @@ MAX_OUTBOX = 16  # results waiting for a connection; the oldest go first
 STOP_WAIT = 15.0  # seconds a stop waits at most for in-flight publishes (systemd's TimeoutStopSec is 45)
 NO_SUBSCRIBERS = 0x10  # PUBACK reason code: accepted, but nobody subscribes: dropped by the broker
 NO_SUBSCRIBER_MAX = 60.0  # seconds between attempts at most while nobody subscribes
+HOST_WAIT = 10.0  # s a low-power session waits for a Sparkplug primary host's STATE after connecting
 UNKNOWN_TAG = Tag(0, "?", "", 0, "", device="?")  # a reading of a tag no longer in the config
 
 
@@ -192,6 +193,7 @@ class Uplink:
         self._unheard = 0  # blocks in a row that found no subscriber
         self._rounds = 0  # rounds of sending in a row that found none
         self._host_online = False  # Sparkplug: the primary host's STATE, while connected
+        self._connected_at = 0.0
 
     async def run(self) -> None:
         """Connect, forward, and on any connection problem back off and try again, until cancelled."""
@@ -203,15 +205,15 @@ class Uplink:
                 will = spb.death() if spb else None  # Sparkplug: NDEATH with a new bdSeq
                 async with mqtt.connect(self.config, self.topic_status, will) as client:
                     # with a primary host, data waits for its STATE (which may come with the subscription)
-                    self._host_online = spb is None or not spb.topic_state
+                    self._host_online = spb is None or not spb.topics_state
+                    self._connected_at = time.monotonic()
                     commands = None
                     remote = self.commands is not None and self.config.commands.remote
                     pushed = self.configure is not None and self.config.commands.remote_config
                     for topic, wanted in ((self.topic_write, remote), (self.topic_config, pushed),
                                           (spb.topic_ncmd if spb else "", spb is not None),
                                           (spb.topic_dcmd if spb else "", spb is not None and remote),
-                                          (spb.topic_state if spb else "", spb is not None and bool(
-                                              spb.topic_state))):
+                                          *((t, True) for t in (spb.topics_state if spb else ()))):
                         if wanted:
                             await client.subscribe(topic, qos=1)
                     if remote or pushed or spb:
@@ -219,7 +221,7 @@ class Uplink:
                     self._connected()  # and listening for commands
                     if spb:
                         spb.connected()
-                        if not spb.topic_state:  # else births when the host's STATE says online
+                        if not spb.topics_state:  # else births when the host's STATE says online
                             self._births(client, spb)
                     else:
                         await client.publish(self.topic_status, b"online", qos=1, retain=True)
@@ -256,7 +258,7 @@ class Uplink:
                 payload = raw if isinstance(raw, bytes) else str(raw).encode()
                 result: dict[str, Any] | None
                 try:
-                    if self.sparkplug is not None and topic == self.sparkplug.topic_state:
+                    if self.sparkplug is not None and topic in self.sparkplug.topics_state:
                         online = self.sparkplug.host_online(payload)
                         if online and not self._host_online:
                             log.info("uplink: Sparkplug primary host online: births, then data")
@@ -293,9 +295,11 @@ class Uplink:
 
     @staticmethod
     def _births(client: Client, spb: Node) -> None:
-        """NBIRTH and the DBIRTHs, stamped and published with nothing in between (seq 0, 1, ...)."""
+        """NBIRTH and the DBIRTHs, stamped and published with nothing in between (seq 0, 1, ...), at QoS
+        1 like DDATA: paho queues QoS 1 messages beyond its in-flight window and sends QoS 0 at once, so
+        births at QoS 0 could overtake DDATA stamped before them."""
         for topic, payload in spb.births():
-            client.publish_unacked(topic, spb.stamp(payload))
+            client.publish_now(topic, spb.stamp(payload))  # its PUBACK is not waited for
 
     async def _publish(self, client: Client, block: Block) -> int:
         """A block's messages; the worst PUBACK reason code (JSON: its parts in order, each acknowledged
@@ -422,8 +426,10 @@ class Uplink:
                 if blocks:
                     continue
                 throttled = bool(rate) and tokens < 1.0  # not drained, maybe: held back by drain_rate
-                if self.policy().session_interval and not pending and not throttled and held <= 0:
-                    return  # low power: drained, end the session
+                awaiting = (self.sparkplug is not None and not self._host_online
+                            and time.monotonic() - self._connected_at < HOST_WAIT)  # its STATE may come
+                if self.policy().session_interval and not pending and not throttled and not awaiting:
+                    return  # low power: drained (or held: no subscriber, the host offline), end the session
                 wait = min(1.0, (1.0 - tokens) / rate) if throttled else 1.0
                 if held > 0:
                     wait = min(wait, held)

@@ -64,6 +64,12 @@ def test_a_data_message_becomes_rows() -> None:
      "value"),
     ("edge/t1/data", json.dumps(GOOD | {"readings": [GOOD["readings"][0] | {"tag": "x" * 300}]}).encode(),
      "tag"),
+    ("edge/t1/data", json.dumps(GOOD | {"readings": [GOOD["readings"][0] | {"tag": "a\x00b"}]}).encode(),
+     "NUL"),  # PostgreSQL's text holds no NUL: it would poison the whole batch
+    ("edge/t1/data", json.dumps(GOOD | {"readings": [GOOD["readings"][0] | {"value": "\ud800"}]}).encode(),
+     "value"),  # a lone surrogate: not UTF-8
+    ("edge/t1/data", json.dumps(GOOD | {"readings": [GOOD["readings"][0] | {"value": 10**400}]}).encode(),
+     "beyond 64 bits"),
 ])
 def test_hostile_messages_are_refused_with_a_reason(topic: str, payload: bytes, why: str) -> None:
     with pytest.raises(BadMessage, match=why):
@@ -71,7 +77,8 @@ def test_hostile_messages_are_refused_with_a_reason(topic: str, payload: bytes, 
 
 
 @pytest.mark.parametrize(("args", "why"), [
-    (["--table", "Readings; DROP"], "--table"), (["--receive-maximum", "0"], "--receive-maximum"),
+    (["--table", "Readings; DROP"], "--table"), (["--table", "edge_incoming"], "--table"),
+    (["--receive-maximum", "0"], "--receive-maximum"),
     (["--password-file", "/nonexistent/pw", "--username", "u"], "No such file"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(args: list[str], why: str) -> None:

@@ -211,14 +211,17 @@ def test_sparkplug_ids_are_checked_with_the_config(uplink: dict[str, str], devic
         parse(doc)
 
 
-def test_data_waits_while_the_primary_host_is_offline(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("state", "offline", "online"), [
+    ("spBv1.0/STATE/scada", b'{"online": false, "timestamp": 0}', b'{"online": true, "timestamp": 1}'),
+    ("STATE/scada", b"OFFLINE", b"ONLINE"),  # a Sparkplug 2 host
+])
+def test_data_waits_while_the_primary_host_is_offline(tmp_path: Path, state: str, offline: bytes,
+                                                      online: bytes) -> None:
     """[uplink] sparkplug_host: connected, but the host's retained STATE says offline: no birth, no data,
     the readings stay in the store; STATE online: births, then the held readings (historical)."""
     with simulated_pump(tmp_path) as sim_port, start_broker(tmp_path / "mqtt") as broker:
         sub = Subscriber(broker.port, "spBv1.0/#")
-        state = "spBv1.0/STATE/scada"
-        offline = sub.client.publish(state, b'{"online": false, "timestamp": 0}', qos=1, retain=True)
-        offline.wait_for_publish(10)
+        sub.client.publish(state, offline, qos=1, retain=True).wait_for_publish(10)
         cfg = config_dict(tmp_path, sim_port, broker.port, format="sparkplug_b", sparkplug_host="scada")
         conf = tmp_path / "config.toml"
         write_config(conf, cfg)
@@ -228,7 +231,7 @@ def test_data_waits_while_the_primary_host_is_offline(tmp_path: Path) -> None:
             wait_metric(mport, "edge_uplink_connected", lambda v: v == 1)
             wait_metric(mport, "edge_store_backlog_readings", lambda v: v >= 300)  # 5 s: past the live window
             assert count(sub, "NBIRTH") == count(sub, "DDATA") == 0
-            sub.client.publish(state, b'{"online": true, "timestamp": 1}', qos=1, retain=True)
+            sub.client.publish(state, online, qos=1, retain=True)
             sub.wait(lambda s: any(m.get("is_historical") for _, p in messages(s, "DDATA")
                                    for m in p["metrics"]))
             with sub.cond:

@@ -25,9 +25,9 @@ Topics (namespace spBv1.0, group [uplink] sparkplug_group, node id = the applian
                                             same way; any other metric (an unsigned write) is refused there
 
 With [uplink] sparkplug_host (the primary host application's id) the node subscribes to
-spBv1.0/STATE/<host> and publishes its births and data only while the host's retained STATE says online
-({"online": true, ...}; Sparkplug 2's "ONLINE"/"OFFLINE" read too); meanwhile blocks stay in the store
-and go out, historical, when the host is back (after new births).
+spBv1.0/STATE/<host> (and Sparkplug 2's STATE/<host>) and publishes its births and data only while the
+host's retained STATE says online ({"online": true, ...}; Sparkplug 2's "ONLINE"/"OFFLINE" read too);
+meanwhile blocks stay in the store and go out, historical, when the host is back (after new births).
 
 seq runs 0..255 over NBIRTH, DBIRTH and DDATA in the order they are published (stamped at publishing,
 not at encoding, since blocks are in flight together). bdSeq counts CONNECTs, 0..255.
@@ -35,7 +35,10 @@ not at encoding, since blocks are in flight together). bdSeq counts CONNECTs, 0.
 Departures from the specification, for store-and-forward: DDATA goes out at QoS 1 (the specification
 says 0), so a block leaves the store only when the broker acknowledged all its messages; a block whose
 DDATA is sent again after a lost PUBACK repeats its metrics with their timestamps (a host de-duplicates
-on (node, device, alias, timestamp)). Births go at QoS 0, the death (the will) at QoS 1, as specified.
+on (node, device, alias, timestamp)). Births go at QoS 1 too (0 in the specification): through the same
+queue as DDATA, or a rebirth could overtake DDATA stamped before it. The death (the will) is QoS 1.
+While the primary host is offline the node stays connected and holds its data (the specification has
+it disconnect).
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ if TYPE_CHECKING:
 NAMESPACE = "spBv1.0"
 REBIRTH = "Node Control/Rebirth"
 WRITE = "Edge Command/Write"
-MAX_COMMAND = 16 * 1024  # bytes of an NCMD we parse at most
+MAX_COMMAND = 16 * 1024  # bytes of an NCMD or DCMD we parse at most
+MAX_WRITES = 16  # writes in one DCMD at most
 # Sparkplug B datatypes (specification 6.4.16)
 INT8, INT16, INT32, INT64, UINT8, UINT16, UINT32, UINT64 = 1, 2, 3, 4, 5, 6, 7, 8
 FLOAT, DOUBLE, BOOLEAN, STRING = 9, 10, 11, 12
@@ -103,7 +107,8 @@ class Node:
         self.topic_nbirth = f"{prefix}/NBIRTH/{self.node}"
         self.topic_dcmd = f"{prefix}/DCMD/{self.node}/+"
         self.dcmd = f"{prefix}/DCMD/{self.node}/"
-        self.topic_state = f"{NAMESPACE}/STATE/{cfg.sparkplug_host}" if cfg.sparkplug_host else ""
+        host = cfg.sparkplug_host
+        self.topics_state = (f"{NAMESPACE}/STATE/{host}", f"STATE/{host}") if host else ()  # 3.0, 2.x
         self.prefix = prefix
         self.tags = config.tags
         self.devices: dict[str, list[Tag]] = {d.name: list(d.tags) for d in config.devices}
@@ -202,6 +207,8 @@ class Node:
         parse."""
         p = self._parse(raw)
         if p is None:
+            return [b""]
+        if len(p.metrics) > MAX_WRITES:  # each is answered: a flood of empty metrics gets one answer
             return [b""]
         return [m.string_value.encode() if m.name == WRITE and m.HasField("string_value") else b""
                 for m in p.metrics] or [b""]
