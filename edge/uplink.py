@@ -189,6 +189,7 @@ class Uplink:
         self.stopping = False
         self._stop = asyncio.Event()
         self._failures = 0
+        self._unheard_kept = self.cfg.require_subscriber and self.cfg.protocol == "5"  # 0x10: keep
         self._held_until = 0.0  # require_subscriber: no block taken before (monotonic)
         self._unheard = 0  # blocks in a row that found no subscriber
         self._rounds = 0  # rounds of sending in a row that found none
@@ -276,9 +277,7 @@ class Uplink:
                     if (self.sparkplug is not None and self.commands is not None
                             and topic.startswith(self.sparkplug.dcmd)):
                         for envelope in self.sparkplug.writes(payload):  # each answered on cmd/result
-                            answer = await self.commands.handle(envelope)
-                            await client.publish(self.topic_result, json.dumps(answer, allow_nan=False)
-                                                 .encode(), qos=1)
+                            await self._answer(client, await self.commands.handle(envelope))
                         continue
                     if topic == self.topic_write and self.commands is not None:
                         result = await self.commands.handle(payload)
@@ -290,8 +289,10 @@ class Uplink:
                     log.exception("uplink: a command failed unexpectedly: %s", type(e).__name__)
                     result = {"id": None, "ok": False, "error": "internal error", "detail": type(e).__name__}
                 if result is not None:
-                    await client.publish(self.topic_result, json.dumps(result, allow_nan=False).encode(),
-                                         qos=1)
+                    await self._answer(client, result)
+
+    async def _answer(self, client: Client, result: dict[str, Any]) -> None:
+        await client.publish(self.topic_result, json.dumps(result, allow_nan=False).encode(), qos=1)
 
     @staticmethod
     def _births(client: Client, spb: Node) -> None:
@@ -317,7 +318,7 @@ class Uplink:
         reason = 0
         while parts and reason < 0x80:  # a block's parts in order, each acknowledged
             reason = await client.publish_acked(self.topic_data, parts.pop(0), self.cfg.publish_timeout)
-            if reason == NO_SUBSCRIBERS and self.cfg.require_subscriber:
+            if reason == NO_SUBSCRIBERS and self._unheard_kept:
                 break
         return reason
 
@@ -336,8 +337,7 @@ class Uplink:
         with contextlib.suppress(*mqtt.CONNECTION_ERRORS):
             while True:
                 while self.outbox:
-                    result = json.dumps(self.outbox[0], allow_nan=False).encode()
-                    await client.publish(self.topic_result, result, qos=1)
+                    await self._answer(client, self.outbox[0])
                     self.outbox.pop(0)
                 if self.report is not None and self.cfg.health_interval:
                     snapshot = self.report()
@@ -449,7 +449,6 @@ class Uplink:
 
         try:
             self.stats.published += 1
-            unheard = self.cfg.require_subscriber and self.cfg.protocol == "5"
             try:
                 reason = await self._publish(client, block)
             except mqtt.PUBLISH_ERRORS as e:
@@ -460,7 +459,7 @@ class Uplink:
             except asyncio.CancelledError:
                 self.store.keep([block])
                 raise
-            if reason == NO_SUBSCRIBERS and unheard:
+            if reason == NO_SUBSCRIBERS and self._unheard_kept:
                 self.store.keep([block])
                 self.stats.kept += 1
                 self._no_subscriber(block)

@@ -617,9 +617,8 @@ class Store:
             elif b.seq in refused:
                 self._unstored.add(b.seq)
             else:
-                self._staged[b.seq] = b
+                self._staged[b.seq] = b  # in order: nothing was staged meanwhile (_commit_lock)
                 self._staged_n += b.n
-        self._staged = dict(sorted(self._staged.items()))
         self._acked[:0] = s.acked
         self._rejecting[:0] = s.rejecting
         self._unstored |= s.unstored
