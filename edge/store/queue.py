@@ -214,7 +214,6 @@ class Store:
         self._acked: list[Block] = []
         self._rejecting: list[tuple[Block, str]] = []
         self._staged: dict[int, Block] = {}  # sealed, in RAM, not written: memory-first (stage())
-        self._staged_n = 0  # readings in them
         self._unstored: set[int] = set()  # refused staged blocks (in _rejecting): not in the queue
         self._queue_empty = False  # a read found no stored block and none was stored since: take() reads
         # nothing (a read transaction writes this process's reader slot in lock.mdb, a page on the card)
@@ -491,7 +490,6 @@ class Store:
             with self._lock:
                 for n, value in blocks:
                     self._staged[seq] = Block(seq, n, value)
-                    self._staged_n += n
                     seq += 1
                 self.next_seq = seq
             return len(blocks)
@@ -594,7 +592,7 @@ class Store:
             self._window_start = time.monotonic()
             self._asked = False
             batch = window.seal() if window else EMPTY
-        staged, self._staged, self._staged_n = tuple(self._staged.values()), {}, 0
+        staged, self._staged = tuple(self._staged.values()), {}
         acked, self._acked = tuple(self._acked), []
         rejecting, self._rejecting = tuple(self._rejecting), []
         unstored, self._unstored = frozenset(self._unstored), set()
@@ -618,7 +616,6 @@ class Store:
                 self._unstored.add(b.seq)
             else:
                 self._staged[b.seq] = b  # in order: nothing was staged meanwhile (_commit_lock)
-                self._staged_n += b.n
         self._acked[:0] = s.acked
         self._rejecting[:0] = s.rejecting
         self._unstored |= s.unstored
@@ -628,13 +625,14 @@ class Store:
         """RAM stays bounded while commits fail: beyond max_buffer, the oldest staged blocks not in
         flight are dropped (counted)."""
         c = self.counters
+        held = self._staged_readings() + len(self._window)
         for seq in list(self._staged):
-            if self._staged_n + len(self._window) <= self.max_buffer:
+            if held <= self.max_buffer:
                 break
             if seq in self._in_flight:
                 continue
             b = self._staged.pop(seq)
-            self._staged_n -= b.n
+            held -= b.n
             c.blocks_dropped += 1
             c.readings_dropped += b.n
             self._once("ram", logging.ERROR, "store: commits failing, RAM buffer full: dropping the "
@@ -896,7 +894,6 @@ class Store:
                     if self._staged.pop(b.seq, None) is None:
                         self._acked.append(b)
                     else:  # memory-first: it never reaches the flash
-                        self._staged_n -= b.n
                         c.blocks_direct += 1
                         c.readings_direct += b.n
                         self._staged_settled()
@@ -909,9 +906,11 @@ class Store:
                     self._in_flight.discard(b.seq)
                     self._rejecting.append((b, reason))
                     if self._staged.pop(b.seq, None) is not None:
-                        self._staged_n -= b.n
                         self._unstored.add(b.seq)
                         self._staged_settled()
+
+    def _staged_readings(self) -> int:  # _lock held
+        return sum(b.n for b in self._staged.values())
 
     def _staged_settled(self) -> None:  # _lock held
         """A staged block left: wake the commit loop waiting for their acknowledgements if none is left."""
@@ -930,7 +929,7 @@ class Store:
     def snapshot(self) -> StoreSnapshot:
         with self._lock:
             return StoreSnapshot(replace(self.counters), self._oldest_ts, self.interval,
-                                 len(self._window) + self._staged_n)
+                                 len(self._window) + self._staged_readings())
 
     def pending(self) -> int:
         """Readings in the open window (RAM)."""
@@ -941,7 +940,7 @@ class Store:
         """Commit the open window and close; a clean close clears the unclean-start marker."""
         self.commit()
         with self._commit_lock, self._lock:
-            lost = len(self._window) + self._staged_n + sum(b.n for b, _ in self._rejecting
+            lost = len(self._window) + self._staged_readings() + sum(b.n for b, _ in self._rejecting
                                                             if b.seq in self._unstored)
             if lost:
                 self.counters.readings_dropped += lost
