@@ -116,3 +116,20 @@ def test_requests_of_one_layout_share_their_compiled_decoder() -> None:
     assert a.decode(regs) == b.decode(regs)
     values = dict(zip((t.name for t in a.tags), a.decode(regs), strict=True))
     assert values == {"t0": 1.0, "t1": -1.0, "t2": 7, "t3": 2.0}
+
+
+def test_a_compiled_decoder_is_shared_only_by_the_same_layout() -> None:
+    """What decoding depends on (offset, type, order, bit, length, scale, offset) each makes another
+    layout; what it does not (id, name, device, unit, deadband) is shared."""
+    base = {"table": "holding", "address": 10, "type": "uint32", "order": "ABCD"}
+    same = compile_block([Tag(1, "a", **base)], 10, 2, False)
+    assert compile_block([Tag(2, "b", **base, device="d2", unit="V", deadband=1.0)], 10, 2,
+                         False).compiled is same.compiled
+    changes: list[dict[str, object]] = [
+        {"address": 11}, {"type": "int32"}, {"order": "CDAB"}, {"scale": 0.1}, {"offset": 1.0},
+        {"type": "bit", "bit": 3}, {"type": "bit", "bit": 4}, {"type": "string", "length": 4},
+        {"type": "string", "length": 2},
+    ]
+    compiled = [compile_block([Tag(1, "a", **{**base, **c})], 10, 3, False).compiled for c in changes]
+    compiled.append(same.compiled)
+    assert len({id(c) for c in compiled}) == len(compiled)
