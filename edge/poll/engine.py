@@ -32,6 +32,7 @@ group), so metrics keep counting up. Everything here runs on the event loop; obs
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import math
 import time
@@ -305,6 +306,10 @@ class Line:
             return
         me = asyncio.current_task()
         steered: Policy | None = None
+        # (deadline, position) of every schedule: the earliest first, ties in config order. Only a steer
+        # (all deadlines) and a cycle's advance (its own) move a deadline, so a line of many units picks
+        # its next in O(log n) instead of reading every schedule's deadline per request.
+        due: list[tuple[float, int]] = []
         self.wake = asyncio.get_running_loop().create_future()
         try:
             while not self.stopping:
@@ -313,8 +318,11 @@ class Line:
                 if (policy := self.policy()) is not steered:
                     self.steer(policy)
                     steered = policy
-                sched, runner, group, _ = min(schedules, key=lambda s: s.schedule.deadline)
-                delay = sched.deadline - time.monotonic()
+                    due = [(s.schedule.deadline, i) for i, s in enumerate(schedules)]
+                    heapq.heapify(due)
+                deadline, i = due[0]
+                sched, runner, group, _ = schedules[i]
+                delay = deadline - time.monotonic()
                 if delay > 0:
                     self.beat = time.monotonic()
                     await asyncio.wait((self.wake,), timeout=min(delay, 1.0))
@@ -323,6 +331,7 @@ class Line:
                 sched.begin(time.monotonic())
                 await self.cycle(runner, group)
                 sched.advance(time.monotonic())
+                heapq.heapreplace(due, (sched.deadline, i))
         finally:
             self.link.close()
 
