@@ -112,9 +112,10 @@ class Printer:
 
     def __call__(self, readings: list[Reading]) -> None:
         for tag, ts, raw, quality in readings:
-            t = self.tags.get(tag)
-            assert t is not None  # the poller reads only the config's tags
-            device, name, unit = t.device, t.name, t.unit
+            found = self.tags.find(tag)
+            assert found is not None  # the poller reads only the config's tags
+            device, t = found
+            name, unit = t.name, t.unit
             value = float32(raw) if t.type == "float32" and isinstance(raw, float) else raw
             when = dt.datetime.fromtimestamp(ts / 1e9, dt.UTC).isoformat(timespec="milliseconds")
             if self.as_json:
@@ -209,8 +210,7 @@ def _float_orders(first: int, second: int) -> list[float]:
     from edge.config import Tag  # noqa: PLC0415
     from edge.poll import compile_block  # noqa: PLC0415
 
-    tags = [Tag(i, order, "holding", 0, "float32", order) for i, order in enumerate(("ABCD", "CDAB", "BADC",
-                                                                                      "DCBA"))]
+    tags = [Tag(order, "holding", 0, "float32", order) for order in ("ABCD", "CDAB", "BADC", "DCBA")]
     block = compile_block(tags, 0, 2, False)
     by_order = dict(zip((t.order for t in block.tags), block.decode([first, second]), strict=True))
     return [float(by_order[t.order]) for t in tags]
@@ -365,8 +365,8 @@ def cmd_store_dump(args: argparse.Namespace) -> int:
     config = load(args.config)
     for seq, readings in dump(config.store.path, config.store.map_size, args.start, args.limit):
         for tag, ts, raw, quality in readings:
-            t = config.tags.get(tag)
-            device, name, unit, kind = ((t.device, t.name, t.unit, t.type) if t
+            found = config.tags.find(tag)
+            device, name, unit, kind = ((found[0], found[1].name, found[1].unit, found[1].type) if found
                                         else ("?", f"tag-{tag}", "", ""))
             value = float32(raw) if kind == "float32" and isinstance(raw, float) else raw
             if args.json:

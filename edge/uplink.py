@@ -67,7 +67,7 @@ STOP_WAIT = 15.0  # seconds a stop waits at most for in-flight publishes (system
 NO_SUBSCRIBERS = 0x10  # PUBACK reason code: accepted, but nobody subscribes: dropped by the broker
 NO_SUBSCRIBER_MAX = 60.0  # seconds between attempts at most while nobody subscribes
 HOST_WAIT = 10.0  # s a low-power session waits for a Sparkplug primary host's STATE after connecting
-UNKNOWN_TAG = Tag(0, "?", "", 0, "", device="?")  # a reading of a tag no longer in the config
+UNKNOWN_TAG = Tag("?", "", 0, "")  # a reading of a tag no longer in the config (its device: "?")
 
 
 @dataclass
@@ -102,19 +102,21 @@ class Payloads:
     def encode(self, block: Block) -> list[bytes]:
         """The block's message, or its parts where one message would exceed [uplink] max_message_bytes:
         each part a whole JSON document with "part" and "parts" beside "seq" (docs/payload.md)."""
-        slots, ids, mask = self.tags.slots, self.tags.ids, self.tags.mask
+        index = self.tags
+        slots, device_of, names, ids, mask = index.slots, index.device_of, index.names, index.ids, index.mask
         unknown, dumps = UNKNOWN_TAG, self.dumps
         chunks: list[tuple[int, bytes | memoryview]] = []  # (rows, their JSON without "[" and "]")
         readings = block.readings()
         for i in range(0, len(readings), self.ROWS):
             rows = []
             for tag, ts, raw, quality in readings[i:i + self.ROWS]:
-                j = tag & mask  # TagIndex.get(), inlined: it runs once per reading
+                j = tag & mask  # TagIndex.find(), inlined: it runs once per reading
                 while (t := slots[j]) is not None and ids[j] != tag:
                     j = (j + 1) & mask
                 k, name = (t or unknown).kind_and_name()
+                device = names[device_of[j]] if t is not None else "?"
                 value = float32(raw) if k.type == "float32" and raw.__class__ is float else raw
-                rows.append({"device": k.device, "tag": name, "unit": k.unit, "ts": ts, "value": value,
+                rows.append({"device": device, "tag": name, "unit": k.unit, "ts": ts, "value": value,
                              "quality": quality_name(quality) if quality else "good"})
             text = self._rows(rows)
             if len(text) + self.room > self.limit and len(rows) > 1:  # too big a slice: a row at a time

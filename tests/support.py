@@ -43,6 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.app import Appliance
 from edge.config import Config, parse
+from edge.config import tag_id as crc_id
 from edge.reading import Reading
 from hil.mapgen import write_map
 
@@ -530,8 +531,9 @@ def config(devices: list[dict[str, Any]], buses: list[dict[str, Any]] | None = N
 
 
 def tag_id(cfg: Config, device: str, tag: str) -> int:
+    """The id of a configured tag (StopIteration if the device has no such tag)."""
     d = next(d for d in cfg.devices if d.name == device)
-    return next(t.id for t in d.tags if t.name == tag)
+    return next(crc_id(d.name, t.name) for t in d.tags if t.name == tag)
 
 
 # --------------------------------------------------------------------------------------------------

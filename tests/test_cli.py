@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edge.config import load
+from edge.config import load, tag_id
 from edge.store import Store
 from edge.store.recovery import PERSISTED
 from hil.mapgen import map_from_device, write_map
@@ -140,7 +140,7 @@ def test_store_inspect_fills_every_total_and_dump_shows_units(tmp_path: Path) ->
                     '[[device.tag]]\nname = "p"\naddress = 0\nunit = "bar"\n[store]\nmap_size = "16MiB"\n')
     config = load(conf)
     store = Store(config.store, "s")
-    store.add([(config.devices[0].tags[0].id, 1_790_000_000_000_000_000, 2.5, 0)])
+    store.add([(tag_id("d", "p"), 1_790_000_000_000_000_000, 2.5, 0)])
     store.close()
     inspect = edge("store", "inspect", str(conf))
     assert inspect.returncode == 0, inspect.stderr

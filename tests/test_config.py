@@ -29,6 +29,7 @@ from edge.config import (
     default_frame_gap,
     load,
     parse,
+    tag_id,
 )
 from edge.poll.types import ORDER_ALIASES
 
@@ -246,26 +247,35 @@ TAGS = [
 ]
 
 
+def ids_of(config: Config) -> dict[tuple[str, str], int]:
+    """(device, tag) -> id, as the config's index of tags by id has them."""
+    index = config.tags
+    return {(index.names[index.device_of[j]], t.name): index.ids[j] for j, t in enumerate(index.slots)
+            if t is not None}
+
+
 def test_tag_ids_are_crc32_of_device_slash_tag() -> None:
     cfg = parse({"device": [tcp_device("pump1", tag=TAGS)]})
-    for tag in cfg.devices[0].tags:
-        assert tag.id == zlib.crc32(f"pump1/{tag.name}".encode())
-    assert cfg.devices[0].tags[0].id == zlib.crc32(b"pump1/flow")
-    assert len({t.id for t in cfg.devices[0].tags}) == len(TAGS)
+    tags = cfg.devices[0].tags
+    assert ids_of(cfg) == {("pump1", t.name): zlib.crc32(f"pump1/{t.name}".encode()) for t in tags}
+    assert tag_id("pump1", "flow") == zlib.crc32(b"pump1/flow")
+    assert len(set(ids_of(cfg).values())) == len(TAGS) == len(cfg.devices[0].tags)
+    for t in cfg.devices[0].tags:
+        assert cfg.tags.find(tag_id("pump1", t.name)) == ("pump1", t)
 
 
 def test_tag_ids_stable_across_reordering() -> None:
     def ids(devices: list[dict[str, Any]]) -> dict[tuple[str, str], int]:
-        return {(d.name, t.name): t.id for d in parse({"device": devices}).devices for t in d.tags}
+        return ids_of(parse({"device": devices}))
 
     one = ids([tcp_device("pump1", tag=TAGS), tcp_device("pump2", tag=TAGS)])
     other = ids([tcp_device("pump2", tag=TAGS[::-1]), tcp_device("pump1", tag=TAGS[1:] + TAGS[:1])])
     assert one == other
     assert one[("pump1", "flow")] != one[("pump2", "flow")]
     index = parse({"device": [tcp_device("pump1", tag=TAGS)]}).tags
-    for (dev, name), tag_id in one.items():
-        found = index.get(tag_id)
-        assert (found.name if found else None) == (name if dev == "pump1" else None)
+    for (dev, name), tid in one.items():
+        found = index.find(tid)
+        assert (found[1].name if found else None) == (name if dev == "pump1" else None)
 
 
 @pytest.mark.parametrize(("spelling", "canonical"), [
@@ -356,15 +366,15 @@ def test_tags_alike_share_one_kind_and_tags_are_immutable() -> None:
     (device,) = parse({"device": [tcp_device(tag=tags)]}).devices
     assert len({id(t.kind) for t in device.tags}) == 2
     x = device.tags[-1]
-    assert (x.name, x.address, x.type, x.scale, x.device) == ("x", 60, "float32", 2.0, "d")
+    assert (x.name, x.address, x.type, x.scale) == ("x", 60, "float32", 2.0)
     assert device.tags[0].scale == 1.0
     with pytest.raises(FrozenInstanceError):
         x.address = 1
     assert x != device.tags[0] and x != bytes(x) and str(x) == repr(x) == (
-        f"Tag(id={x.id}, name='x', table='holding', address=60, type='float32', order='ABCD', bit=None, "
+        "Tag(name='x', table='holding', address=60, type='float32', order='ABCD', bit=None, "
         "length=None, scale=2.0, offset=0.0, unit='', deadband=0.0, deadband_percent=0.0, heartbeat=600.0, "
-        "group='default', barrier=False, device='d', on_change=False)")
-    assert sys.getsizeof(x) < 80  # one object: id, address, bit, kind and name packed
+        "group='default', barrier=False, on_change=False)")
+    assert sys.getsizeof(x) < 80  # one object: address, bit, kind and name packed
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.config import Config, ConfigError, load, parse
+from edge.config import Config, ConfigError, load, parse, tag_id
 from edge.config import source as source_module
 
 
@@ -66,11 +66,13 @@ def test_a_large_config_is_streamed_and_loads_as_parsed_whole(tmp_path: Path) ->
     assert all(isinstance(d["tag"], source_module._TagTables) for d in doc["device"])
     config = load(path)
     assert config == whole(path)
-    tags = [t for d in config.devices for t in d.tags]
+    pairs = [(d.name, t) for d in config.devices for t in d.tags]
+    tags = [t for _, t in pairs]
     assert len(tags) == 3000 and len({t.scale for t in tags}) > 256
     kinds = {t.kind for t in tags}
     assert len({id(t.kind) for t in tags}) == len(kinds) < 1000
-    assert config.tags.get(tags[1234].id) == tags[1234] and config.tags.get(1) is None
+    dev, t = pairs[1234]
+    assert config.tags.find(tag_id(dev, t.name)) == (dev, t) and config.tags.find(1) is None
 
 
 PIECES = [
@@ -136,6 +138,12 @@ def test_templates_load_streamed_as_parsed_whole(tmp_path: Path) -> None:
     config = load(path)
     assert config == whole(path)
     assert len(config.devices) == 300 and {len(d.tags) for d in config.devices} == {300, 301}
-    assert len({t.id for d in config.devices for t in d.tags}) == sum(len(d.tags) for d in config.devices)
+    assert len({tag_id(d.name, t.name) for d in config.devices for t in d.tags}) == sum(
+        len(d.tags) for d in config.devices)
+    # the template's tags are one object each for all its devices; a device's own tag over one of them
+    # (t3 scaled) is another, shared by the devices that changed it alike
+    t0 = {id(d.tags[0]) for d in config.devices}
+    t3 = {id(t) for d in config.devices for t in d.tags if t.name == "t3"}
+    assert len(t0) == 1 and len(t3) == 2
     scaled = [t.scale for d in config.devices for t in d.tags if t.name == "t3"]
     assert scaled.count(0.5) == 43 and all(d.groups[0].interval == 2.0 for d in config.devices)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.app import Appliance
-from edge.config import load
+from edge.config import load, tag_id
 from edge.store import Store, dump, inspect
 from tests.support import (
     STOPPED,
@@ -445,7 +445,7 @@ def test_every_poll_cycle_of_every_tag_arrives_through_edge_run(tmp_path: Path) 
 
 def dumped(store: Path, conf: Path) -> list[tuple[str, str, int]]:
     """(device, tag, ts) of the readings left in the store (its backlog after the stop)."""
-    names = {t.id: (d.name, t.name) for d in load(conf).devices for t in d.tags}
+    names = {tag_id(d.name, t.name): (d.name, t.name) for d in load(conf).devices for t in d.tags}
     return [(*names[tag], ts) for _, rs in dump(store, 64 << 20, 0, 10**6) for tag, ts, _, _ in rs]
 
 
@@ -507,7 +507,8 @@ def test_float32_values_are_written_as_the_decimals_the_device_meant(tmp_path: P
             {"name": "f64", "address": 2, "type": "float64"}]
     payloads, polled, conf = deliver_and_poll(tmp_path, points, tags, blocks=1)
     store = Store(load(conf).store, "t1")  # a backlog of its own (the run above delivered everything)
-    store.add([(load(conf).devices[0].tags[0].id, T0, 51.90217971801758, 0)])
+    first = load(conf).devices[0]
+    store.add([(tag_id(first.name, first.tags[0].name), T0, 51.90217971801758, 0)])
     store.close()
     dumped = subprocess.run([sys.executable, "-m", "edge", "store", "dump", str(conf)], cwd=ROOT,
                             capture_output=True, text=True, timeout=60, check=False)

@@ -23,7 +23,7 @@ def tag_layouts(draw: st.DrawFn) -> list[Tag]:
         addr += draw(st.integers(0, 40))
         ty = draw(st.sampled_from(list(WIDTH)))
         barrier = draw(st.booleans()) and draw(st.booleans())
-        tags.append(Tag(i, f"t{i}", "holding", addr, ty, barrier=barrier))
+        tags.append(Tag(f"t{i}", "holding", addr, ty, barrier=barrier))
         addr += WIDTH[ty]
     return tags
 
@@ -32,8 +32,8 @@ def tag_layouts(draw: st.DrawFn) -> list[Tag]:
 @settings(max_examples=300, deadline=None)
 def test_every_tag_once_and_limits(tags: list[Tag], limit: int, gap: int) -> None:
     runs = coalesce(tags, limit, gap)
-    seen = [t.id for run in runs for t in run]
-    assert sorted(seen) == sorted(t.id for t in tags)
+    seen = [t.name for run in runs for t in run]
+    assert sorted(seen) == sorted(t.name for t in tags)
     for run in runs:
         start, end = run[0].address, max(t.end for t in run)
         assert end - start <= limit
@@ -49,7 +49,7 @@ def test_contiguous_run_is_minimal(types: list[str], limit: int) -> None:
     """Back to back tags: the request count is the minimum any packing could reach."""
     addr, tags = 0, []
     for i, ty in enumerate(types):
-        tags.append(Tag(i, f"t{i}", "holding", addr, ty))
+        tags.append(Tag(f"t{i}", "holding", addr, ty))
         addr += WIDTH[ty]
     runs = coalesce(tags, limit, 0)
     # Lower bound: total registers / limit; and greedy never leaves room for the next tag.
@@ -67,8 +67,8 @@ def _device(tags: list[Tag], **kw: object) -> DeviceConfig:
 
 
 def test_worked_example_from_docstring() -> None:
-    tags = [Tag(1, "a", "holding", 0, "float32"), Tag(2, "b", "holding", 2, "uint16"),
-            Tag(3, "c", "holding", 20, "uint16"), Tag(4, "d", "holding", 200, "uint32")]
+    tags = [Tag("a", "holding", 0, "float32"), Tag("b", "holding", 2, "uint16"),
+            Tag("c", "holding", 20, "uint16"), Tag("d", "holding", 200, "uint32")]
     s = summarize(plan_device(_device(tags, max_gap=10)))
     assert (s.requests, s.registers) == (3, 6)
     s = summarize(plan_device(_device(tags, max_gap=20)))
@@ -77,8 +77,8 @@ def test_worked_example_from_docstring() -> None:
 
 
 def test_groups_tables_and_workarounds_split_requests() -> None:
-    tags = [Tag(1, "a", "holding", 0, "uint16"), Tag(2, "b", "holding", 1, "uint16", group="fast"),
-            Tag(3, "c", "input", 2, "uint16"), Tag(4, "d", "coil", 0, "bool"), Tag(5, "e", "coil", 5, "bool")]
+    tags = [Tag("a", "holding", 0, "uint16"), Tag("b", "holding", 1, "uint16", group="fast"),
+            Tag("c", "input", 2, "uint16"), Tag("d", "coil", 0, "bool"), Tag("e", "coil", 5, "bool")]
     plan = plan_device(_device(tags))
     assert [str(r) for r in plan["default"]] == ["coil 0..5", "holding 0..0", "input 2..2"]
     assert [str(r) for r in plan["fast"]] == ["holding 1..1"]
@@ -87,7 +87,7 @@ def test_groups_tables_and_workarounds_split_requests() -> None:
 
 
 def test_max_registers_limit_and_bit_gap_scale() -> None:
-    tags = [Tag(i, f"t{i}", "holding", i * 2, "float32") for i in range(10)]
+    tags = [Tag(f"t{i}", "holding", i * 2, "float32") for i in range(10)]
     assert summarize(plan_device(_device(tags, max_registers=4))).requests == 5
     dev = _device([])
     assert default_gap(dev, True) == 16 * default_gap(dev, False)

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge import __version__
-from edge.config import StoreConfig, load, parse
+from edge.config import StoreConfig, load, parse, tag_id
 from edge.policy import Policy
 from edge.reading import quality_name, strict_json
 from edge.store import Block, Store, encode_block
@@ -46,15 +46,15 @@ from tests.support import (
 @pytest.mark.parametrize("n", [1, Payloads.ROWS - 1, Payloads.ROWS, Payloads.ROWS + 1, 3 * Payloads.ROWS + 7])
 def test_payload_is_the_documented_json_whatever_the_block_size(n: int) -> None:
     config = load(ROOT / "config.toml")
-    tags = [t for d in config.devices for t in d.tags]
+    tags = [(d.name, t) for d in config.devices for t in d.tags]
     values: list[Any] = [1.5, None, True, False, -7, 2**64 - 1, 'q"\\ü', math.inf, math.nan]
-    rs = [(tags[i % len(tags)].id if i % 11 else 0xDEAD, T0 + i, values[i % len(values)], i % 3 * 0x21)
-          for i in range(n)]
+    rs = [(tag_id(tags[i % len(tags)][0], tags[i % len(tags)][1].name) if i % 11 else 0xDEAD, T0 + i,
+           values[i % len(values)], i % 3 * 0x21) for i in range(n)]
     block = Block(77, n, encode_block(rs))
-    names = {t.id: t for t in tags}
-    rows = [strict_json({"device": names[t].device if t in names else "?",
-                         "tag": names[t].name if t in names else "?",
-                         "unit": names[t].unit if t in names else "",
+    names = {tag_id(d, t.name): (d, t) for d, t in tags}
+    rows = [strict_json({"device": names[t][0] if t in names else "?",
+                         "tag": names[t][1].name if t in names else "?",
+                         "unit": names[t][1].unit if t in names else "",
                          "ts": ts, "value": v, "quality": quality_name(q) if q else "good"})
             for t, ts, v, q in rs]
     expected = {"appliance": config.appliance.id, "seq": 77, "count": n, "readings": rows}
@@ -84,7 +84,7 @@ def test_payload_finds_every_tag_by_id_and_no_other(names: set[str], shifts: lis
     in the same slot as a configured one, or next to it, is an unknown tag (written as "?")."""
     tag = [{"name": n, "table": "input", "address": a, "type": "uint16"} for a, n in enumerate(sorted(names))]
     config = parse({"appliance": {"id": "a"}, "device": [{"name": "d", "host": "127.0.0.1", "tag": tag}]})
-    tags = {t.id: t.name for t in config.devices[0].tags}
+    tags = {tag_id("d", t.name): t.name for t in config.devices[0].tags}
     stray = {(i ^ (s << 16)) & 0xFFFFFFFF for i in tags for s in shifts}
     stray |= {(i + 1) & 0xFFFFFFFF for i in tags}
     ids = list(tags) + sorted(stray - set(tags))

@@ -12,7 +12,7 @@ See docs/config.md for the reference with defaults.
 The layers, each a module:
 
     schema    the sections as frozen dataclasses (`*Config`) and ConfigError
-    tag       a tag, packed (Tag, its shared Kind), and TagIndex: tags by id
+    tag       a tag, packed (Tag, its shared Kind), tag_id(), and TagIndex: devices and tags by id
     reader    typed access to one TOML table with key-path errors
     sections  each section read and checked; parse() a whole document
     source    a file read, checked and parsed (tag tables streamed); load(); a pushed config kept
@@ -48,12 +48,40 @@ from edge.config.source import (
     persisted,
     with_id,
 )
-from edge.config.tag import DEFAULT_GROUP, Kind, Tag, TagIndex
+from edge.config.tag import DEFAULT_GROUP, Kind, Tag, TagIndex, tag_id
 
 __all__ = [
-    "CONFIG_ERROR", "DEFAULT_GROUP", "MAX_CONFIG_BYTES", "MIN_KEY_BYTES", "ApplianceConfig", "BusConfig",
-    "CommandsConfig", "Config", "ConfigError", "DeviceConfig", "GovernorConfig", "Kind", "LowPowerConfig",
-    "MetricsConfig", "PollGroup", "StoreConfig", "Tag", "TagIndex", "TlsConfig", "UplinkConfig",
-    "check_devices", "connections", "default_frame_gap", "import_dir", "imported_error", "keep", "load",
-    "load_for_run", "loads", "parse", "persisted", "with_id",
+    "CONFIG_ERROR",
+    "DEFAULT_GROUP",
+    "MAX_CONFIG_BYTES",
+    "MIN_KEY_BYTES",
+    "ApplianceConfig",
+    "BusConfig",
+    "CommandsConfig",
+    "Config",
+    "ConfigError",
+    "DeviceConfig",
+    "GovernorConfig",
+    "Kind",
+    "LowPowerConfig",
+    "MetricsConfig",
+    "PollGroup",
+    "StoreConfig",
+    "Tag",
+    "TagIndex",
+    "TlsConfig",
+    "UplinkConfig",
+    "check_devices",
+    "connections",
+    "default_frame_gap",
+    "import_dir",
+    "imported_error",
+    "keep",
+    "load",
+    "load_for_run",
+    "loads",
+    "parse",
+    "persisted",
+    "tag_id",
+    "with_id",
 ]

@@ -207,4 +207,4 @@ class Config:
     tags: TagIndex = field(init=False, repr=False, compare=False)  # every device's tags by id
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tags", TagIndex(t for d in self.devices for t in d.tags))
+        object.__setattr__(self, "tags", TagIndex((d.name, t) for d in self.devices for t in d.tags))

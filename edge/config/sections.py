@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import re
 import sys
-import zlib
 from array import array
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from edge.config.schema import (
     connections,
     default_frame_gap,
 )
-from edge.config.tag import DEFAULT_GROUP, Tag
+from edge.config.tag import DEFAULT_GROUP, Tag, tag_id
 from edge.poll.types import (
     MAX_ADDRESS,
     MAX_BITS_PER_READ,
@@ -88,7 +87,24 @@ _NUMERIC_ONLY = ("scale", "offset", "deadband", "deadband_percent", "min", "max"
 Writable = tuple[str, float | None, float | None]
 
 
-def _tag(r: Reader, device: str, groups: set[str]) -> tuple[Tag, Writable | None] | None:
+class Alike:
+    """The tags, and the devices' tuples of tags, made so far in one parse: a tag or a tuple equal to one
+    of them (the same tag of another meter or of the same template, a template's whole list) is that
+    object, not a copy."""
+
+    def __init__(self) -> None:
+        self.tags: dict[Tag, Tag] = {}
+        self.tuples: dict[tuple[Tag, ...], tuple[Tag, ...]] = {}
+
+    def tag(self, tag: Tag) -> Tag:
+        return self.tags.setdefault(tag, tag)
+
+    def tuple(self, tags: list[Tag]) -> tuple[Tag, ...]:
+        t = tuple(tags)
+        return self.tuples.setdefault(t, t)
+
+
+def _tag(r: Reader, groups: set[str], alike: Alike) -> tuple[Tag, Writable | None] | None:
     """A validated tag and, if it may be written, (name, min, max); None when it has problems (recorded;
     kept out of the overlap checks)."""
     before = len(r.problems)
@@ -157,16 +173,17 @@ def _tag(r: Reader, device: str, groups: set[str]) -> tuple[Tag, Writable | None
     r.done()
     if len(r.problems) > before:
         return None
-    tag_id = zlib.crc32(f"{device}/{name}".encode())
     intern = sys.intern  # the same few strings in every tag: one object each, not one per tag
-    tag = Tag(tag_id, name, intern(table), address, intern(type_), intern(order), bit, length, scale, offset,
-              intern(unit), deadband, deadband_percent, heartbeat, intern(group), barrier, intern(device),
-              on_change)
-    return tag, ((name, low, high) if writable else None)
+    tag = Tag(name, intern(table), address, intern(type_), intern(order), bit, length, scale, offset,
+              intern(unit), deadband, deadband_percent, heartbeat, intern(group), barrier, on_change)
+    return alike.tag(tag), ((name, low, high) if writable else None)
 
 
-def _device(r: Reader, buses: dict[str, BusConfig]) -> tuple[DeviceConfig, array[int]]:
-    """The device and, for key paths, the file index of each of its (valid) tags."""
+def _device(r: Reader, buses: dict[str, BusConfig], alike: Alike | None = None,
+            ) -> tuple[DeviceConfig, array[int]]:
+    """The device and, for key paths, the file index of each of its (valid) tags; its tags shared with
+    the devices parsed before it where they are alike."""
+    alike = Alike() if alike is None else alike
     name = r.name("name")
     host = r.text("host", None)
     port = r.integer("port", 502, lo=1, hi=65535)
@@ -209,7 +226,7 @@ def _device(r: Reader, buses: dict[str, BusConfig]) -> tuple[DeviceConfig, array
     first: dict[str, int] = {}
     duplicates: list[tuple[int, str, int]] = []
     for i, t in enumerate(r.table_list("tag")):  # one table at a time: a streamed document has no list
-        parsed = _tag(t, name, names)
+        parsed = _tag(t, names, alike)
         tag_name = t.table.get("name")
         if isinstance(tag_name, str) and tag_name and first.setdefault(tag_name, i) != i:
             duplicates.append((i, tag_name, first[tag_name]))
@@ -223,8 +240,8 @@ def _device(r: Reader, buses: dict[str, BusConfig]) -> tuple[DeviceConfig, array
     for i, tag_name, j in duplicates:
         r.problems.append(f'{r.item_path("tag", i)}.name: duplicate tag name "{tag_name}" (also '
                           f'{r.item_path("tag", j)}.name)')
-    dev = DeviceConfig(name, unit if unit is not None else 0, tuple(tags), groups, host, port, bus, timeout,
-                       retries, max_registers, max_bits, single, pause, max_gap, tuple(writable),
+    dev = DeviceConfig(name, unit if unit is not None else 0, alike.tuple(tags), groups, host, port, bus,
+                       timeout, retries, max_registers, max_bits, single, pause, max_gap, tuple(writable),
                        transport == "rtu-over-tcp", shared, connect_pause, close_after_cycle, write_multiple)
     _check_tags(r, dev, index)
     return dev, index
@@ -444,7 +461,9 @@ def parse(data: dict[str, Any], base: Path | None = None) -> Config:
     bus_map = {b.name: b for b in buses}
     templates = _templates(root.sub("template"), bus_map)
     dev_readers = [_from_template(d, templates) for d in root.table_list("device")]
-    parsed = [_device(d, bus_map) for d in dev_readers]
+    alike = Alike()
+    parsed = [_device(d, bus_map, alike) for d in dev_readers]
+    del alike
     devices = [d for d, _ in parsed]
     _unique(problems, [(f"{d.path}.name", x.name) for d, x in zip(dev_readers, devices, strict=True)],
             "device")
@@ -468,18 +487,18 @@ def parse(data: dict[str, Any], base: Path | None = None) -> Config:
 def _check_ids(problems: list[str], devices: list[tuple[Reader, DeviceConfig, array[int]]]) -> None:
     """Tag ids are crc32("device/tag"); two names hashing alike must be renamed, never merged. The ids that
     occur twice are found by sorting them; only those are looked at by name."""
-    ordered = sorted(t.id for _, d, _ in devices for t in d.tags)
+    ordered = sorted(tag_id(d.name, t.name) for _, d, _ in devices for t in d.tags)
     twice = {a for a, b in itertools.pairwise(ordered) if a == b}
     del ordered
     ids: dict[int, tuple[str, str]] = {}
     for reader, d, index in devices:
         for t, i in zip(d.tags, index, strict=True):
-            if t.id not in twice:
+            if (tid := tag_id(d.name, t.name)) not in twice:
                 continue
             here = (f"{reader.item_path('tag', i)}.name", f"{d.name}/{t.name}")
-            first = ids.setdefault(t.id, here)
+            first = ids.setdefault(tid, here)
             if first[1] != here[1]:
-                problems.append(f'{here[0]}: "{here[1]}" has the same tag id ({t.id}, crc32) as "{first[1]}" '
+                problems.append(f'{here[0]}: "{here[1]}" has the same tag id ({tid}, crc32) as "{first[1]}" '
                                 f"({first[0]}); rename one of them")
 
 

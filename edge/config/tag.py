@@ -1,10 +1,13 @@
 """A configured tag, packed: what it shares with the tags alike (its Kind) is one interned object, the rest
-(id, address, bit, the kind's index, the name) one bytes object per tag."""
+(address, bit, the kind's index, the name) one bytes object. A tag does not know its device: the same
+tag of many devices (a template's, or identical meters written out) is one object, and its id,
+crc32("device/tag"), is tag_id() of the device it is polled for."""
 
 from __future__ import annotations
 
 import operator
 import struct
+import zlib
 from array import array
 from collections.abc import Iterable
 from dataclasses import FrozenInstanceError
@@ -30,7 +33,6 @@ class Kind(NamedTuple):
     heartbeat: float = 600.0  # s; with a deadband, a reading is stored at least this often (0: never)
     group: str = DEFAULT_GROUP
     barrier: bool = False
-    device: str = ""  # the device's name
     on_change: bool = False  # report by exception on any change (any type): stored when the value differs
 
 
@@ -38,22 +40,25 @@ class Kind(NamedTuple):
 # the kinds not seen before, so the list grows with the distinct kinds ever configured, not with reloads.
 _KIND_LIST: list[Kind] = []
 _KIND_INDEX: dict[Kind, int] = {}
-_PACKED = struct.Struct("<IHbI")  # id, address, bit (-1: none), kind index; then the name in UTF-8
-_U32 = struct.Struct("<I")
-_KIND_AT = _PACKED.size - _U32.size  # offset of the kind index
-_ID, _ADDRESS, _BIT, _KIND = (struct.Struct(f"<{at}x{code}") for at, code in
-                              ((0, "I"), (4, "H"), (6, "b"), (_KIND_AT, "I")))
+_PACKED = struct.Struct("<HbI")  # address, bit (-1: none), kind index; then the name in UTF-8
+_ADDRESS, _BIT, _KIND = (struct.Struct(f"<{at}x{code}") for at, code in ((0, "H"), (2, "b"), (3, "I")))
+
+
+def tag_id(device: str, name: str) -> int:
+    """u32, crc32 of "device/tag": a reading's tag in the store and upstream, stable across reordering
+    of the config."""
+    return zlib.crc32(f"{device}/{name}".encode())
 
 
 class Tag(bytes):
-    """A configured tag, immutable: one bytes object of its id, address, bit, the index of its kind (what
-    it shares with the tags alike: one Kind object for all of them) and its name: one object per tag, not
-    one per field (docs/performance.md has the figures). Every field is a property: hot paths read what
-    they need once."""
+    """A configured tag, immutable: one bytes object of its address, bit, the index of its kind (what it
+    shares with the tags alike: one Kind object for all of them) and its name: one object per tag, not
+    one per field (docs/performance.md has the figures), and one for all the devices that have it alike.
+    Every field is a property: hot paths read what they need once."""
 
     __slots__ = ()
-    FIELDS = ("id", "name", "table", "address", "type", "order", "bit", "length", "scale", "offset", "unit",
-              "deadband", "deadband_percent", "heartbeat", "group", "barrier", "device", "on_change")
+    FIELDS = ("name", "table", "address", "type", "order", "bit", "length", "scale", "offset", "unit",
+              "deadband", "deadband_percent", "heartbeat", "group", "barrier", "on_change")
     # read from kind (properties set below the class)
     table: str
     type: str
@@ -67,17 +72,16 @@ class Tag(bytes):
     heartbeat: float
     group: str
     barrier: bool
-    device: str
     on_change: bool
 
-    def __new__(cls, id: int, name: str, table: str, address: int, type: str,  # noqa: PLR0917
+    def __new__(cls, name: str, table: str, address: int, type: str,  # noqa: PLR0917
                 order: str = "ABCD", bit: int | None = None, length: int | None = None, scale: float = 1.0,
                 offset: float = 0.0, unit: str = "", deadband: float = 0.0, deadband_percent: float = 0.0,
                 heartbeat: float = 600.0, group: str = DEFAULT_GROUP, barrier: bool = False,
-                device: str = "", on_change: bool = False) -> Tag:
+                on_change: bool = False) -> Tag:
         index = cls.intern_kind(Kind(table, type, order, length, scale, offset, unit, deadband,
-                                     deadband_percent, heartbeat, group, barrier, device, on_change))
-        packed = _PACKED.pack(id, address, -1 if bit is None else bit, index)
+                                     deadband_percent, heartbeat, group, barrier, on_change))
+        packed = _PACKED.pack(address, -1 if bit is None else bit, index)
         return super().__new__(cls, packed + name.encode())
 
     @staticmethod
@@ -88,11 +92,6 @@ class Tag(bytes):
             index = _KIND_INDEX[kind] = len(_KIND_LIST)
             _KIND_LIST.append(kind)
         return index
-
-    @property
-    def id(self) -> int:
-        """u32, crc32 of "device/tag": stable across reordering of the config."""
-        return _ID.unpack_from(self)[0]  # type: ignore[no-any-return]
 
     @property
     def address(self) -> int:
@@ -151,29 +150,39 @@ for _field in Kind._fields:
 
 
 class TagIndex:
-    """Tags by id: the one map from the ids in readings (and the store) to their tags.
+    """Tags by id: the one map from the ids in readings (and the store) to their devices and tags.
 
-    Open addressing: a tag's slot is its id's low bits (ids are crc32s, evenly spread), the next slot on a
-    collision, the table at most 2/3 full. A dict would hold one int object per id as its keys; this holds
-    the ids in one array. The uplink's encoder inlines get() over `slots`, `ids` and `mask`."""
+    Open addressing: an entry's slot is its id's low bits (ids are crc32s, evenly spread), the next slot
+    on a collision, the table at most 2/3 full. A dict would hold one int object per id as its keys; this
+    holds the ids in one array, and each entry's device as an index into `names`. The uplink's encoder
+    inlines find() over `slots`, `device_of`, `names`, `ids` and `mask`."""
 
-    __slots__ = ("ids", "mask", "slots")
+    __slots__ = ("device_of", "ids", "mask", "names", "slots")
 
-    def __init__(self, tags: Iterable[Tag]) -> None:
-        tags = list(tags)
-        size = 1 << max(4, (len(tags) * 3 // 2).bit_length())
+    def __init__(self, entries: Iterable[tuple[str, Tag]]) -> None:
+        """`entries`: (device name, tag) of every tag of every device."""
+        entries = list(entries)
+        size = 1 << max(4, (len(entries) * 3 // 2).bit_length())
         self.mask = size - 1
         self.ids = array("I", bytes(4 * size))
         self.slots: list[Tag | None] = [None] * size
-        for t in tags:
-            j = t.id & self.mask
+        self.device_of = array("I", bytes(4 * size))
+        self.names: list[str] = []
+        numbers: dict[str, int] = {}
+        for device, t in entries:
+            tid = tag_id(device, t.name)
+            j = tid & self.mask
             while self.slots[j] is not None:
                 j = (j + 1) & self.mask
-            self.slots[j], self.ids[j] = t, t.id
+            if (n := numbers.get(device)) is None:
+                n = numbers[device] = len(self.names)
+                self.names.append(device)
+            self.slots[j], self.device_of[j], self.ids[j] = t, n, tid
 
-    def get(self, tag_id: int) -> Tag | None:
+    def find(self, tag_id: int) -> tuple[str, Tag] | None:
+        """(device name, tag) of a tag id, or None."""
         slots, ids, mask = self.slots, self.ids, self.mask
         j = tag_id & mask
         while (t := slots[j]) is not None and ids[j] != tag_id:
             j = (j + 1) & mask
-        return t
+        return None if t is None else (self.names[self.device_of[j]], t)

@@ -89,7 +89,7 @@ def compile_block(tags: Sequence[Tag], start: int, count: int, bit_table: bool) 
     layout (what decoding depends on: each tag's offset, type, order, length, bit, scale and offset).
 
     >>> from edge.config import Tag
-    >>> t = Tag(1, "t", "holding", 10, "float32", "CDAB")
+    >>> t = Tag("t", "holding", 10, "float32", "CDAB")
     >>> compile_block([t], 10, 2, False).decode([0x0000, 0x3F80])
     [1.0]
     """
@@ -190,7 +190,7 @@ def encode(tag: Tag, value: Value) -> list[int]:
     """Registers a device holding `value` for this tag would send (inverse of decode, before scaling).
 
     >>> from edge.config import Tag
-    >>> encode(Tag(1, "t", "holding", 0, "int8", "BADC"), -1)
+    >>> encode(Tag("t", "holding", 0, "int8", "BADC"), -1)
     [65280]
     """
     dtype = TYPES[tag.type]

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, replace
 from itertools import repeat
 from typing import NamedTuple
 
-from edge.config import BusConfig, Config, DeviceConfig, connections
+from edge.config import BusConfig, Config, DeviceConfig, connections, tag_id
 from edge.policy import Policy, normal
 from edge.poll.health import Breaker, LatencyFilter, backoff
 from edge.poll.plan import Request, make_request, plan_device
@@ -88,12 +88,13 @@ class Job:
     wire_bytes: int  # request + reply bytes on an RTU line
 
     @classmethod
-    def of(cls, req: Request, group: str) -> Job:
+    def of(cls, req: Request, group: str, device: str) -> Job:
         tags = req.decoder.tags
-        dbs = [(i, t.id, t.deadband, t.deadband_percent, round(t.heartbeat * 1e9), t.on_change)
+        ids = array("I", [tag_id(device, t.name) for t in tags])
+        dbs = [(i, ids[i], t.deadband, t.deadband_percent, round(t.heartbeat * 1e9), t.on_change)
                for i, t in enumerate(tags) if t.deadband or t.deadband_percent or t.on_change]
         reply = 5 + (-(-req.count // 8) if req.bits else 2 * req.count)
-        return cls(req, group, array("I", [t.id for t in tags]), dbs, 8 + reply)
+        return cls(req, group, ids, dbs, 8 + reply)
 
 
 @dataclass
@@ -121,7 +122,7 @@ class DeviceRunner:
     def __init__(self, device: DeviceConfig, bus: BusConfig | None, stats: DeviceStats | None = None) -> None:
         self.device = device
         self.bus = bus
-        self.jobs = {g: [Job.of(r, g) for r in reqs] for g, reqs in plan_device(device).items()}
+        self.jobs = {g: [Job.of(r, g, device.name) for r in reqs] for g, reqs in plan_device(device).items()}
         self.filter = LatencyFilter(cap=device.timeout)
         self.breaker = Breaker()
         self.stats = stats or DeviceStats()
@@ -534,7 +535,8 @@ class Line:
         """Replace a request the device rejects as a whole by one request per tag, and read them now."""
         runner.report(f"split:{job.req}", "device %s: %s rejected (illegal address); reading its %d "
                       "tags one by one", runner.device.name, job.req, len(job.req.tags))
-        singles = [Job.of(make_request(job.req.table, [t]), job.group) for t in job.req.tags]
+        singles = [Job.of(make_request(job.req.table, [t]), job.group, runner.device.name)
+                   for t in job.req.tags]
         jobs = runner.jobs[job.group]
         i = jobs.index(job)
         jobs[i:i + 1] = singles

@@ -70,7 +70,7 @@ def coalesce(tags: Sequence[Tag], limit: int, max_gap: int) -> list[list[Tag]]:
     """Group tags of one table into runs: each spans <= limit addresses, inner gaps <= max_gap.
 
     >>> from edge.config import Tag
-    >>> t = [Tag(i, f"t{i}", "holding", a, "uint16") for i, a in enumerate([0, 1, 5, 30])]
+    >>> t = [Tag(f"t{i}", "holding", a, "uint16") for i, a in enumerate([0, 1, 5, 30])]
     >>> [[x.address for x in run] for run in coalesce(t, 125, 10)]
     [[0, 1, 5], [30]]
     """

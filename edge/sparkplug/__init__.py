@@ -47,6 +47,7 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from edge.config import tag_id
 from edge.reading import quality_name
 from edge.sparkplug.sparkplug_b_pb2 import Payload
 
@@ -111,12 +112,14 @@ class Node:
         self.topics_state = (f"{NAMESPACE}/STATE/{host}", f"STATE/{host}") if host else ()  # 3.0, 2.x
         self.prefix = prefix
         self.tags = config.tags
-        self.devices: dict[str, list[Tag]] = {d.name: list(d.tags) for d in config.devices}
+        # each device's tags with their ids (the metrics' aliases)
+        self.devices: dict[str, list[tuple[int, Tag]]] = {
+            d.name: [(tag_id(d.name, t.name), t) for t in d.tags] for d in config.devices}
         self.types: dict[int, int] = {}
-        for d in config.devices:
-            for t in d.tags:
+        for tags in self.devices.values():
+            for tid, t in tags:
                 k = t.kind
-                self.types[t.id] = datatype(k.type, k.scale, k.offset)
+                self.types[tid] = datatype(k.type, k.scale, k.offset)
         live = 2 * config.store.commit_interval + config.store.ack_wait + 2.0
         self.live_ms = int(live * 1000)
         self.limit = cfg.max_message_bytes
@@ -151,8 +154,8 @@ class Node:
         out: list[tuple[str, Any]] = [(self.topic_nbirth, n)]
         for device, tags in self.devices.items():
             d = Payload(timestamp=now)
-            for t in tags:
-                m = d.metrics.add(name=t.name, alias=t.id, timestamp=now, datatype=self.types[t.id],
+            for tid, t in tags:
+                m = d.metrics.add(name=t.name, alias=tid, timestamp=now, datatype=self.types[tid],
                                   is_null=True)
                 if t.kind.unit:
                     m.properties.keys.append("engUnit")
@@ -173,20 +176,20 @@ class Node:
         now = self.now_ms()
         old = now - self.live_ms
         by_device: dict[str, list[Any]] = {}
-        get, types = self.tags.get, self.types
-        for tag_id, ts, value, quality in block.readings():
-            t = get(tag_id)
-            if t is None or tag_id not in types:
+        find, types = self.tags.find, self.types
+        for tid, ts, value, quality in block.readings():
+            found = find(tid)
+            if found is None or tid not in types:
                 continue  # a tag no longer in the config: not in any DBIRTH
             ms = ts // 1_000_000
-            m = Payload.Metric(alias=tag_id, timestamp=ms, datatype=types[tag_id])
+            m = Payload.Metric(alias=tid, timestamp=ms, datatype=types[tid])
             if ms < old:
                 m.is_historical = True
-            set_value(m, types[tag_id], value)
+            set_value(m, types[tid], value)
             if quality:
                 m.properties.keys.append("quality")
                 m.properties.values.add(type=STRING, string_value=quality_name(quality))
-            by_device.setdefault(t.kind.device, []).append(m)
+            by_device.setdefault(found[0], []).append(m)
         out: list[tuple[str, Any]] = []
         for device, metrics in by_device.items():
             topic = f"{self.prefix}/DDATA/{self.node}/{device}"
