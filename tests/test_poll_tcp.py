@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import socket
@@ -12,8 +13,11 @@ from typing import Any
 
 import pytest
 
+from edge.config import parse
 from edge.poll import Poller
 from edge.reading import BAD_FRAME, BREAKER_OPEN, DISCONNECTED, GOOD, TIMEOUT
+from edge.store import Block, encode_block
+from edge.uplink import Payloads
 from tests.support import Collector, config, set_faults, start_sim, tag_id, write_map
 
 # (type, order, value, extra tag keys): every type in every byte order it has.
@@ -370,3 +374,30 @@ def test_a_stop_lets_the_cycle_under_way_finish(tmp_path: Path) -> None:
         counts[tag] += 1
     assert len(counts) == 200 and len(set(counts.values())) == 1
     assert all(q == GOOD for *_, q in sink.readings)
+
+
+def test_the_devices_of_a_template_share_tags_and_each_reading_names_its_own_device(tmp_path: Path) -> None:
+    """Three units of one template behind one simulator, each holding other values: the devices hold the
+    same tag objects, and every reading polled carries its own device's id, which the uplink's encoder
+    turns back into that device's name, the tag and the value that unit holds."""
+    units = {1: (11, 1.5), 2: (22, 2.5), 3: (33, 3.5)}
+    write_map(tmp_path / "map.toml", [{"id": u, "points": [
+        {"table": "holding", "address": 0, "type": "uint16", "value": a},
+        {"table": "holding", "address": 1, "type": "float32", "value": b}]} for u, (a, b) in units.items()])
+    with start_sim(tmp_path / "map.toml") as sim:
+        cfg = parse({"appliance": {"id": "t", "state_dir": str(tmp_path)},
+                     "template": {"meter": {"tag": [{"name": "a", "address": 0, "type": "uint16"},
+                                                    {"name": "b", "address": 1, "type": "float32"}]}},
+                     "device": [{"name": f"m{u}", "host": sim.host, "port": sim.port, "unit": u,
+                                 "template": "meter"} for u in units]})
+        assert len({id(t) for d in cfg.devices for t in d.tags}) == 2
+        assert len({id(d.tags) for d in cfg.devices}) == 1
+        sink = Collector()
+        asyncio.run(Poller(cfg, sink).run_once())
+    assert sorted(r[0] for r in sink.readings) == sorted(
+        tag_id(cfg, f"m{u}", t) for u in units for t in ("a", "b"))
+    block = Block(1, len(sink.readings), encode_block(sink.readings))
+    [message] = Payloads(cfg).encode(block)
+    rows = {(r["device"], r["tag"]): (r["value"], r["quality"]) for r in json.loads(message)["readings"]}
+    assert rows == {**{(f"m{u}", "a"): (a, "good") for u, (a, _) in units.items()},
+                    **{(f"m{u}", "b"): (b, "good") for u, (_, b) in units.items()}}
