@@ -53,6 +53,7 @@ from edge.poll import Poller
 from edge.snapshot import Snapshot, write_bytes
 from edge.store import Store
 from edge.supervise import Supervisor, dump_stacks, test_hooks
+from edge.update import Lines, Trial, UpdateError, install, read_state, reboot_now
 from edge.uplink import STOP_WAIT, Uplink, UplinkStats
 from edge.write import MAX_ID, Commands, Verified, safe
 
@@ -83,6 +84,8 @@ class Appliance:
         self.keep_at = persisted(config)  # where a pushed config that passed its trial is kept
         self.changing = asyncio.Lock()  # one change of config at a time: a reload, or a pushed one's trial
         self.trial: asyncio.Task[None] | None = None
+        self.update: Trial | None = None  # the last image update, and the trial of a new slot
+        self.installing: asyncio.Task[None] | None = None  # an update asked for on cmd/update
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._tg: asyncio.TaskGroup | None = None
 
@@ -99,7 +102,7 @@ class Appliance:
         return Snapshot(self.started, self.reloads, self.reloads_refused, self.governor.current(),
                         self.poller.snapshot(), self.store.snapshot(), self.uplink.snapshot(),
                         self.governor.snapshot(), (self.commands.executed, self.commands.refused),
-                        self.config_error, write_bytes())
+                        self.config_error, write_bytes(), self.update.view() if self.update else None)
 
     def status_line(self) -> str:
         devices = self.poller.snapshot().devices
@@ -153,6 +156,8 @@ class Appliance:
                 self._start_optional()
                 self._start("supervise", self.supervisor.run())
                 self._start("reload", self._reloads())
+                if self.config.update.enabled:
+                    self._start("update", self._update())
                 test_hooks()
                 await self.stopping.wait()
                 self.supervisor.stopping()
@@ -241,7 +246,7 @@ class Appliance:
 
     def _uplink(self, config: Config, stats: UplinkStats | None = None) -> Uplink:
         return Uplink(config, self.store, self.commands, self.governor.current, stats=stats,
-                      report=self.snapshot, configure=self.configure)
+                      report=self.snapshot, configure=self.configure, update=self.remote_update)
 
     async def apply(self, config: Config) -> None:
         """Run `config` from now on: polling restarted after the cycles under way, the uplink restarted,
@@ -315,6 +320,61 @@ class Appliance:
                 log.warning("edge: pushed config %s rolled back: %s", cid, why)
             self.commands.remember(command, result)
             self.uplink.post_result(result)
+
+    async def remote_update(self, payload: bytes) -> dict[str, Any] | None:
+        """A cmd/update message: verified as a write is; the bundle at its "url" installed (edge.update)
+        in a thread, RAUC's progress posted on cmd/result as it comes, then the result; with "reboot":
+        true, [update] reboot after a good install. The answer now only for a refused one."""
+        checked = self.commands.verify_config(payload, kind="update")
+        if isinstance(checked, dict):
+            return checked
+        if not self.config.update.enabled:
+            return {"id": checked.id, "ok": False, "error": "not enabled",
+                    "detail": "[update] enabled = false: this box does not take image updates"}
+        if self.installing is not None and not self.installing.done():
+            return {"id": checked.id, "ok": False, "error": "busy", "detail": "another update is installing"}
+        self.installing = asyncio.create_task(self._install(checked), name="update-install")
+        return None
+
+    async def _install(self, command: Verified) -> None:
+        loop = asyncio.get_running_loop()
+        cid, url = command.id, str(command.fields["url"])
+
+        def progress(line: str) -> None:  # from the installing thread
+            loop.call_soon_threadsafe(self.uplink.post_result, {"id": cid, "ok": True, "status": "installing",
+                                                                "progress": line.strip()[:200]})
+
+        log.info("edge: update %s: installing %s", safe(cid, MAX_ID), safe(url, 200))
+        result: dict[str, Any]
+        try:
+            await asyncio.to_thread(install, self.config.update, self.config.appliance.state_dir, url,
+                                    Lines(progress))
+        except UpdateError as e:
+            result = {"id": cid, "ok": False, "error": "update failed", "detail": str(e)[:2000]}
+            log.error("edge: update %s failed: %s", safe(cid, MAX_ID), e)  # noqa: TRY400 (one line)
+        else:
+            slot = read_state(self.config.appliance.state_dir).get("slot")
+            reboot = command.fields.get("reboot") is True
+            result = {"id": cid, "ok": True, "status": "installed", "slot": slot,
+                      "detail": "rebooting into it" if reboot else "it starts at the next boot, on trial"}
+        self.commands.remember(command, result)
+        self.uplink.post_result(result)
+        if result["ok"] and command.fields.get("reboot") is True:
+            await asyncio.to_thread(reboot_now, self.config.update)
+
+    async def _update(self) -> None:
+        """What became of the last image update; a newly installed slot's trial (edge.update)."""
+        self.update = await asyncio.to_thread(Trial, self.config.update, self.config.appliance.state_dir)
+        await self.update.run(self._unhealthy)
+
+    def _unhealthy(self) -> str | None:
+        """What a new slot has not done yet to be kept: poll, and store or deliver a block."""
+        if not sum(st.readings for _, st in self.poller.snapshot().devices):
+            return "no poll cycle done"
+        c = self.store.snapshot().counters
+        if not c.blocks_committed and not c.blocks_forwarded:
+            return "no block stored or delivered"
+        return None
 
     def _progress(self) -> tuple[dict[str, int], int]:
         return {name: st.good for name, st in self.poller.snapshot().devices}, self.uplink.stats.acked

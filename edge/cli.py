@@ -81,6 +81,23 @@ def cmd_id(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_update(args: argparse.Namespace) -> int:
+    """Exit 0 when the bundle was installed, 1 when RAUC refused it or it could not be fetched or
+    written (the reason printed), 2 when [update] is not enabled in the config."""
+    from edge.update import UpdateError, install  # noqa: PLC0415
+
+    config = kept_or(Path(args.config), load)[0]
+    if not config.update.enabled:
+        raise ConfigError(["update.enabled: false: this config does not take image updates (an image with "
+                           "two root slots and RAUC sets it)"])
+    try:
+        install(config.update, config.appliance.state_dir, args.source, sys.stdout)
+    except UpdateError as e:
+        print(f"edge: update: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from edge.poll import plan_config, summarize  # noqa: PLC0415
 
@@ -449,6 +466,11 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the appliance: poll, store, forward (until SIGTERM)")
     _config_args(run)
     run.set_defaults(fn=cmd_run)
+    up = sub.add_parser("update", help="install a signed RAUC bundle (a file or an http(s) URL) into the "
+                        "root slot not booted; the next boot puts it on trial")
+    up.add_argument("source", help="the bundle: a path, or an http:// or https:// URL")
+    _config_args(up)
+    up.set_defaults(fn=cmd_update)
     wr = sub.add_parser("write", help="write one writable tag now (checked like a remote write)")
     _config_args(wr)
     wr.add_argument("tag", help="device/tag")

@@ -228,6 +228,7 @@ class MetricsServer:
     def __init__(self, cfg: MetricsConfig, snapshot: Callable[[], Snapshot],
                  beats: Callable[[], dict[str, float]]) -> None:
         self.cfg = cfg
+        self.snapshot = snapshot
         self.beats = beats
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ApplianceCollector(snapshot))
@@ -295,6 +296,7 @@ class MetricsServer:
             return "200 OK", CONTENT_TYPE_LATEST, self.rendered[1]
         if path == b"/health":
             ok, body = liveness(self.beats())
+            body["update"] = self.snapshot().update
             status = "200 OK" if ok else "503 Service Unavailable"
             return status, "application/json", json.dumps(body).encode()
         return "404 Not Found", "text/plain", b"/metrics or /health\n"

@@ -35,6 +35,7 @@ class Snapshot:
     writes: tuple[int, int]  # executed, refused
     config_error: str = ""  # why the last reload was refused ("" since a good one)
     written: int = 0  # bytes this process caused to be written to storage since it started
+    update: dict[str, Any] | None = None  # the last image update (edge.update), None when there was none
 
 
 def write_bytes() -> int:
@@ -53,7 +54,7 @@ def health_state(s: Snapshot) -> tuple[Any, ...]:
     """What a health message is published again for as soon as it changes (not only every interval):
     each device up or down and why, low power, the governor's level, the config error."""
     devices = tuple((name, st.up, st.problem) for name, st in s.poll.devices)
-    return devices, s.policy.low_power, s.governor.level, s.config_error
+    return devices, s.policy.low_power, s.governor.level, s.config_error, (s.update or {}).get("state")
 
 
 def health_message(s: Snapshot, appliance: str, now: float | None = None) -> dict[str, Any]:
@@ -79,4 +80,5 @@ def health_message(s: Snapshot, appliance: str, now: float | None = None) -> dic
         "governor": s.governor.level,
         "low_power": s.policy.low_power,
         "config_error": s.config_error or None,
+        "update": s.update,
     }

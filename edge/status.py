@@ -145,6 +145,10 @@ def summary(a: Samples, b: Samples, dt_s: float, hl: dict[str, Any], appliance: 
         f"{_ago(time.time() - last) + ' ago' if last else 'never'}"
         + (f"; low power: a session every {_duration(session)}" if session else "")
     )
+    update = hl.get("update")
+    if isinstance(update, dict):  # the last image update (edge.update)
+        lines += ["update", f"  {update.get('state')}: {update.get('slot')} from {update.get('from')}"
+                            + (f", {update['detail']}" if update.get("detail") else "")]
     return "\n".join(lines)
 
 

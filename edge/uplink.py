@@ -162,7 +162,8 @@ class Uplink:
     def __init__(self, config: Config, store: Store, commands: Commands | None = None,
                  policy: Callable[[], Policy] = normal, *, stats: UplinkStats | None = None,
                  report: Callable[[], Snapshot] | None = None,
-                 configure: Callable[[bytes], Awaitable[dict[str, Any] | None]] | None = None) -> None:
+                 configure: Callable[[bytes], Awaitable[dict[str, Any] | None]] | None = None,
+                 update: Callable[[bytes], Awaitable[dict[str, Any] | None]] | None = None) -> None:
         self.config = config
         self.cfg = config.uplink
         self.store = store
@@ -175,6 +176,8 @@ class Uplink:
         self.topic_result = f"{prefix}/cmd/result"
         self.topic_config = f"{prefix}/cmd/config"
         self.configure = configure  # a cmd/config message -> its result, or None (posted after the trial)
+        self.topic_update = f"{prefix}/cmd/update"
+        self.update = update  # a cmd/update message -> its result, or None (posted as it installs)
         self.sparkplug: Node | None = None
         if self.cfg.format == "sparkplug_b":
             from edge.sparkplug import Node  # noqa: PLC0415 (protobuf: only for this format)
@@ -213,13 +216,15 @@ class Uplink:
                     commands = None
                     remote = self.commands is not None and self.config.commands.remote
                     pushed = self.configure is not None and self.config.commands.remote_config
+                    updates = self.update is not None and self.config.commands.remote_update
                     for topic, wanted in ((self.topic_write, remote), (self.topic_config, pushed),
+                                          (self.topic_update, updates),
                                           (spb.topic_ncmd if spb else "", spb is not None),
                                           (spb.topic_dcmd if spb else "", spb is not None and remote),
                                           *((t, True) for t in (spb.topics_state if spb else ()))):
                         if wanted:
                             await client.subscribe(topic, qos=1)
-                    if remote or pushed or spb:
+                    if remote or pushed or updates or spb:
                         commands = asyncio.create_task(self._commands(client), name="uplink:commands")
                     self._connected()  # and listening for commands
                     if spb:
@@ -285,6 +290,8 @@ class Uplink:
                         result = await self.commands.handle(payload)
                     elif topic == self.topic_config and self.configure is not None:
                         result = await self.configure(payload)
+                    elif topic == self.topic_update and self.update is not None:
+                        result = await self.update(payload)
                     else:
                         continue
                 except Exception as e:

@@ -125,6 +125,7 @@ def failure(e: RequestError) -> Refused:
 
 
 MAX_COMMAND = 4096  # bytes of a write command message
+MAX_URL = 2048  # characters of a bundle's URL in cmd/update
 MAX_CONFIG_COMMAND = 1 << 20  # bytes of a cmd/config message (the config's TOML inside its JSON)
 MAX_ID = 64  # characters of a command id
 MAX_TAG = 200  # characters of "device/tag"
@@ -200,11 +201,12 @@ class Commands:
         self.remember(command, result)
         return result
 
-    def verify_config(self, payload: bytes) -> Verified | dict[str, Any]:
+    def verify_config(self, payload: bytes, kind: str = "config") -> Verified | dict[str, Any]:
         """A cmd/config message verified like a write (its command carries "config": the TOML text), or
-        the result that answers it: a refusal, or the first result of a redelivery."""
+        the result that answers it: a refusal, or the first result of a redelivery. kind="update": a
+        cmd/update message (its command carries "url", the bundle's, http or https)."""
         try:
-            command = self._verify(payload, kind="config")
+            command = self._verify(payload, kind=kind)
         except Refused as e:
             return self._refuse(None, e, None)
         answered = self._remembered(command)
@@ -215,7 +217,7 @@ class Commands:
         self.results[(command.key, command.id)] = (command.expires, command.text, result)
 
     def _verify(self, payload: bytes, kind: str = "write") -> Verified:
-        limit = MAX_COMMAND if kind == "write" else MAX_CONFIG_COMMAND
+        limit = MAX_CONFIG_COMMAND if kind == "config" else MAX_COMMAND
         if len(payload) > limit:
             raise Refused("too large", f"{len(payload)} bytes; at most {limit}")
         envelope = _json(payload)
@@ -236,6 +238,11 @@ class Commands:
         assert isinstance(fields, dict)
         if kind == "config" and not isinstance(fields.get("config"), str):
             raise Refused("bad command", '"config" must be the whole config, as TOML text')
+        url = fields.get("url")
+        if kind == "update" and not (isinstance(url, str) and url.startswith(("http://", "https://"))
+                                     and len(url) <= MAX_URL and url.isprintable()):
+            raise Refused("bad command", f'"url" must be the bundle\'s http:// or https:// URL, at most '
+                                         f"{MAX_URL} characters")
         if kind == "write" and (not isinstance(fields.get("tag"), str) or len(fields["tag"]) > MAX_TAG):
             raise Refused("bad command", f'"tag" must be "device/tag", at most {MAX_TAG} characters')
         expires = fields.get("expires")

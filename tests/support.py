@@ -468,7 +468,7 @@ def write_config(path: Path, cfg: dict[str, Any]) -> None:
                 table(f"{name}.{k}", v)
 
     lines: list[str] = []
-    for section in ("appliance", "store", "uplink", "metrics", "governor", "commands"):
+    for section in ("appliance", "store", "uplink", "metrics", "governor", "commands", "update"):
         if section in cfg:
             table(section, cfg[section])
     for d in cfg["device"]:

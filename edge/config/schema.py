@@ -181,10 +181,23 @@ class CommandsConfig:
     max_age: float = 600.0  # a command's `expires` may be at most this far in the future
     remote_config: bool = False  # whole configs on cmd/config, signed like writes, tried before kept
     config_trial: float = 60.0  # seconds a pushed config has to poll every device and deliver a block
+    remote_update: bool = False  # image updates on cmd/update (a bundle's URL), signed like writes
 
     def __repr__(self) -> str:  # keys are secrets: never in a log line or a traceback
         return (f"Commands(remote={self.remote}, keys={[n for n, _ in self.keys]}, max_age={self.max_age}, "
-                f"remote_config={self.remote_config}, config_trial={self.config_trial})")
+                f"remote_config={self.remote_config}, config_trial={self.config_trial}, "
+                f"remote_update={self.remote_update})")
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateConfig:
+    """Image updates with RAUC (edge.update): a new root slot on trial until edge proves healthy on it."""
+
+    enabled: bool = False
+    trial: float = 300.0  # seconds a newly installed slot has to poll and store or deliver
+    max_bundle: int = 1 << 30  # bytes: a bundle fetched from a URL, at most
+    rauc: str = "rauc"  # the RAUC client (its service holds the slots and the keyring)
+    reboot: str = "systemctl reboot"  # run after a failed trial: the bootloader then starts the old slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +217,7 @@ class Config:
     governor: GovernorConfig
     metrics: MetricsConfig
     commands: CommandsConfig = field(default_factory=CommandsConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
     tags: TagIndex = field(init=False, repr=False, compare=False)  # every device's tags by id
 
     def __post_init__(self) -> None:

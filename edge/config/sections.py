@@ -26,6 +26,7 @@ from edge.config.schema import (
     PollGroup,
     StoreConfig,
     TlsConfig,
+    UpdateConfig,
     UplinkConfig,
     connections,
     default_frame_gap,
@@ -424,12 +425,21 @@ def _commands(r: Reader) -> CommandsConfig:
             continue
         keys.append((name, secret))
     c = CommandsConfig(remote, tuple(keys), r.duration("max_age", 600.0, lo=1.0, hi=86400.0),
-                       r.flag("remote_config", False), r.duration("config_trial", 60.0, lo=1.0, hi=3600.0))
-    for flag in ("remote", "remote_config"):
+                       r.flag("remote_config", False), r.duration("config_trial", 60.0, lo=1.0, hi=3600.0),
+                       r.flag("remote_update", False))
+    for flag in ("remote", "remote_config", "remote_update"):
         if getattr(c, flag) and not keys and not k.table:
             r.fail("keys", f"{flag} = true needs at least one key ([commands.keys] name = \"/path/to/key\")")
     r.done()
     return c
+
+
+def _update(r: Reader) -> UpdateConfig:
+    u = UpdateConfig(r.flag("enabled", False), r.duration("trial", 300.0, lo=1.0, hi=3600.0),
+                     r.size("max_bundle", 1 << 30, lo=1 << 20), r.text("rauc", "rauc"),
+                     r.text("reboot", "systemctl reboot"))
+    r.done()
+    return u
 
 
 def _metrics(r: Reader) -> MetricsConfig:
@@ -473,12 +483,13 @@ def parse(data: dict[str, Any], base: Path | None = None) -> Config:
     _check_gateways(problems, {x.name: d.path for d, x in zip(dev_readers, devices, strict=True)}, devices)
     cfg = Config(appliance, tuple(buses), tuple(devices), _store(root.sub("store"), appliance.state_dir),
                  _uplink(root.sub("uplink")), _governor(root.sub("governor")), _metrics(root.sub("metrics")),
-                 _commands(root.sub("commands")))
+                 _commands(root.sub("commands")), _update(root.sub("update")))
     root.done()
     if cfg.uplink.protocol == "3.1.1":
         problems.extend(f'commands.{flag}: needs [uplink] protocol = "5": with 3.1.1 the broker cannot be '
                         f"asked to cap what it sends us, and a command is taken in whole before it is checked"
-                        for flag in ("remote", "remote_config") if getattr(cfg.commands, flag))
+                        for flag in ("remote", "remote_config", "remote_update")
+                        if getattr(cfg.commands, flag))
     if problems:
         raise ConfigError(problems)
     return cfg

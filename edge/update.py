@@ -1,0 +1,268 @@
+"""Image updates: a signed RAUC bundle into the root slot not booted, and the new slot's trial.
+
+RAUC holds the slots, the keyring and the bootloader (its service); edge drives it with its client
+([update] rauc) and keeps what it started in <state_dir>/update.json, on /data, which survives updates.
+
+    edge update BUNDLE|URL   a URL (http or https) is fetched into the state directory first, at most
+                             [update] max_bundle bytes; `rauc install` checks the bundle's signature
+                             against the image's keyring and writes the slot not booted, which becomes
+                             the bootloader's primary; its progress is printed as it comes. Recorded as
+                             "installed", with that slot and the one it was installed from.
+    edge run                 once healthy (a poll cycle done, a block stored or delivered), at every
+                             boot: `rauc status mark-good booted` (a counting bootloader takes a slot that
+                             never says so as failed). Booted from the slot installed last, still
+                             "installed": a trial, to be healthy within [update] trial seconds of the
+                             start ("good"); otherwise `rauc status mark-bad booted`, "failed", and
+                             [update] reboot: the bootloader starts the slot it came from. Booted from
+                             that one instead: "rolled back" (a trial failed, or the bootloader gave up on
+                             the new slot before edge ran).
+
+What update.json says is in the health message and /health (`update`), and so in `edge status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shlex
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from edge.config import UpdateConfig
+from edge.durable import write_whole
+
+log = logging.getLogger("edge.update")
+STATE = "update.json"
+MAX_STATE = 64 * 1024  # bytes of update.json read, at most
+MAX_STATUS = 1 << 20  # bytes of `rauc status` output read, at most
+RAUC_TIMEOUT = 60.0  # seconds a status or mark command may take
+INSTALL_TIMEOUT = 3600.0  # seconds an install may take (an SD card writes a few MB/s)
+FETCH_TIMEOUT = 60.0  # seconds without a byte from the server
+
+
+class Out(Protocol):
+    """Where install() prints its progress: a terminal, or Lines (posted on cmd/result)."""
+
+    def write(self, text: str, /) -> int: ...
+    def flush(self) -> None: ...
+
+
+class UpdateError(Exception):
+    """An update that cannot go on, with the reason for the user."""
+
+
+def rauc(cfg: UpdateConfig, *args: str, timeout: float = RAUC_TIMEOUT) -> str:
+    """Run the RAUC client: its output, or UpdateError with what it said."""
+    cmd = [*shlex.split(cfg.rauc), *args]
+    try:
+        done = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise UpdateError(f"{shlex.join(cmd)}: {e}") from None
+    out = done.stdout[:MAX_STATUS].decode(errors="replace")
+    if done.returncode != 0:
+        said = (done.stderr[-2000:] or done.stdout[-2000:]).decode(errors="replace").strip()
+        raise UpdateError(f"{shlex.join(cmd)}: exit {done.returncode}: {said}")
+    return out
+
+
+def slots(cfg: UpdateConfig) -> tuple[str, str, dict[str, str]]:
+    """(boot name of the slot booted, the bootloader's primary slot, boot name -> slot) from RAUC."""
+    try:
+        doc = json.loads(rauc(cfg, "status", "--output-format=json"))
+        names = {v["bootname"]: k for entry in doc["slots"] for k, v in entry.items() if v.get("bootname")}
+        return str(doc["booted"]), str(doc["boot_primary"]), names
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UpdateError(f"RAUC's status could not be read: {e!r}") from None
+
+
+def read_state(state_dir: Path) -> dict[str, Any]:
+    """update.json, or {} when there is none or it is not what edge writes (logged)."""
+    path = state_dir / STATE
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read(MAX_STATE + 1)[:MAX_STATE])
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("update: %s cannot be read (%s); no update is on record", path, e)
+        return {}
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), str) for k in ("state", "slot", "from")):
+        log.warning("update: %s is not an update record; no update is on record", path)
+        return {}
+    return doc
+
+
+def write_state(state_dir: Path, doc: dict[str, Any]) -> None:
+    write_whole(state_dir / STATE, json.dumps(doc, sort_keys=True).encode() + b"\n", 0o644)
+
+
+def fetch(url: str, dest: Path, limit: int, out: Out) -> Path:
+    """The bundle at `url` in `dest` (http or https; at most `limit` bytes), progress printed."""
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise UpdateError(f"{url}: only http:// and https:// URLs (or a file)")
+    tmp = dest.with_name(f".{dest.name}.part")
+    try:
+        with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT) as r, open(tmp, "wb") as f:
+            size = int(r.headers.get("Content-Length") or 0)
+            if size > limit:
+                raise UpdateError(f"{url}: {size} bytes, more than [update] max_bundle ({limit})")
+            got, shown = 0, -1
+            while chunk := r.read(1 << 16):
+                got += len(chunk)
+                if got > limit:
+                    raise UpdateError(f"{url}: more than [update] max_bundle ({limit} bytes)")
+                f.write(chunk)
+                if size and (pct := got * 100 // size) // 10 != shown:
+                    shown = pct // 10
+                    print(f"fetched {pct:3d} %", file=out, flush=True)
+        tmp.replace(dest)
+    except OSError as e:  # urllib's URLError and HTTPError are OSErrors
+        raise UpdateError(f"{url}: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def install(cfg: UpdateConfig, state_dir: Path, source: str, out: Out) -> None:
+    """Install a bundle (a file, or a URL fetched first) into the slot not booted; UpdateError if not."""
+    try:  # where the record goes: made before anything is installed, so that a failure comes first
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UpdateError(f"state directory {state_dir}: {e.strerror}") from None
+    fetched = None
+    if "://" in source:
+        fetched = fetch(source, state_dir / "bundle.raucb", cfg.max_bundle, out)
+    bundle = fetched or Path(source)
+    try:
+        if not bundle.is_file():
+            raise UpdateError(f"{bundle}: no such bundle")
+        booted, _, _ = slots(cfg)
+        cmd = [*shlex.split(cfg.rauc), "install", "--progress", str(bundle.resolve())]
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    errors="replace")
+        except OSError as e:
+            raise UpdateError(f"{shlex.join(cmd)}: {e}") from None
+        assert proc.stdout is not None
+        said: list[str] = []
+        deadline = time.monotonic() + INSTALL_TIMEOUT
+        for line in proc.stdout:  # RAUC's progress, as it comes
+            print(line.rstrip()[:500], file=out, flush=True)
+            said = [*said[-20:], line.strip()]
+            if time.monotonic() > deadline:
+                proc.kill()
+        if proc.wait() != 0:
+            raise UpdateError(f"rauc install refused or failed {bundle}: {' / '.join(s for s in said if s)}")
+        _, primary, names = slots(cfg)
+        write_state(state_dir, {"state": "installed", "slot": primary, "from": names.get(booted, booted),
+                                "source": source, "at": int(time.time())})
+        print(f"installed into {primary}: it starts at the next boot, on trial", file=out, flush=True)
+    finally:
+        if fetched is not None:
+            fetched.unlink(missing_ok=True)
+
+
+class Lines:
+    """A text stream that hands each whole line written to it to `sink` (install()'s progress, posted)."""
+
+    def __init__(self, sink: Callable[[str], None]) -> None:
+        self.sink = sink
+        self.buffer = ""
+
+    def write(self, text: str) -> int:
+        self.buffer += text
+        *lines, self.buffer = self.buffer.split("\n")
+        for line in lines:
+            if line.strip():
+                self.sink(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def reboot_now(cfg: UpdateConfig) -> None:
+    """[update] reboot: the bootloader then starts the slot it is told to."""
+    cmd = shlex.split(cfg.reboot)
+    log.warning("update: rebooting: %s", shlex.join(cmd))
+    try:
+        subprocess.run(cmd, timeout=RAUC_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        _failed(UpdateError(f"{shlex.join(cmd)}: {e}"))
+
+
+def _failed(e: UpdateError) -> None:
+    log.error("update: %s", e)
+
+
+class Trial:
+    """The state of the last update as this boot finds it, and the trial of a newly installed slot."""
+
+    def __init__(self, cfg: UpdateConfig, state_dir: Path) -> None:
+        self.cfg = cfg
+        self.state_dir = state_dir
+        self.record = read_state(state_dir)
+        self.on_trial = False
+        if not self.record:
+            return
+        try:
+            booted, _, names = slots(cfg)
+        except UpdateError as e:
+            _failed(e)
+            return
+        slot, state = names.get(booted, booted), self.record["state"]
+        if state == "installed" and slot == self.record["slot"]:
+            self.on_trial = True
+            log.warning("update: booted from %s, installed from %s: on trial for %.0f s", slot,
+                        self.record.get("source", "?"), cfg.trial)
+        elif state in ("installed", "failed") and slot == self.record["from"]:
+            self._settle("rolled back", f"booted from {slot} again, not from {self.record['slot']}"
+                                        + (f" ({self.record['detail']})" if state == "failed" else ""))
+
+    def view(self) -> dict[str, Any] | None:
+        """For the health message: the last update's state, or None when there was none."""
+        return dict(self.record) if self.record else None
+
+    def _settle(self, state: str, detail: str) -> None:
+        self.record = {**self.record, "state": state, "detail": detail, "settled_at": int(time.time())}
+        try:
+            write_state(self.state_dir, self.record)
+        except OSError as e:
+            _failed(UpdateError(f"cannot record {state} in {self.state_dir / STATE}: {e.strerror}"))
+        (log.info if state == "good" else log.error)("update: %s: %s", state, detail)
+
+    async def run(self, unhealthy: Callable[[], str | None]) -> None:
+        """Once `unhealthy()` is None (it says what has not happened yet): mark the booted slot good, at
+        every boot (a counting bootloader takes a slot that never says so as failed). On trial, if that
+        takes more than [update] trial seconds: mark it bad and reboot."""
+        deadline = time.monotonic() + self.cfg.trial
+        while True:
+            why = unhealthy()
+            if why is None or (self.on_trial and time.monotonic() >= deadline):
+                break
+            await asyncio.sleep(0.5)
+        if why is None:
+            try:
+                await asyncio.to_thread(rauc, self.cfg, "status", "mark-good", "booted")
+            except UpdateError as e:  # unconfirmed: the bootloader's count decides
+                _failed(e)
+                return
+            if self.on_trial:
+                self.on_trial = False
+                self._settle("good", f"{self.record['slot']} polled and stored within its trial: marked good")
+            return
+        slot = self.record["slot"]
+        self.on_trial = False
+        self._settle("failed", f"{slot} not healthy within {self.cfg.trial:.0f} s ({why}): marked bad, "
+                               f"rebooting into {self.record['from']}")
+        try:
+            await asyncio.to_thread(rauc, self.cfg, "status", "mark-bad", "booted")
+        except UpdateError as e:
+            _failed(e)
+        await asyncio.to_thread(reboot_now, self.cfg)

@@ -1,0 +1,393 @@
+"""Image updates against a real RAUC (Debian's rauc 1.8): its service on a private D-Bus, two root slots
+that are files, bundles signed with a key pair made here, and RAUC's custom bootloader backend as a
+script that keeps the primary slot and each slot's state in files (the one part that stands in for the
+bootloader; the image's GRUB and the Raspberry Pi's tryboot are exercised under QEMU, not here). The
+service is restarted with --override-boot-slot to boot the other slot, as a reboot would.
+
+RAUC mounts a bundle to install it: the tests need loop devices (and root), else they are skipped."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge.write import sign
+from tests.support import (
+    ROOT,
+    EdgeProcess,
+    Subscriber,
+    config_dict,
+    free_port,
+    simulated_pump,
+    start_broker,
+    stop,
+    wait_metric,
+    write_config,
+)
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("rauc") is None or shutil.which("dbus-daemon") is None or os.geteuid() != 0
+    or not Path("/dev/loop-control").exists(),
+    reason="needs rauc, dbus-daemon, root and loop devices (RAUC mounts the bundle it installs)")
+
+BACKEND = """#!/bin/sh
+# RAUC's custom bootloader backend: the primary slot and each slot's state, in files beside this one
+d=$(dirname "$0")/boot
+case "$1" in
+  get-primary) cat "$d/primary" ;;
+  set-primary) echo "$2" > "$d/primary" ;;
+  get-state) cat "$d/state.$2" 2>/dev/null || echo good ;;
+  set-state) echo "$3" > "$d/state.$2" ;;
+  *) exit 1 ;;
+esac
+"""
+
+
+def openssl_pair(where: Path, name: str) -> tuple[Path, Path]:
+    cert, key = where / f"{name}.cert.pem", where / f"{name}.key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    f"/CN={name}", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+class Rauc:
+    """RAUC's service on a bus of its own; the slots rootfs.0 (boot name A) and rootfs.1 (B)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "boot").mkdir(parents=True)
+        (root / "boot" / "primary").write_text("A\n")
+        for slot in ("rootfs.0", "rootfs.1"):
+            (root / slot).write_bytes(bytes(1 << 20))
+        backend = root / "backend.sh"
+        backend.write_text(BACKEND)
+        backend.chmod(0o755)
+        self.cert, self.key = openssl_pair(root, "edge-test")
+        self.conf = root / "system.conf"
+        self.conf.write_text(f"""[system]
+compatible=edge-test
+bootloader=custom
+data-directory={root}/data
+bundle-formats=plain verity
+
+[handlers]
+bootloader-custom-backend={backend}
+
+[keyring]
+path={self.cert}
+
+[slot.rootfs.0]
+device={root}/rootfs.0
+type=raw
+bootname=A
+
+[slot.rootfs.1]
+device={root}/rootfs.1
+type=raw
+bootname=B
+""")
+        (root / "data").mkdir()
+        self.bus = f"unix:path={root}/bus"
+        self.dbus = subprocess.Popen(["dbus-daemon", "--session", "--nofork", f"--address={self.bus}",
+                                      "--print-address"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert self.dbus.stdout is not None and self.dbus.stdout.readline()  # listening once it says where
+        self.service: subprocess.Popen[bytes] | None = None
+        self.env = {"DBUS_SESSION_BUS_ADDRESS": self.bus, "DBUS_STARTER_BUS_TYPE": "session"}
+
+    def boot(self, bootname: str) -> None:
+        """(Re)start the service as if the board had booted from `bootname`."""
+        self.halt()
+        env = {**os.environ, **self.env}
+        log = self.root / f"service-{bootname}.log"
+        with open(log, "wb") as out:
+            self.service = subprocess.Popen(["rauc", f"--conf={self.conf}", f"--mount={self.root}/mnt",
+                                             "service", f"--override-boot-slot={bootname}"], env=env,
+                                            stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while subprocess.run(["rauc", "status"], env=env, capture_output=True, check=False).returncode:
+            assert self.service.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+
+    def halt(self) -> None:
+        if self.service is not None:
+            self.service.terminate()
+            self.service.wait(10)
+            self.service = None
+
+    def close(self) -> None:
+        self.halt()
+        self.dbus.terminate()
+        self.dbus.wait(10)
+        if self.dbus.stdout is not None:
+            self.dbus.stdout.close()
+
+    def bundle(self, name: str, image: bytes, signer: tuple[Path, Path] | None = None) -> Path:
+        src = self.root / f"src-{name}"
+        src.mkdir()
+        (src / "rootfs.img").write_bytes(image)
+        (src / "manifest.raucm").write_text("[update]\ncompatible=edge-test\nversion=2\n\n[bundle]\n"
+                                            "format=plain\n\n[image.rootfs]\nfilename=rootfs.img\n")
+        cert, key = signer or (self.cert, self.key)
+        out = self.root / f"{name}.raucb"
+        subprocess.run(["rauc", "bundle", f"--cert={cert}", f"--key={key}", str(src), str(out)], check=True,
+                       capture_output=True)
+        return out
+
+    def state(self, bootname: str) -> str:
+        path = self.root / "boot" / f"state.{bootname}"
+        return path.read_text().strip() if path.exists() else "good"
+
+    def primary(self) -> str:
+        return (self.root / "boot" / "primary").read_text().strip()
+
+
+@pytest.fixture
+def rauc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rauc]:
+    r = Rauc(tmp_path / "rauc")
+    for k, v in r.env.items():
+        monkeypatch.setenv(k, v)  # the `rauc` client edge runs talks to this service
+    try:
+        r.boot("A")
+        yield r
+    finally:
+        r.close()
+
+
+def edge_config(tmp: Path, sim_port: int = 1, **update: Any) -> Path:
+    cfg = config_dict(tmp, sim_port, free_port())  # nothing listens there: offline, readings stored
+    cfg["update"] = {"enabled": True, "max_bundle": "2MiB", **update}
+    cfg["metrics"] = {"port": free_port()}  # known, for `edge status`
+    path = tmp / "config.toml"
+    write_config(path, cfg)
+    return path
+
+
+def update(conf: Path, source: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edge", "update", source, str(conf)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def record(tmp: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((tmp / "state" / "update.json").read_text())
+    return doc
+
+
+@contextlib.contextmanager
+def serve(directory: Path) -> Iterator[str]:
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_signed_bundle_is_installed_into_the_other_slot_and_a_foreign_one_refused(
+        tmp_path: Path, rauc: Rauc) -> None:
+    conf = edge_config(tmp_path)
+    image = os.urandom(256 * 1024)
+    foreign = rauc.bundle("foreign", os.urandom(1024), openssl_pair(tmp_path, "someone-else"))
+    refused = update(conf, str(foreign))
+    assert refused.returncode == 1 and "signature" in refused.stderr.lower(), refused
+    assert rauc.primary() == "A" and (rauc.root / "rootfs.1").read_bytes() == bytes(1 << 20)
+    assert not (tmp_path / "state" / "update.json").exists()
+
+    good = rauc.bundle("good", image)
+    done = update(conf, str(good))
+    assert done.returncode == 0, done
+    assert "100%" in done.stdout and "installed into rootfs.1" in done.stdout  # RAUC's progress, relayed
+    assert (rauc.root / "rootfs.1").read_bytes()[:len(image)] == image and rauc.primary() == "B"
+    assert (rauc.root / "rootfs.0").read_bytes() == bytes(1 << 20)  # the booted slot untouched
+    assert {k: record(tmp_path)[k] for k in ("state", "slot", "from")} == {
+        "state": "installed", "slot": "rootfs.1", "from": "rootfs.0"}
+
+
+def test_a_bundle_from_a_url_is_fetched_within_its_limit(tmp_path: Path, rauc: Rauc) -> None:
+    conf = edge_config(tmp_path)
+    www = tmp_path / "www"
+    www.mkdir()
+    shutil.copy(rauc.bundle("v2", os.urandom(64 * 1024)), www / "v2.raucb")
+    shutil.copy(rauc.bundle("big", os.urandom(3 << 20)), www / "big.raucb")
+    with serve(www) as url:
+        big = update(conf, f"{url}/big.raucb")
+        missing = update(conf, f"{url}/none.raucb")
+        done = update(conf, f"{url}/v2.raucb")
+    assert big.returncode == 1 and "max_bundle" in big.stderr, big
+    assert missing.returncode == 1 and "404" in missing.stderr, missing
+    assert done.returncode == 0 and "fetched 100 %" in done.stdout, done
+    assert rauc.primary() == "B" and record(tmp_path)["source"] == f"{url}/v2.raucb"
+    assert not list((tmp_path / "state").glob("*.raucb")) and not list((tmp_path / "state").glob(".*part"))
+
+
+def rebooted(marker: Path, edge: EdgeProcess, timeout: float = 10.0) -> None:
+    """Until the reboot command (`touch MARKER`) ran (re-checked, bounded)."""
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        assert time.monotonic() < deadline, edge.log[-3000:]
+        time.sleep(0.1)
+
+
+def health_update(conf: Path, edge: EdgeProcess, want: str, timeout: float = 30.0) -> dict[str, Any]:
+    """/health's `update` once its state is `want` (re-read until then, bounded)."""
+    port = edge.metrics_port()
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            doc: dict[str, Any] = json.loads(r.read())["update"] or {}
+        if doc.get("state") == want:
+            return doc
+        assert time.monotonic() < deadline, f"update state {doc} (wanted {want}):\n{edge.log[-3000:]}"
+        time.sleep(0.2)
+
+
+def test_a_new_slot_is_kept_when_healthy_and_left_when_not(tmp_path: Path, rauc: Rauc) -> None:
+    with simulated_pump(tmp_path) as sim_port:
+        conf = edge_config(tmp_path, sim_port)
+        assert update(conf, str(rauc.bundle("v2", os.urandom(4096)))).returncode == 0
+        rauc.boot("B")  # the reboot into the new slot
+        edge = EdgeProcess(conf)
+        try:
+            kept = health_update(conf, edge, "good")
+            shown = subprocess.run([sys.executable, "-m", "edge", "status", "--window", "0.2", str(conf)],
+                                   cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+        finally:
+            assert stop(edge) == 0
+        assert kept["slot"] == "rootfs.1" and rauc.state("B") == "good"
+        assert "on trial" in edge.log and "marked good" in edge.log
+        assert shown.returncode == 0 and "\nupdate\n  good: rootfs.1 from rootfs.0, " in shown.stdout, shown
+
+        # the next version cannot store within its trial (commits every 5 s, a trial of 1 s): marked bad,
+        # and the reboot command runs
+        marker = tmp_path / "rebooted"
+        conf = edge_config(tmp_path, sim_port, trial="1s", reboot=f"touch {marker}")
+        text = conf.read_text().replace('commit_interval = "200ms"', 'commit_interval = "5s"')
+        conf.write_text(text)
+        assert update(conf, str(rauc.bundle("v3", os.urandom(4096)))).returncode == 0
+        assert rauc.primary() == "A" and record(tmp_path)["slot"] == "rootfs.0"
+        rauc.boot("A")
+        edge = EdgeProcess(conf)
+        try:
+            failed = health_update(conf, edge, "failed")
+            rebooted(marker, edge)
+        finally:
+            assert stop(edge) == 0
+        assert rauc.state("A") == "bad" and "no block stored or delivered" in failed["detail"]
+
+        rauc.boot("B")  # the bootloader starts the slot the update came from
+        edge = EdgeProcess(conf)
+        try:
+            back = health_update(conf, edge, "rolled back")
+        finally:
+            assert stop(edge) == 0
+    assert "booted from rootfs.1 again, not from rootfs.0" in back["detail"]
+    assert record(tmp_path)["state"] == "rolled back"
+
+
+@pytest.mark.parametrize("text", [b"{", b"[]", b'{"state": 1, "slot": "a", "from": "b"}', b"\xff" * 100,
+                                  b'{"state": "installed"}', b" " * (70 * 1024) + b"{}"])
+def test_a_damaged_update_record_is_no_update(tmp_path: Path, rauc: Rauc, text: bytes,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A record edge did not write whole (or anyone's file in its place): no update on record, one
+    warning, never a crash; RAUC is not even asked."""
+    from edge.config import UpdateConfig  # noqa: PLC0415
+    from edge.update import STATE, Trial  # noqa: PLC0415
+
+    (tmp_path / STATE).write_bytes(text)
+    trial = Trial(UpdateConfig(enabled=True, rauc="false"), tmp_path)
+    assert trial.view() is None and not trial.on_trial
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+
+
+def test_update_needs_it_enabled(tmp_path: Path, rauc: Rauc) -> None:
+    conf = edge_config(tmp_path)
+    conf.write_text(conf.read_text().replace("enabled = true", "enabled = false"))
+    refused = update(conf, str(rauc.bundle("v2", b"x")))
+    assert refused.returncode == 2 and "update.enabled" in refused.stderr, refused
+    assert rauc.primary() == "A"
+
+
+def test_every_healthy_boot_marks_its_slot_good(tmp_path: Path, rauc: Rauc) -> None:
+    """No update on record, the booted slot not confirmed (as a counting bootloader leaves it at each
+    boot): edge confirms it once it polled and stored, and records nothing."""
+    (rauc.root / "boot" / "state.A").write_text("bad\n")
+    with simulated_pump(tmp_path) as sim_port:
+        edge = EdgeProcess(edge_config(tmp_path, sim_port))
+        try:
+            deadline = time.monotonic() + 30
+            while rauc.state("A") != "good":
+                assert time.monotonic() < deadline and edge.proc.poll() is None, edge.log[-3000:]
+                time.sleep(0.1)
+        finally:
+            assert stop(edge) == 0
+    assert not (tmp_path / "state" / "update.json").exists()
+
+
+def test_an_update_asked_for_over_mqtt_is_signed_installed_and_reported(tmp_path: Path, rauc: Rauc) -> None:
+    """cmd/update, signed like a write, names a bundle's URL: RAUC's progress and then the result come
+    on cmd/result, and with "reboot" the reboot command runs; a wrong signature or a bundle RAUC refuses
+    changes nothing and says why."""
+    key = b"u" * 40
+    (tmp_path / "ops.key").write_bytes(key)
+    www = tmp_path / "www"
+    www.mkdir()
+    shutil.copy(rauc.bundle("v2", os.urandom(64 * 1024)), www / "v2.raucb")
+    shutil.copy(rauc.bundle("foreign", b"x", openssl_pair(tmp_path, "someone-else")), www / "foreign.raucb")
+    marker = tmp_path / "rebooted"
+    with simulated_pump(tmp_path) as sim_port, start_broker(tmp_path / "mqtt") as broker, serve(www) as url:
+        cfg = config_dict(tmp_path, sim_port, broker.port)
+        cfg["update"] = {"enabled": True, "reboot": f"touch {marker}"}
+        cfg["commands"] = {"remote_update": True, "keys": {"ops": str(tmp_path / "ops.key")}}
+        cfg["metrics"] = {"port": (mport := free_port())}
+        conf = tmp_path / "config.toml"
+        write_config(conf, cfg)
+        sub = Subscriber(broker.port, "edge/t1/cmd/result")
+        edge = EdgeProcess(conf)
+
+        def ask(cid: str, fields: dict[str, Any], signer: bytes = key) -> dict[str, Any]:
+            """The result of a command (a forged one's has no id: it is not trusted)."""
+            message = sign(signer, "ops", {"id": cid, "expires": time.time() + 300, **fields})
+            sub.client.publish("edge/t1/cmd/update", message, qos=1).wait_for_publish(10)
+            want = cid if signer == key else None
+
+            def final(s: Subscriber) -> list[dict[str, Any]]:
+                return [r for _, p in s.messages if (r := json.loads(p))["id"] == want
+                        and r.get("status") != "installing"]
+
+            sub.wait(lambda s: bool(final(s)), timeout=60)
+            return final(sub)[0]
+
+        try:
+            edge.metrics_port()
+            wait_metric(mport, "edge_uplink_blocks_acked_total", lambda v: v >= 1)  # connected, subscribed
+            forged = ask("u-0", {"url": f"{url}/v2.raucb"}, signer=b"x" * 40)
+            foreign = ask("u-1", {"url": f"{url}/foreign.raucb"})
+            assert rauc.primary() == "A" and not marker.exists()
+            done = ask("u-2", {"url": f"{url}/v2.raucb", "reboot": True})
+            rebooted(marker, edge)
+        finally:
+            assert stop(edge) == 0
+            sub.close()
+    assert (forged["ok"], forged["error"]) == (False, "bad signature")
+    assert (foreign["ok"], foreign["error"]) == (False, "update failed") and "signature" in foreign["detail"]
+    assert (done["ok"], done["status"], done["slot"]) == (True, "installed", "rootfs.1")
+    assert rauc.primary() == "B"
+    progress = [json.loads(p)["progress"] for _, p in sub.messages if json.loads(p).get("id") == "u-2"
+                and json.loads(p).get("status") == "installing"]
+    assert any("100%" in line for line in progress), progress
+    assert record(tmp_path)["state"] == "installed"
