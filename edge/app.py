@@ -53,7 +53,7 @@ from edge.poll import Poller
 from edge.snapshot import Snapshot, write_bytes
 from edge.store import Store
 from edge.supervise import Supervisor, dump_stacks, test_hooks
-from edge.update import Lines, Trial, UpdateError, install, read_state, reboot_now
+from edge.update import Lines, Trial, UpdateError, install, public, read_state, reboot_now
 from edge.uplink import STOP_WAIT, Uplink, UplinkStats
 from edge.write import MAX_ID, Commands, Verified, safe
 
@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from edge.metrics import MetricsServer
 
 log = logging.getLogger("edge.app")
+REBOOT_WAIT = 15.0  # seconds an install's result may take to go out before the reboot it asked for
 POLL_STOP_WAIT = 5.0  # seconds a stop or a reload waits at most for the poll cycles under way
 
 
@@ -191,8 +192,9 @@ class Appliance:
 
     async def shutdown(self) -> None:
         log.info("edge: stopping: committing the open window, finishing in-flight publishes")
-        for name in ("reload", "supervise", "govern"):
+        for name in ("reload", "supervise", "govern", "update"):
             await _cancel(self.tasks.pop(name, None))
+        await _cancel(self.installing)  # its thread ends with the RAUC client; the service finishes alone
         await self._stop_poll()
         await _cancel(self.tasks.pop("store", None))
         await asyncio.to_thread(self.store.commit)
@@ -283,7 +285,8 @@ class Appliance:
             return {"id": checked.id, "ok": False, "error": "busy", "detail": "another config is on trial"}
         raw = str(checked.fields["config"]).encode()
         try:  # relative paths as they will read where it is kept
-            config = with_id(check_devices(loads(raw, self.keep_at.parent, "cmd/config"), "cmd/config"))
+            config = _same_update(with_id(check_devices(loads(raw, self.keep_at.parent, "cmd/config"),
+                                                        "cmd/config")), self.config)
         except ConfigError as e:
             self.refused(e, f"pushed config {safe(checked.id, MAX_ID)}")
             result = {"id": checked.id, "ok": False, "error": "invalid config",
@@ -332,8 +335,14 @@ class Appliance:
             return {"id": checked.id, "ok": False, "error": "not enabled",
                     "detail": "[update] enabled = false: this box does not take image updates"}
         if self.installing is not None and not self.installing.done():
+            if self.installing.get_name() == f"update-install:{checked.key}:{checked.id}":
+                return None  # a redelivery of the one installing: its result comes when it ends
             return {"id": checked.id, "ok": False, "error": "busy", "detail": "another update is installing"}
-        self.installing = asyncio.create_task(self._install(checked), name="update-install")
+        if self.update is not None and self.update.on_trial:
+            return {"id": checked.id, "ok": False, "error": "busy",
+                    "detail": "the slot booted is on trial: the other one is the way back until it is kept"}
+        self.installing = asyncio.create_task(self._install(checked),
+                                              name=f"update-install:{checked.key}:{checked.id}")
         return None
 
     async def _install(self, command: Verified) -> None:
@@ -344,7 +353,7 @@ class Appliance:
             loop.call_soon_threadsafe(self.uplink.post_result, {"id": cid, "ok": True, "status": "installing",
                                                                 "progress": line.strip()[:200]})
 
-        log.info("edge: update %s: installing %s", safe(cid, MAX_ID), safe(url, 200))
+        log.info("edge: update %s: installing %s", safe(cid, MAX_ID), safe(public(url), 200))
         result: dict[str, Any]
         try:
             await asyncio.to_thread(install, self.config.update, self.config.appliance.state_dir, url,
@@ -352,6 +361,9 @@ class Appliance:
         except UpdateError as e:
             result = {"id": cid, "ok": False, "error": "update failed", "detail": str(e)[:2000]}
             log.error("edge: update %s failed: %s", safe(cid, MAX_ID), e)  # noqa: TRY400 (one line)
+        except Exception as e:  # a command is hostile input: it gets a result, edge runs on
+            result = {"id": cid, "ok": False, "error": "internal error", "detail": type(e).__name__}
+            log.exception("edge: update %s failed unexpectedly", safe(cid, MAX_ID))
         else:
             slot = read_state(self.config.appliance.state_dir).get("slot")
             reboot = command.fields.get("reboot") is True
@@ -360,21 +372,31 @@ class Appliance:
         self.commands.remember(command, result)
         self.uplink.post_result(result)
         if result["ok"] and command.fields.get("reboot") is True:
+            for _ in range(int(REBOOT_WAIT / 0.2)):  # the result out first (the outbox goes every second)
+                if result not in self.uplink.outbox:
+                    break
+                await asyncio.sleep(0.2)
             await asyncio.to_thread(reboot_now, self.config.update)
 
     async def _update(self) -> None:
         """What became of the last image update; a newly installed slot's trial (edge.update)."""
-        self.update = await asyncio.to_thread(Trial, self.config.update, self.config.appliance.state_dir)
-        await self.update.run(self._unhealthy)
+        try:
+            self.update = await asyncio.to_thread(Trial, self.config.update, self.config.appliance.state_dir)
+            await self.update.run(self._unhealthy)
+        except Exception:  # the appliance runs on; the bootloader's count decides about the slot
+            log.exception("edge: update: the slot's trial failed unexpectedly")
 
     def _unhealthy(self) -> str | None:
-        """What a new slot has not done yet to be kept: poll, and store or deliver a block."""
-        if not sum(st.readings for _, st in self.poller.snapshot().devices):
-            return "no poll cycle done"
+        """What a slot has not done yet to be kept: a good reading from a device, and a block delivered
+        (stored, with the uplink disabled). Delivery, not only storage, with an uplink: an image that
+        broke the uplink would look offline, and a box nobody reaches is lost."""
+        devices = self.poller.snapshot().devices
+        if devices and not any(st.good for _, st in devices):
+            return "no good reading from any device"
         c = self.store.snapshot().counters
-        if not c.blocks_committed and not c.blocks_forwarded:
-            return "no block stored or delivered"
-        return None
+        if self.config.uplink.enabled:
+            return None if c.blocks_forwarded else "no block delivered"
+        return None if c.blocks_committed else "no block stored"
 
     def _progress(self) -> tuple[dict[str, int], int]:
         return {name: st.good for name, st in self.poller.snapshot().devices}, self.uplink.stats.acked
@@ -392,6 +414,14 @@ class Appliance:
                 return "; ".join([*([f"no good reading from {', '.join(silent)}"] if silent else []),
                                   *(["no block delivered"] if undelivered else [])])
             await asyncio.sleep(0.5)
+
+
+def _same_update(config: Config, running: Config) -> Config:
+    """A pushed config, refused if its [update] is not the running one's: that section names the commands
+    that install and reboot, and is the image's to set."""
+    if config.update != running.update:
+        raise ConfigError(["cmd/config: [update]: set by the image's config, not by a pushed one"])
+    return config
 
 
 def _later(store: Any) -> tuple[Any, ...]:

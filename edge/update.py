@@ -7,12 +7,14 @@ RAUC holds the slots, the keyring and the bootloader (its service); edge drives 
                              [update] max_bundle bytes; `rauc install` checks the bundle's signature
                              against the image's keyring and writes the slot not booted, which becomes
                              the bootloader's primary; its progress is printed as it comes. Recorded as
-                             "installed", with that slot and the one it was installed from.
-    edge run                 once healthy (a poll cycle done, a block stored or delivered), at every
-                             boot: `rauc status mark-good booted` (a counting bootloader takes a slot that
-                             never says so as failed). Booted from the slot installed last, still
-                             "installed": a trial, to be healthy within [update] trial seconds of the
-                             start ("good"); otherwise `rauc status mark-bad booted`, "failed", and
+                             "installing" before, "installed" after, with that slot, the one it came
+                             from and this boot's id; refused while the slot booted is on trial.
+    edge run                 once healthy (a good reading, and a block delivered; stored, with the uplink
+                             disabled), at every boot: `rauc status mark-good booted` (a counting
+                             bootloader takes a slot that never says so as failed). Booted, in a later
+                             boot, from the slot installed last: a trial, to be healthy within [update]
+                             trial seconds of the boot ("good"); otherwise `rauc status mark-bad booted`,
+                             "failed", and
                              [update] reboot: the bootloader starts the slot it came from. Booted from
                              that one instead: "rolled back" (a trial failed, or the bootloader gave up on
                              the new slot before edge ran).
@@ -23,10 +25,13 @@ What update.json says is in the health message and /health (`update`), and so in
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import logging
+import os
 import shlex
 import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -44,6 +49,7 @@ MAX_STATUS = 1 << 20  # bytes of `rauc status` output read, at most
 RAUC_TIMEOUT = 60.0  # seconds a status or mark command may take
 INSTALL_TIMEOUT = 3600.0  # seconds an install may take (an SD card writes a few MB/s)
 FETCH_TIMEOUT = 60.0  # seconds without a byte from the server
+FETCH_DEADLINE = 3600.0  # seconds a whole fetch may take
 
 
 class Out(Protocol):
@@ -102,39 +108,97 @@ def write_state(state_dir: Path, doc: dict[str, Any]) -> None:
     write_whole(state_dir / STATE, json.dumps(doc, sort_keys=True).encode() + b"\n", 0o644)
 
 
-def fetch(url: str, dest: Path, limit: int, out: Out) -> Path:
-    """The bundle at `url` in `dest` (http or https; at most `limit` bytes), progress printed."""
-    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-        raise UpdateError(f"{url}: only http:// and https:// URLs (or a file)")
-    tmp = dest.with_name(f".{dest.name}.part")
+def _boot() -> tuple[str, float]:
+    """(this boot's id, seconds since it): the kernel's; in tests that stand in a restart of RAUC's
+    service for a reboot, the file EDGE_TEST_BOOT names ("<id> <unix time of the boot>")."""
+    if stand_in := os.environ.get("EDGE_TEST_BOOT"):
+        ident, at = Path(stand_in).read_text().split()
+        return ident, time.time() - float(at)
     try:
-        with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT) as r, open(tmp, "wb") as f:
-            size = int(r.headers.get("Content-Length") or 0)
+        ident = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        ident = ""
+    return ident, time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def boot_id() -> str:
+    """This boot's id: tells a restart of edge from a reboot."""
+    return _boot()[0]
+
+
+def public(url: str) -> str:
+    """A URL fit for the record, the health message and the log: without credentials, query or fragment
+    (a presigned URL's token, a user:password@)."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.scheme:
+        return url
+    host = parts.hostname or ""
+    return urllib.parse.urlunsplit((parts.scheme, host + (f":{parts.port}" if parts.port else ""), parts.path,
+                                    "", ""))
+
+
+class _SameSchemes(urllib.request.HTTPRedirectHandler):
+    """Redirects only to http or https, never from https down to http."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,  # noqa: PLR0917
+                         newurl: str) -> urllib.request.Request | None:
+        old, new = urllib.parse.urlsplit(req.full_url).scheme, urllib.parse.urlsplit(newurl).scheme
+        if new not in ("http", "https") or (old == "https" and new != "https"):
+            raise UpdateError(f"{public(req.full_url)}: redirected to a {new or 'relative'}:// URL, refused")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def fetch(url: str, dest: Path, limit: int, out: Out) -> Path:
+    """The bundle at `url` in `dest` (http or https; at most `limit` bytes, within FETCH_DEADLINE),
+    progress printed."""
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise UpdateError(f"{public(url)}: only http:// and https:// URLs (or a file)")
+    tmp = dest.with_name(f".{dest.name}.part")
+    deadline = time.monotonic() + FETCH_DEADLINE
+    opener = urllib.request.build_opener(_SameSchemes)
+    try:
+        with opener.open(url, timeout=FETCH_TIMEOUT) as r, open(tmp, "wb") as f:
+            declared = r.headers.get("Content-Length")
+            size = int(declared) if declared and declared.isdigit() else 0
             if size > limit:
-                raise UpdateError(f"{url}: {size} bytes, more than [update] max_bundle ({limit})")
+                raise UpdateError(f"{public(url)}: {size} bytes, more than [update] max_bundle ({limit})")
             got, shown = 0, -1
             while chunk := r.read(1 << 16):
                 got += len(chunk)
                 if got > limit:
-                    raise UpdateError(f"{url}: more than [update] max_bundle ({limit} bytes)")
+                    raise UpdateError(f"{public(url)}: more than [update] max_bundle ({limit} bytes)")
+                if time.monotonic() > deadline:
+                    raise UpdateError(f"{public(url)}: not fetched within {FETCH_DEADLINE:.0f} s")
                 f.write(chunk)
-                if size and (pct := got * 100 // size) // 10 != shown:
+                if size and (pct := min(got * 100 // size, 100)) // 10 != shown:
                     shown = pct // 10
                     print(f"fetched {pct:3d} %", file=out, flush=True)
+            if size and got != size:
+                raise UpdateError(f"{public(url)}: {got} bytes, {size} announced")
         tmp.replace(dest)
-    except OSError as e:  # urllib's URLError and HTTPError are OSErrors
-        raise UpdateError(f"{url}: {e}") from None
+    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError and HTTPError are OSErrors
+        raise UpdateError(f"{public(url)}: {e}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return dest
 
 
 def install(cfg: UpdateConfig, state_dir: Path, source: str, out: Out) -> None:
-    """Install a bundle (a file, or a URL fetched first) into the slot not booted; UpdateError if not."""
+    """Install a bundle (a file, or a URL fetched first) into the slot not booted; UpdateError if not.
+    Refused while the slot booted is on trial: the other one is the way back."""
     try:  # where the record goes: made before anything is installed, so that a failure comes first
         state_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (state_dir / "bundle.raucb", state_dir / ".bundle.raucb.part"):
+            stale.unlink(missing_ok=True)  # left by a power cut during an earlier fetch
     except OSError as e:
         raise UpdateError(f"state directory {state_dir}: {e.strerror}") from None
+    booted, _, names = slots(cfg)
+    record = read_state(state_dir)
+    if record.get("state") in ("installing", "installed") and record.get("boot_id") != boot_id() \
+            and names.get(booted) == record.get("slot"):
+        raise UpdateError(f"{record['slot']} is on trial: the other slot is the way back until it is "
+                          "marked good")
+    others = [slot for name, slot in names.items() if name != booted]
     fetched = None
     if "://" in source:
         fetched = fetch(source, state_dir / "bundle.raucb", cfg.max_bundle, out)
@@ -142,30 +206,53 @@ def install(cfg: UpdateConfig, state_dir: Path, source: str, out: Out) -> None:
     try:
         if not bundle.is_file():
             raise UpdateError(f"{bundle}: no such bundle")
-        booted, _, _ = slots(cfg)
-        cmd = [*shlex.split(cfg.rauc), "install", "--progress", str(bundle.resolve())]
+        mark = {"slot": others[0] if len(others) == 1 else "?", "from": names.get(booted, booted),
+                "source": public(source), "at": int(time.time()), "boot_id": boot_id()}
+        _record(state_dir, {**mark, "state": "installing"})  # a power cut from here on is still on record
         try:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    errors="replace")
-        except OSError as e:
-            raise UpdateError(f"{shlex.join(cmd)}: {e}") from None
-        assert proc.stdout is not None
-        said: list[str] = []
-        deadline = time.monotonic() + INSTALL_TIMEOUT
-        for line in proc.stdout:  # RAUC's progress, as it comes
-            print(line.rstrip()[:500], file=out, flush=True)
-            said = [*said[-20:], line.strip()]
-            if time.monotonic() > deadline:
-                proc.kill()
-        if proc.wait() != 0:
-            raise UpdateError(f"rauc install refused or failed {bundle}: {' / '.join(s for s in said if s)}")
-        _, primary, names = slots(cfg)
-        write_state(state_dir, {"state": "installed", "slot": primary, "from": names.get(booted, booted),
-                                "source": source, "at": int(time.time())})
+            _rauc_install(cfg, bundle, out)
+        except UpdateError:  # refused or failed: RAUC switched nothing; the record is the one before
+            if record:
+                _record(state_dir, record)
+            else:
+                (state_dir / STATE).unlink(missing_ok=True)
+            raise
+        _, primary, _ = slots(cfg)
+        _record(state_dir, {**mark, "slot": primary, "state": "installed"})
         print(f"installed into {primary}: it starts at the next boot, on trial", file=out, flush=True)
     finally:
         if fetched is not None:
             fetched.unlink(missing_ok=True)
+
+
+def _record(state_dir: Path, doc: dict[str, Any]) -> None:
+    try:
+        write_state(state_dir, doc)
+    except OSError as e:
+        raise UpdateError(f"cannot record the update in {state_dir / STATE}: {e.strerror}") from None
+
+
+def _rauc_install(cfg: UpdateConfig, bundle: Path, out: Out) -> None:
+    """`rauc install`, its output printed as it comes; killed after INSTALL_TIMEOUT."""
+    cmd = [*shlex.split(cfg.rauc), "install", "--progress", str(bundle.resolve())]
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace")
+    except OSError as e:
+        raise UpdateError(f"{shlex.join(cmd)}: {e}") from None
+    assert proc.stdout is not None
+    timer = threading.Timer(INSTALL_TIMEOUT, proc.kill)  # also when RAUC prints nothing
+    timer.start()
+    said: list[str] = []
+    try:
+        for line in proc.stdout:  # RAUC's progress
+            print(line.rstrip()[:500], file=out, flush=True)
+            said = [*said[-20:], line.strip()[:500]]
+    finally:
+        timer.cancel()
+        code = proc.wait()
+    if code != 0:
+        raise UpdateError(f"rauc install refused or failed {bundle}: {' / '.join(s for s in said if s)}")
 
 
 class Lines:
@@ -201,29 +288,42 @@ def _failed(e: UpdateError) -> None:
     log.error("update: %s", e)
 
 
+def since_boot() -> float:
+    """Seconds since this boot (CLOCK_BOOTTIME): a trial's clock, which a restart of edge does not reset."""
+    return _boot()[1]
+
+
 class Trial:
-    """The state of the last update as this boot finds it, and the trial of a newly installed slot."""
+    """The state of the last update as this boot finds it, and the trial of a newly installed slot.
+
+    The record's boot_id tells a restart of edge (the same boot: nothing to decide yet) from a reboot. A
+    trial is measured from the boot, not from edge's start: an edge that keeps failing on the new slot
+    finds its trial over at the next start and leaves."""
 
     def __init__(self, cfg: UpdateConfig, state_dir: Path) -> None:
         self.cfg = cfg
         self.state_dir = state_dir
         self.record = read_state(state_dir)
         self.on_trial = False
-        if not self.record:
-            return
+        if not self.record or self.record.get("boot_id") == boot_id():
+            return  # none, or installed since this boot: it starts at the next
         try:
             booted, _, names = slots(cfg)
         except UpdateError as e:
             _failed(e)
             return
-        slot, state = names.get(booted, booted), self.record["state"]
-        if state == "installed" and slot == self.record["slot"]:
+        slot, state, new, old = names.get(booted, booted), self.record["state"], self.record["slot"], \
+            self.record["from"]
+        if state in ("installing", "installed") and slot == new:
             self.on_trial = True
-            log.warning("update: booted from %s, installed from %s: on trial for %.0f s", slot,
+            log.warning("update: booted from %s, installed from %s: on trial until %.0f s after boot", slot,
                         self.record.get("source", "?"), cfg.trial)
-        elif state in ("installed", "failed") and slot == self.record["from"]:
-            self._settle("rolled back", f"booted from {slot} again, not from {self.record['slot']}"
-                                        + (f" ({self.record['detail']})" if state == "failed" else ""))
+        elif state == "installing" and slot == old:
+            self._settle("failed", f"the install into {new} did not finish; {old} runs on")
+        elif state in ("installed", "failed") and slot == old:
+            why = self.record.get("detail") if state == "failed" else None
+            self._settle("rolled back", f"booted from {old} again, not from {new}"
+                                        + (f" ({why})" if why else ""))
 
     def view(self) -> dict[str, Any] | None:
         """For the health message: the last update's state, or None when there was none."""
@@ -240,11 +340,10 @@ class Trial:
     async def run(self, unhealthy: Callable[[], str | None]) -> None:
         """Once `unhealthy()` is None (it says what has not happened yet): mark the booted slot good, at
         every boot (a counting bootloader takes a slot that never says so as failed). On trial, if that
-        takes more than [update] trial seconds: mark it bad and reboot."""
-        deadline = time.monotonic() + self.cfg.trial
+        takes until [update] trial seconds after boot: mark it bad and reboot."""
         while True:
             why = unhealthy()
-            if why is None or (self.on_trial and time.monotonic() >= deadline):
+            if why is None or (self.on_trial and since_boot() >= self.cfg.trial):
                 break
             await asyncio.sleep(0.5)
         if why is None:
@@ -255,12 +354,11 @@ class Trial:
                 return
             if self.on_trial:
                 self.on_trial = False
-                self._settle("good", f"{self.record['slot']} polled and stored within its trial: marked good")
+                self._settle("good", f"{self.record['slot']} proven within its trial: marked good")
             return
-        slot = self.record["slot"]
         self.on_trial = False
-        self._settle("failed", f"{slot} not healthy within {self.cfg.trial:.0f} s ({why}): marked bad, "
-                               f"rebooting into {self.record['from']}")
+        self._settle("failed", f"{self.record['slot']} not healthy within {self.cfg.trial:.0f} s of boot "
+                               f"({why}): marked bad, rebooting into {self.record['from']}")
         try:
             await asyncio.to_thread(rauc, self.cfg, "status", "mark-bad", "booted")
         except UpdateError as e:

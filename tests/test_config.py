@@ -405,6 +405,14 @@ def test_empty_names_and_host_rejected() -> None:
     problems_of({"device": [tcp_device("", host=""), tcp_device("", host="")]})
 
 
+def test_a_name_ending_in_a_newline_is_refused() -> None:
+    """Names go into ids, topics and payloads: a trailing newline is not a name character."""
+    tags = [{"name": "t\n", "address": 0}]
+    assert problems_of({"device": [tcp_device("m1\n", tag=tags)]}) == [
+        "device[0].name: invalid name 'm1\\n' (letters, digits, _ . -; not starting with . or -)",
+        "device[0].tag[0].name: invalid name 't\\n' (letters, digits, _ . -; not starting with . or -)"]
+
+
 def test_no_spurious_overlap_after_bad_address() -> None:
     tags = [{"name": "a", "address": 0}, {"name": "b", "address": 400001}]
     assert problems_of({"device": [tcp_device(tag=tags)]}) == [

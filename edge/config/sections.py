@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import shlex
 import sys
 from array import array
 from pathlib import Path
@@ -438,6 +439,13 @@ def _update(r: Reader) -> UpdateConfig:
     u = UpdateConfig(r.flag("enabled", False), r.duration("trial", 300.0, lo=1.0, hi=3600.0),
                      r.size("max_bundle", 1 << 30, lo=1 << 20), r.text("rauc", "rauc"),
                      r.text("reboot", "systemctl reboot"))
+    for key in ("rauc", "reboot"):
+        try:
+            ok = bool(shlex.split(getattr(u, key)))
+        except ValueError:
+            ok = False
+        if not ok:
+            r.fail(key, "a command, as a shell would split it (quotes closed)")
     r.done()
     return u
 
@@ -490,6 +498,9 @@ def parse(data: dict[str, Any], base: Path | None = None) -> Config:
                         f"asked to cap what it sends us, and a command is taken in whole before it is checked"
                         for flag in ("remote", "remote_config", "remote_update")
                         if getattr(cfg.commands, flag))
+    if cfg.commands.remote_update and not cfg.update.enabled:
+        problems.append("commands.remote_update: needs [update] enabled = true (an image with two root slots "
+                        "and RAUC)")
     if problems:
         raise ConfigError(problems)
     return cfg

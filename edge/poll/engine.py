@@ -307,9 +307,10 @@ class Line:
             return
         me = asyncio.current_task()
         steered: Policy | None = None
-        # (deadline, position) of every schedule: the earliest first, ties in config order. Only a steer
-        # (all deadlines) and a cycle's advance (its own) move a deadline, so a line of many units picks
-        # its next in O(log n) instead of reading every schedule's deadline per request.
+        # (deadline, position) of every schedule: the earliest first, ties in config order. A cycle's
+        # advance moves its own deadline (pushed back at once); a steer changes the periods, so the heap
+        # is built again then. A line of many units picks its next in O(log n) instead of reading every
+        # schedule's deadline per request.
         due: list[tuple[float, int]] = []
         self.wake = asyncio.get_running_loop().create_future()
         try:
