@@ -386,14 +386,20 @@ class Appliance:
         except Exception:  # the appliance runs on; the bootloader's count decides about the slot
             log.exception("edge: update: the slot's trial failed unexpectedly")
 
-    def _unhealthy(self) -> str | None:
-        """What a slot has not done yet to be kept: a good reading from a device, and a block delivered
-        (stored, with the uplink disabled). Delivery, not only storage, with an uplink: an image that
-        broke the uplink would look offline, and a box nobody reaches is lost."""
+    def _unhealthy(self, trial: bool) -> str | None:
+        """What the slot booted has not done yet to be confirmed. A new slot on trial: a good reading from
+        a device, and a block delivered (stored, with the uplink disabled): an image that broke the
+        uplink would look offline, and a box nobody reaches is lost. A slot already kept: the appliance
+        runs (a poll cycle done, a block stored or delivered), also with its meters or its network down,
+        which are not the image's fault and must not send it back to an older one."""
         devices = self.poller.snapshot().devices
+        c = self.store.snapshot().counters
+        if not trial:
+            if not sum(st.readings for _, st in devices):
+                return "no poll cycle done"
+            return None if c.blocks_committed or c.blocks_forwarded else "no block stored or delivered"
         if devices and not any(st.good for _, st in devices):
             return "no good reading from any device"
-        c = self.store.snapshot().counters
         if self.config.uplink.enabled:
             return None if c.blocks_forwarded else "no block delivered"
         return None if c.blocks_committed else "no block stored"

@@ -9,12 +9,12 @@ RAUC holds the slots, the keyring and the bootloader (its service); edge drives 
                              the bootloader's primary; its progress is printed as it comes. Recorded as
                              "installing" before, "installed" after, with that slot, the one it came
                              from and this boot's id; refused while the slot booted is on trial.
-    edge run                 once healthy (a good reading, and a block delivered; stored, with the uplink
-                             disabled), at every boot: `rauc status mark-good booted` (a counting
-                             bootloader takes a slot that never says so as failed). Booted, in a later
-                             boot, from the slot installed last: a trial, to be healthy within [update]
-                             trial seconds of the boot ("good"); otherwise `rauc status mark-bad booted`,
-                             "failed", and
+    edge run                 at every boot, once the appliance runs (a poll cycle done, a block stored
+                             or delivered): `rauc status mark-good booted` (a counting bootloader takes a
+                             slot that never says so as failed). Booted, in a later boot, from the slot
+                             installed last: a trial, to prove more within [update] trial seconds of the
+                             boot (a good reading, and a block delivered; stored, with the uplink
+                             disabled): "good"; otherwise `rauc status mark-bad booted`, "failed", and
                              [update] reboot: the bootloader starts the slot it came from. Booted from
                              that one instead: "rolled back" (a trial failed, or the bootloader gave up on
                              the new slot before edge ran).
@@ -337,12 +337,12 @@ class Trial:
             _failed(UpdateError(f"cannot record {state} in {self.state_dir / STATE}: {e.strerror}"))
         (log.info if state == "good" else log.error)("update: %s: %s", state, detail)
 
-    async def run(self, unhealthy: Callable[[], str | None]) -> None:
-        """Once `unhealthy()` is None (it says what has not happened yet): mark the booted slot good, at
-        every boot (a counting bootloader takes a slot that never says so as failed). On trial, if that
-        takes until [update] trial seconds after boot: mark it bad and reboot."""
+    async def run(self, unhealthy: Callable[[bool], str | None]) -> None:
+        """Once `unhealthy(on trial)` is None (it says what has not happened yet): mark the booted slot
+        good, at every boot (a counting bootloader takes a slot that never says so as failed). On trial,
+        if that takes until [update] trial seconds after boot: mark it bad and reboot."""
         while True:
-            why = unhealthy()
+            why = unhealthy(self.on_trial)
             if why is None or (self.on_trial and since_boot() >= self.cfg.trial):
                 break
             await asyncio.sleep(0.5)
