@@ -16,6 +16,7 @@ import pytest
 from edge.config import parse
 from edge.poll import Poller
 from edge.reading import BAD_FRAME, BREAKER_OPEN, DISCONNECTED, GOOD, TIMEOUT
+from edge.sparkplug import Node
 from edge.store import Block, encode_block
 from edge.uplink import Payloads
 from tests.support import Collector, config, set_faults, start_sim, tag_id, write_map
@@ -377,27 +378,41 @@ def test_a_stop_lets_the_cycle_under_way_finish(tmp_path: Path) -> None:
 
 
 def test_the_devices_of_a_template_share_tags_and_each_reading_names_its_own_device(tmp_path: Path) -> None:
-    """Three units of one template behind one simulator, each holding other values: the devices hold the
-    same tag objects, and every reading polled carries its own device's id, which the uplink's encoder
-    turns back into that device's name, the tag and the value that unit holds."""
+    """Three units of one template behind one simulator, each holding other values, one refusing an
+    address (its request split per tag): the devices hold the same tag objects, and every reading polled
+    carries its own device's id, which the uplink's encoders (JSON, Sparkplug's births and data) turn
+    back into that device's name, the tag and the value that unit holds."""
     units = {1: (11, 1.5), 2: (22, 2.5), 3: (33, 3.5)}
     write_map(tmp_path / "map.toml", [{"id": u, "points": [
         {"table": "holding", "address": 0, "type": "uint16", "value": a},
-        {"table": "holding", "address": 1, "type": "float32", "value": b}]} for u, (a, b) in units.items()])
+        {"table": "holding", "address": 1, "type": "float32", "value": b}],
+        **({"invalid": [[5, 5]]} if u == 2 else {})} for u, (a, b) in units.items()])
     with start_sim(tmp_path / "map.toml") as sim:
         cfg = parse({"appliance": {"id": "t", "state_dir": str(tmp_path)},
                      "template": {"meter": {"tag": [{"name": "a", "address": 0, "type": "uint16"},
-                                                    {"name": "b", "address": 1, "type": "float32"}]}},
+                                                    {"name": "b", "address": 1, "type": "float32"},
+                                                    {"name": "c", "address": 5, "type": "uint16"}]}},
                      "device": [{"name": f"m{u}", "host": sim.host, "port": sim.port, "unit": u,
                                  "template": "meter"} for u in units]})
-        assert len({id(t) for d in cfg.devices for t in d.tags}) == 2
+        assert len({id(t) for d in cfg.devices for t in d.tags}) == 3
         assert len({id(d.tags) for d in cfg.devices}) == 1
         sink = Collector()
-        asyncio.run(Poller(cfg, sink).run_once())
+        poller = Poller(cfg, sink)
+        asyncio.run(poller.run_once())  # m2 refuses address 5: its request is split, one per tag
+    assert [len(r.jobs["default"]) for r in poller.runners] == [1, 3, 1]
     assert sorted(r[0] for r in sink.readings) == sorted(
-        tag_id(cfg, f"m{u}", t) for u in units for t in ("a", "b"))
+        tag_id(cfg, f"m{u}", t) for u in units for t in ("a", "b", "c"))
     block = Block(1, len(sink.readings), encode_block(sink.readings))
     [message] = Payloads(cfg).encode(block)
     rows = {(r["device"], r["tag"]): (r["value"], r["quality"]) for r in json.loads(message)["readings"]}
     assert rows == {**{(f"m{u}", "a"): (a, "good") for u, (a, _) in units.items()},
-                    **{(f"m{u}", "b"): (b, "good") for u, (_, b) in units.items()}}
+                    **{(f"m{u}", "b"): (b, "good") for u, (_, b) in units.items()},
+                    **{(f"m{u}", "c"): (0, "good") for u in (1, 3)},
+                    ("m2", "c"): (None, "exception_2_illegal_address")}
+    node = Node(cfg, lambda: 1_800_000_000_000)  # Sparkplug: each device's births and data by its aliases
+    node.death()
+    node.connected()
+    births = {topic.rsplit("/", 1)[1]: {m.name: m.alias for m in p.metrics} for topic, p in node.births()[1:]}
+    assert births == {f"m{u}": {t: tag_id(cfg, f"m{u}", t) for t in "abc"} for u in units}
+    data = {topic.rsplit("/", 1)[1]: {m.alias for m in p.metrics} for topic, p in node.data(block)}
+    assert data == {f"m{u}": {tag_id(cfg, f"m{u}", t) for t in "abc"} for u in units}
