@@ -53,7 +53,7 @@ from edge.poll import Poller
 from edge.snapshot import Snapshot, write_bytes
 from edge.store import Store
 from edge.supervise import Supervisor, dump_stacks, test_hooks
-from edge.update import Lines, Trial, UpdateError, install, public, read_state, reboot_now
+from edge.update import Lines, Trial, UpdateError, install, public, reboot_now
 from edge.uplink import STOP_WAIT, Uplink, UplinkStats
 from edge.write import MAX_ID, Commands, Verified, safe
 
@@ -103,7 +103,11 @@ class Appliance:
         return Snapshot(self.started, self.reloads, self.reloads_refused, self.governor.current(),
                         self.poller.snapshot(), self.store.snapshot(), self.uplink.snapshot(),
                         self.governor.snapshot(), (self.commands.executed, self.commands.refused),
-                        self.config_error, write_bytes(), self.update.view() if self.update else None)
+                        self.config_error, write_bytes(), self.update_view())
+
+    def update_view(self) -> dict[str, Any] | None:
+        """The last image update, as the health message and /health show it (None: none on record)."""
+        return self.update.view() if self.update else None
 
     def status_line(self) -> str:
         devices = self.poller.snapshot().devices
@@ -179,7 +183,7 @@ class Appliance:
         if self.config.metrics.enabled and "metrics" not in self.tasks:
             from edge.metrics import MetricsServer  # noqa: PLC0415 (prometheus-client: after READY=1)
 
-            self.metrics = MetricsServer(self.config.metrics, self.snapshot, self.beats)
+            self.metrics = MetricsServer(self.config.metrics, self.snapshot, self.beats, self.update_view)
             self._start("metrics", self.metrics.run())
 
     def totals(self) -> str:
@@ -278,7 +282,7 @@ class Appliance:
     async def configure(self, payload: bytes) -> dict[str, Any] | None:
         """A cmd/config message: verified as a write is (edge.write), validated as a file is. The answer
         now for a refused one; for a good one None: it is tried (_trial) and its result posted then."""
-        checked = self.commands.verify_config(payload)
+        checked = self.commands.verify_signed(payload, kind="config")
         if isinstance(checked, dict):
             return checked
         if self.trial is not None and not self.trial.done():
@@ -328,7 +332,7 @@ class Appliance:
         """A cmd/update message: verified as a write is; the bundle at its "url" installed (edge.update)
         in a thread, RAUC's progress posted on cmd/result as it comes, then the result; with "reboot":
         true, [update] reboot after a good install. The answer now only for a refused one."""
-        checked = self.commands.verify_config(payload, kind="update")
+        checked = self.commands.verify_signed(payload, kind="update")
         if isinstance(checked, dict):
             return checked
         if not self.config.update.enabled:
@@ -347,7 +351,7 @@ class Appliance:
 
     async def _install(self, command: Verified) -> None:
         loop = asyncio.get_running_loop()
-        cid, url = command.id, str(command.fields["url"])
+        cid, url, reboot = command.id, str(command.fields["url"]), command.fields.get("reboot") is True
 
         def progress(line: str) -> None:  # from the installing thread
             loop.call_soon_threadsafe(self.uplink.post_result, {"id": cid, "ok": True, "status": "installing",
@@ -356,8 +360,8 @@ class Appliance:
         log.info("edge: update %s: installing %s", safe(cid, MAX_ID), safe(public(url), 200))
         result: dict[str, Any]
         try:
-            await asyncio.to_thread(install, self.config.update, self.config.appliance.state_dir, url,
-                                    Lines(progress))
+            slot = await asyncio.to_thread(install, self.config.update, self.config.appliance.state_dir, url,
+                                           Lines(progress))
         except UpdateError as e:
             result = {"id": cid, "ok": False, "error": "update failed", "detail": str(e)[:2000]}
             log.error("edge: update %s failed: %s", safe(cid, MAX_ID), e)  # noqa: TRY400 (one line)
@@ -365,13 +369,11 @@ class Appliance:
             result = {"id": cid, "ok": False, "error": "internal error", "detail": type(e).__name__}
             log.exception("edge: update %s failed unexpectedly", safe(cid, MAX_ID))
         else:
-            slot = read_state(self.config.appliance.state_dir).get("slot")
-            reboot = command.fields.get("reboot") is True
             result = {"id": cid, "ok": True, "status": "installed", "slot": slot,
                       "detail": "rebooting into it" if reboot else "it starts at the next boot, on trial"}
         self.commands.remember(command, result)
         self.uplink.post_result(result)
-        if result["ok"] and command.fields.get("reboot") is True:
+        if result["ok"] and reboot:
             for _ in range(int(REBOOT_WAIT / 0.2)):  # the result out first (the outbox goes every second)
                 if result not in self.uplink.outbox:
                     break

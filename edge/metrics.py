@@ -226,10 +226,11 @@ class MetricsServer:
     """The HTTP endpoint (module docstring). `problem` says why it is not listening, else None."""
 
     def __init__(self, cfg: MetricsConfig, snapshot: Callable[[], Snapshot],
-                 beats: Callable[[], dict[str, float]]) -> None:
+                 beats: Callable[[], dict[str, float]],
+                 update: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
         self.cfg = cfg
-        self.snapshot = snapshot
         self.beats = beats
+        self.update = update  # the last image update, for /health (not a whole snapshot per request)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ApplianceCollector(snapshot))
         ProcessCollector(registry=self.registry)  # the standard process_* names dashboards expect
@@ -296,7 +297,7 @@ class MetricsServer:
             return "200 OK", CONTENT_TYPE_LATEST, self.rendered[1]
         if path == b"/health":
             ok, body = liveness(self.beats())
-            body["update"] = self.snapshot().update
+            body["update"] = self.update()
             status = "200 OK" if ok else "503 Service Unavailable"
             return status, "application/json", json.dumps(body).encode()
         return "404 Not Found", "text/plain", b"/metrics or /health\n"

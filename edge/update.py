@@ -183,9 +183,9 @@ def fetch(url: str, dest: Path, limit: int, out: Out) -> Path:
     return dest
 
 
-def install(cfg: UpdateConfig, state_dir: Path, source: str, out: Out) -> None:
-    """Install a bundle (a file, or a URL fetched first) into the slot not booted; UpdateError if not.
-    Refused while the slot booted is on trial: the other one is the way back."""
+def install(cfg: UpdateConfig, state_dir: Path, source: str, out: Out) -> str:
+    """Install a bundle (a file, or a URL fetched first) into the slot not booted: that slot's name, or
+    UpdateError. Refused while the slot booted is on trial: the other one is the way back."""
     try:  # where the record goes: made before anything is installed, so that a failure comes first
         state_dir.mkdir(parents=True, exist_ok=True)
         for stale in (state_dir / "bundle.raucb", state_dir / ".bundle.raucb.part"):
@@ -220,6 +220,7 @@ def install(cfg: UpdateConfig, state_dir: Path, source: str, out: Out) -> None:
         _, primary, _ = slots(cfg)
         _record(state_dir, {**mark, "slot": primary, "state": "installed"})
         print(f"installed into {primary}: it starts at the next boot, on trial", file=out, flush=True)
+        return primary
     finally:
         if fetched is not None:
             fetched.unlink(missing_ok=True)

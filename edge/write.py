@@ -201,10 +201,10 @@ class Commands:
         self.remember(command, result)
         return result
 
-    def verify_config(self, payload: bytes, kind: str = "config") -> Verified | dict[str, Any]:
-        """A cmd/config message verified like a write (its command carries "config": the TOML text), or
-        the result that answers it: a refusal, or the first result of a redelivery. kind="update": a
-        cmd/update message (its command carries "url", the bundle's, http or https)."""
+    def verify_signed(self, payload: bytes, kind: str) -> Verified | dict[str, Any]:
+        """A cmd/config (kind "config": its command carries "config", the TOML text) or cmd/update message
+        (kind "update": "url", the bundle's, http or https) verified like a write, or the result that
+        answers it: a refusal, or the first result of a redelivery."""
         try:
             command = self._verify(payload, kind=kind)
         except Refused as e:
