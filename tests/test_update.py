@@ -459,3 +459,22 @@ def test_a_pushed_config_cannot_change_the_update_commands(tmp_path: Path, rauc:
     assert _same_update(load(edge_config(tmp_path)), running).update == running.update
     with pytest.raises(ConfigError, match=r"\[update\]: set by the image's config"):
         _same_update(other, running)
+
+
+def test_an_install_cut_short_is_on_record(tmp_path: Path, rauc: Rauc) -> None:
+    """A power cut during `rauc install` leaves the "installing" record: at the next boot, on the old
+    slot it is an install that did not finish; on the new one (RAUC had switched) a trial."""
+    from edge.config import UpdateConfig  # noqa: PLC0415
+    from edge.update import Trial, read_state, write_state  # noqa: PLC0415
+
+    cfg = UpdateConfig(enabled=True)
+    cut = {"state": "installing", "slot": "rootfs.1", "from": "rootfs.0", "source": "x", "at": 1,
+           "boot_id": "a boot before"}
+    write_state(tmp_path, cut)
+    rauc.boot("A")
+    trial = Trial(cfg, tmp_path)
+    assert not trial.on_trial and read_state(tmp_path)["state"] == "failed"
+    assert read_state(tmp_path)["detail"] == "the install into rootfs.1 did not finish; rootfs.0 runs on"
+    write_state(tmp_path, cut)
+    rauc.boot("B")
+    assert Trial(cfg, tmp_path).on_trial and read_state(tmp_path)["state"] == "installing"
