@@ -141,7 +141,9 @@ def test_a_late_reply_never_puts_its_values_on_another_request(tmp_path: Path) -
         async def body() -> None:
             task = asyncio.create_task(poller.run(), name="rtu-poller")
             try:
-                await sink.until(lambda _: poller.runners[0].stats.errors["timeout"] >= 12, timeout=60)
+                # both: the late replies (random, a quarter of the requests) and the line working on
+                await sink.until(lambda rs: poller.runners[0].stats.errors["timeout"] >= 12
+                                 and sum(r[3] == GOOD for r in rs) >= 200, timeout=60)
             finally:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
