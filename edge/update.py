@@ -115,9 +115,9 @@ def _boot() -> tuple[str, float]:
         ident, at = Path(stand_in).read_text().split()
         return ident, time.time() - float(at)
     try:
-        ident = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        ident = ""
+        ident = Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")
+    except OSError:  # the unit's ProcSubset=pid hides /proc/sys: systemd passes it (%b, without dashes)
+        ident = os.environ.get("EDGE_BOOT_ID", "")
     return ident, time.clock_gettime(time.CLOCK_BOOTTIME)
 
 

@@ -197,7 +197,9 @@ class UpdateConfig:
     trial: float = 300.0  # seconds a newly installed slot has to poll and store or deliver
     max_bundle: int = 1 << 30  # bytes: a bundle fetched from a URL, at most
     rauc: str = "rauc"  # the RAUC client (its service holds the slots and the keyring)
-    reboot: str = "systemctl reboot"  # run after a failed trial: the bootloader then starts the old slot
+    # run after a failed trial (the bootloader then starts the old slot) and for a cmd/update's reboot: edge
+    # holds no privilege to reboot; on the image, edge-reboot.path reboots when this file appears
+    reboot: str = "touch /run/edge/reboot"
 
 
 @dataclass(frozen=True, slots=True)

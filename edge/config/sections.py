@@ -438,7 +438,7 @@ def _commands(r: Reader) -> CommandsConfig:
 def _update(r: Reader) -> UpdateConfig:
     u = UpdateConfig(r.flag("enabled", False), r.duration("trial", 300.0, lo=1.0, hi=3600.0),
                      r.size("max_bundle", 1 << 30, lo=1 << 20), r.text("rauc", "rauc"),
-                     r.text("reboot", "systemctl reboot"))
+                     r.text("reboot", "touch /run/edge/reboot"))
     for key in ("rauc", "reboot"):
         try:
             ok = bool(shlex.split(getattr(u, key)))
