@@ -66,17 +66,19 @@ def openssl_pair(where: Path, name: str) -> tuple[Path, Path]:
 
 
 class Rauc:
-    """RAUC's service on a bus of its own; the slots rootfs.0 (boot name A) and rootfs.1 (B)."""
+    """RAUC's service on a bus of its own; the slots rootfs.0 (boot name A) and rootfs.1 (B). `handlers`:
+    RAUC's [handlers] (default: the backend above)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, handlers: str = "", slot_size: int = 1 << 20) -> None:
         self.root = root
         (root / "boot").mkdir(parents=True)
         (root / "boot" / "primary").write_text("A\n")
         for slot in ("rootfs.0", "rootfs.1"):
-            (root / slot).write_bytes(bytes(1 << 20))
+            (root / slot).write_bytes(bytes(slot_size))
         backend = root / "backend.sh"
         backend.write_text(BACKEND)
         backend.chmod(0o755)
+        handlers = handlers or f"bootloader-custom-backend={backend}"
         self.cert, self.key = openssl_pair(root, "edge-test")
         self.conf = root / "system.conf"
         self.conf.write_text(f"""[system]
@@ -86,7 +88,7 @@ data-directory={root}/data
 bundle-formats=plain verity
 
 [handlers]
-bootloader-custom-backend={backend}
+{handlers}
 
 [keyring]
 path={self.cert}
@@ -139,10 +141,13 @@ bootname=B
         if self.dbus.stdout is not None:
             self.dbus.stdout.close()
 
-    def bundle(self, name: str, image: bytes, signer: tuple[Path, Path] | None = None) -> Path:
+    def bundle(self, name: str, image: bytes | Path, signer: tuple[Path, Path] | None = None) -> Path:
         src = self.root / f"src-{name}"
         src.mkdir()
-        (src / "rootfs.img").write_bytes(image)
+        if isinstance(image, Path):
+            shutil.copy(image, src / "rootfs.img")
+        else:
+            (src / "rootfs.img").write_bytes(image)
         (src / "manifest.raucm").write_text("[update]\ncompatible=edge-test\nversion=2\n\n[bundle]\n"
                                             "format=plain\n\n[image.rootfs]\nfilename=rootfs.img\n")
         cert, key = signer or (self.cert, self.key)
@@ -478,3 +483,84 @@ def test_an_install_cut_short_is_on_record(tmp_path: Path, rauc: Rauc) -> None:
     write_state(tmp_path, cut)
     rauc.boot("B")
     assert Trial(cfg, tmp_path).on_trial and read_state(tmp_path)["state"] == "installing"
+
+
+PI = ROOT / "image" / "overlay" / "usr" / "lib" / "edge"
+
+
+def pi_slot(tmp: Path, name: str, kernel: bytes) -> Path:
+    """A root slot as the Pi image's: squashfs with a kernel, an initrd and device trees."""
+    tree = tmp / f"tree-{name}"
+    (tree / "boot").mkdir(parents=True)
+    (tree / "boot" / "vmlinuz-6.1.0-pi-arm64").write_bytes(kernel)
+    (tree / "boot" / "initrd.img-6.1.0-pi-arm64").write_bytes(b"initrd " + kernel)
+    dtbs = tree / "usr" / "lib" / "linux-image-6.1.0-pi-arm64" / "broadcom"
+    dtbs.mkdir(parents=True)
+    (dtbs / "bcm2711-rpi-4-b.dtb").write_bytes(b"dtb " + kernel)
+    out = tmp / f"{name}.squashfs"
+    subprocess.run(["mksquashfs", str(tree), str(out), "-noappend", "-quiet", "-no-progress"], check=True,
+                   capture_output=True)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("mksquashfs") is None, reason="needs squashfs-tools")
+def test_the_pi_image_tries_a_new_slot_once_and_keeps_it_only_when_marked_good(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Raspberry Pi image's RAUC backend and post-install handler (image/overlay/usr/lib/edge/tryboot*),
+    run by RAUC itself on a boot partition that is a directory: the firmware, which reads config.txt, or
+    tryboot.txt for one boot after `reboot "0 tryboot"`, is what cannot run here, and the service's
+    --override-boot-slot stands in for the slot it would start."""
+    boot = tmp_path / "bootfs"
+    (boot / "slot-a").mkdir(parents=True)
+    config = "os_prefix=slot-a/\n[all]\narm_64bit=1\nkernel=vmlinuz\ninitramfs initrd.img followkernel\n"
+    (boot / "config.txt").write_text(config)
+    (boot / "slot-a" / "cmdline.txt").write_text(
+        "console=tty0 root=PARTUUID=5eedc0de-02 rootfstype=squashfs ro rootwait rauc.slot=A\n")
+    monkeypatch.setenv("EDGE_TRYBOOT_BOOT", str(boot))  # the service, and so its backend, inherit it
+    r = Rauc(tmp_path / "rauc", f"bootloader-custom-backend={PI / 'tryboot'}\n"
+                                f"post-install={PI / 'tryboot-install'}", slot_size=4 << 20)
+    for k, v in r.env.items():
+        monkeypatch.setenv(k, v)
+
+    def status() -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(subprocess.run(["rauc", "status", "--output-format=json"],
+                                                        capture_output=True, check=True).stdout)
+        return doc
+
+    def install(image: Path) -> None:
+        subprocess.run(["rauc", "install", str(r.bundle(image.stem, image))], capture_output=True, check=True)
+
+    def rauc(*args: str) -> None:
+        subprocess.run(["rauc", "status", *args], capture_output=True, check=True)
+
+    try:
+        r.boot("A")
+        assert status()["boot_primary"] == "rootfs.0"
+        install(pi_slot(tmp_path, "v2", b"kernel v2"))
+        # the new slot's boot files beside the old ones, named for one trial boot; config.txt unchanged
+        assert (boot / "slot-b" / "vmlinuz").read_bytes() == b"kernel v2"
+        assert (boot / "slot-b" / "initrd.img").read_bytes() == b"initrd kernel v2"
+        assert (boot / "slot-b" / "bcm2711-rpi-4-b.dtb").read_bytes() == b"dtb kernel v2"
+        assert (boot / "slot-b" / "cmdline.txt").read_text() == \
+            "console=tty0 root=PARTUUID=5eedc0de-03 rootfstype=squashfs ro rootwait rauc.slot=B\n"
+        assert (boot / "config.txt").read_text() == config
+        assert (boot / "tryboot.txt").read_text() == config.replace("slot-a/", "slot-b/")
+        assert status()["boot_primary"] == "rootfs.1"
+        r.boot("B")  # the trial boot
+        rauc("mark-good", "booted")  # edge, once B proved itself: B is config.txt's from now on
+        assert (boot / "config.txt").read_text() == config.replace("slot-a/", "slot-b/")
+        assert not (boot / "tryboot.txt").exists()
+
+        install(pi_slot(tmp_path, "v3", b"kernel v3"))  # into A now
+        assert (boot / "slot-a" / "vmlinuz").read_bytes() == b"kernel v3"
+        assert (boot / "tryboot.txt").read_text() == config
+        r.boot("A")
+        rauc("mark-bad", "booted")  # a failed trial: the firmware starts config.txt's slot, B, again
+        assert not (boot / "tryboot.txt").exists()
+        assert (boot / "config.txt").read_text() == config.replace("slot-a/", "slot-b/")
+        r.boot("B")
+        doc = status()
+        states = {v["bootname"]: v["boot_status"] for e in doc["slots"] for v in e.values()}
+        assert (doc["boot_primary"], states) == ("rootfs.1", {"A": "bad", "B": "good"})
+    finally:
+        r.close()
