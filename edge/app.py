@@ -53,7 +53,7 @@ from edge.poll import Poller
 from edge.snapshot import Snapshot, write_bytes
 from edge.store import Store
 from edge.supervise import Supervisor, dump_stacks, test_hooks
-from edge.update import Lines, Trial, UpdateError, install, public, reboot_now
+from edge.update import Lines, Trial, UpdateError, ab_image, install, public, reboot_now
 from edge.uplink import STOP_WAIT, Uplink, UplinkStats
 from edge.write import MAX_ID, Commands, Verified, safe
 
@@ -161,7 +161,7 @@ class Appliance:
                 self._start_optional()
                 self._start("supervise", self.supervisor.run())
                 self._start("reload", self._reloads())
-                if self.config.update.enabled:
+                if self.config.update.enabled or ab_image():
                     self._start("update", self._update())
                 test_hooks()
                 await self.stopping.wait()

@@ -59,6 +59,15 @@ class Out(Protocol):
     def flush(self) -> None: ...
 
 
+SYSTEM_CONF = Path("/etc/rauc/system.conf")  # on an image with root slots
+
+
+def ab_image() -> bool:
+    """An image with root slots (RAUC's system.conf): its bootloader counts boots, so every healthy boot
+    must mark its slot good, whether or not this box takes updates ([update] enabled)."""
+    return SYSTEM_CONF.exists()
+
+
 class UpdateError(Exception):
     """An update that cannot go on, with the reason for the user."""
 
@@ -325,6 +334,10 @@ class Trial:
             why = self.record.get("detail") if state == "failed" else None
             self._settle("rolled back", f"booted from {old} again, not from {new}"
                                         + (f" ({why})" if why else ""))
+            try:  # left for good: no bootloader tries it again (a Pi's tryboot.txt left by a power cut)
+                rauc(cfg, "status", "mark-bad", "other")
+            except UpdateError as e:
+                _failed(e)
 
     def view(self) -> dict[str, Any] | None:
         """For the health message: the last update's state, or None when there was none."""
