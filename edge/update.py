@@ -50,6 +50,7 @@ RAUC_TIMEOUT = 60.0  # seconds a status or mark command may take
 INSTALL_TIMEOUT = 3600.0  # seconds an install may take (an SD card writes a few MB/s)
 FETCH_TIMEOUT = 60.0  # seconds without a byte from the server
 FETCH_DEADLINE = 3600.0  # seconds a whole fetch may take
+FETCH_LEAVES = 32 << 20  # bytes a fetch leaves free on /data, for the store and the rest
 
 
 class Out(Protocol):
@@ -157,9 +158,15 @@ class _SameSchemes(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+def _free(fd: int) -> int:
+    """Bytes free for edge on the file system of the open file `fd`."""
+    st = os.fstatvfs(fd)
+    return st.f_bavail * st.f_frsize
+
+
 def fetch(url: str, dest: Path, limit: int, out: Out) -> Path:
-    """The bundle at `url` in `dest` (http or https; at most `limit` bytes, within FETCH_DEADLINE),
-    progress printed."""
+    """The bundle at `url` in `dest` (http or https; at most `limit` bytes, within FETCH_DEADLINE, and
+    leaving FETCH_LEAVES free beside it), progress printed."""
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise UpdateError(f"{public(url)}: only http:// and https:// URLs (or a file)")
     tmp = dest.with_name(f".{dest.name}.part")
@@ -171,11 +178,17 @@ def fetch(url: str, dest: Path, limit: int, out: Out) -> Path:
             size = int(declared) if declared and declared.isdigit() else 0
             if size > limit:
                 raise UpdateError(f"{public(url)}: {size} bytes, more than [update] max_bundle ({limit})")
+            if size and size > (free := _free(f.fileno())) - FETCH_LEAVES:
+                raise UpdateError(f"{public(url)}: {size} bytes, and {dest.parent} has {free} free "
+                                  f"(a fetch leaves {FETCH_LEAVES >> 20} MiB)")
             got, shown = 0, -1
             while chunk := r.read(1 << 16):
                 got += len(chunk)
                 if got > limit:
                     raise UpdateError(f"{public(url)}: more than [update] max_bundle ({limit} bytes)")
+                if _free(f.fileno()) < FETCH_LEAVES + len(chunk):
+                    raise UpdateError(f"{public(url)}: {dest.parent} full after {got - len(chunk)} bytes "
+                                      f"(a fetch leaves {FETCH_LEAVES >> 20} MiB)")
                 if time.monotonic() > deadline:
                     raise UpdateError(f"{public(url)}: not fetched within {FETCH_DEADLINE:.0f} s")
                 f.write(chunk)

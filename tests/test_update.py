@@ -13,6 +13,7 @@ import functools
 import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -196,9 +197,20 @@ def record(tmp: Path) -> dict[str, Any]:
     return doc
 
 
+Files = http.server.SimpleHTTPRequestHandler
+
+
+class NoLength(Files):
+    """Announces no Content-Length: the bundle ends where the server closes the connection."""
+
+    def send_header(self, keyword: str, value: str) -> None:
+        if keyword.lower() != "content-length":
+            super().send_header(keyword, value)
+
+
 @contextlib.contextmanager
-def serve(directory: Path) -> Iterator[str]:
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+def serve(directory: Path, kind: type[Files] = Files) -> Iterator[str]:
+    handler = functools.partial(kind, directory=str(directory))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -243,6 +255,47 @@ def test_a_bundle_from_a_url_is_fetched_within_its_limit(tmp_path: Path, rauc: R
     assert done.returncode == 0 and "fetched 100 %" in done.stdout, done
     assert rauc.primary() == "B" and record(tmp_path)["source"] == f"{url}/v2.raucb"
     assert not list((tmp_path / "state").glob("*.raucb")) and not list((tmp_path / "state").glob(".*part"))
+
+
+@contextlib.contextmanager
+def small_fs(path: Path, size: str) -> Iterator[None]:
+    """A tmpfs of `size` at `path`, where RAUC's service sees it too (so not in a private namespace)."""
+    got = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                         capture_output=True, text=True, check=False)
+    if got.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {got.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_fetch_leaves_room_on_data(tmp_path: Path, rauc: Rauc) -> None:
+    """The bundle is fetched onto /data, beside the store: one that would leave less than FETCH_LEAVES
+    free there is refused before a byte is written when its size is announced, and as soon as it no
+    longer fits when it is not; nothing of it stays. One that fits is installed."""
+    state = tmp_path / "state"
+    state.mkdir()
+    conf = edge_config(tmp_path, max_bundle="64MiB")
+    www = tmp_path / "www"
+    www.mkdir()
+    shutil.copy(rauc.bundle("big", os.urandom(24 << 20)), www / "big.raucb")
+    shutil.copy(rauc.bundle("small", os.urandom(64 << 10)), www / "small.raucb")
+    size = (www / "big.raucb").stat().st_size
+    with serve(www) as url, serve(www, NoLength) as unsized, small_fs(state, "48m"):
+        announced = update(conf, f"{url}/big.raucb")
+        assert announced.returncode == 1 and announced.stderr.endswith(
+            f"big.raucb: {size} bytes, and {state} has {shutil.disk_usage(state).free} free "
+            "(a fetch leaves 32 MiB)\n"), announced
+        assert not list(state.iterdir())  # neither a part fetched nor a record
+        unannounced = update(conf, f"{unsized}/big.raucb")
+        full = re.search(rf"{state} full after (\d+) bytes \(a fetch leaves 32 MiB\)\n$", unannounced.stderr)
+        assert unannounced.returncode == 1 and full, unannounced
+        assert 15 << 20 < int(full.group(1)) <= 16 << 20 and not list(state.iterdir())
+        fits = update(conf, f"{unsized}/small.raucb")
+        assert fits.returncode == 0 and "installed into rootfs.1" in fits.stdout, fits
+        assert [f.name for f in state.iterdir()] == ["update.json"]
+    assert rauc.primary() == "B"
 
 
 def rebooted(marker: Path, edge: EdgeProcess, timeout: float = 10.0) -> None:
