@@ -4,7 +4,8 @@ RAUC holds the slots, the keyring and the bootloader (its service); edge drives 
 ([update] rauc) and keeps what it started in <state_dir>/update.json, on /data, which survives updates.
 
     edge update BUNDLE|URL   a URL (http or https) is fetched into the state directory first, at most
-                             [update] max_bundle bytes; `rauc install` checks the bundle's signature
+                             [update] max_bundle bytes and leaving FETCH_LEAVES free on its file
+                             system (the store's too); `rauc install` checks the bundle's signature
                              against the image's keyring and writes the slot not booted, which becomes
                              the bootloader's primary; its progress is printed as it comes. Recorded as
                              "installing" before, "installed" after, with that slot, the one it came
