@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import http.server
 import json
 import os
 import re
@@ -231,6 +233,30 @@ def set_faults(control_path: Path | str, faults: dict[str, Any]) -> None:
 
 
 # -------------------------------------------------------------------------------------------- MQTT
+
+class Files(http.server.SimpleHTTPRequestHandler):
+    """The files of a directory over HTTP, without a log line per request."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def http_server(handler: Callable[..., http.server.BaseHTTPRequestHandler]) -> Iterator[int]:
+    """An HTTP server on 127.0.0.1 with `handler`, in a thread of its own: its port."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def serve(directory: Path, kind: type[Files] = Files) -> contextlib.AbstractContextManager[int]:
+    """The files of `directory` over HTTP on 127.0.0.1: the port."""
+    return http_server(functools.partial(kind, directory=str(directory)))
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -9,7 +9,6 @@ RAUC mounts a bundle to install it: the tests need loop devices (and root), else
 from __future__ import annotations
 
 import contextlib
-import functools
 import http.server
 import json
 import os
@@ -17,7 +16,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -31,9 +29,12 @@ from edge.write import sign
 from tests.support import (
     ROOT,
     EdgeProcess,
+    Files,
     Subscriber,
     config_dict,
     free_port,
+    http_server,
+    serve,
     simulated_pump,
     start_broker,
     stop,
@@ -142,15 +143,24 @@ bootname=B
         if self.dbus.stdout is not None:
             self.dbus.stdout.close()
 
-    def bundle(self, name: str, image: bytes | Path, signer: tuple[Path, Path] | None = None) -> Path:
+    def bundle(self, name: str, image: bytes | Path, signer: tuple[Path, Path] | None = None,
+               install_hook: str = "") -> Path:
+        """A bundle of `image` for the slot; with `install_hook`, a script that writes the slot instead
+        of RAUC (a bundle's slot-install hook)."""
         src = self.root / f"src-{name}"
         src.mkdir()
         if isinstance(image, Path):
             shutil.copy(image, src / "rootfs.img")
         else:
             (src / "rootfs.img").write_bytes(image)
-        (src / "manifest.raucm").write_text("[update]\ncompatible=edge-test\nversion=2\n\n[bundle]\n"
-                                            "format=plain\n\n[image.rootfs]\nfilename=rootfs.img\n")
+        hooks = ""
+        if install_hook:
+            (src / "hook.sh").write_text(install_hook)
+            (src / "hook.sh").chmod(0o755)
+            hooks = "[hooks]\nfilename=hook.sh\n\n"
+        (src / "manifest.raucm").write_text(
+            f"[update]\ncompatible=edge-test\nversion=2\n\n[bundle]\nformat=plain\n\n{hooks}"
+            f"[image.rootfs]\nfilename=rootfs.img\n{'hooks=install' if hooks else ''}\n")
         cert, key = signer or (self.cert, self.key)
         out = self.root / f"{name}.raucb"
         subprocess.run(["rauc", "bundle", f"--cert={cert}", f"--key={key}", str(src), str(out)], check=True,
@@ -197,9 +207,6 @@ def record(tmp: Path) -> dict[str, Any]:
     return doc
 
 
-Files = http.server.SimpleHTTPRequestHandler
-
-
 class NoLength(Files):
     """Announces no Content-Length: the bundle ends where the server closes the connection."""
 
@@ -209,15 +216,9 @@ class NoLength(Files):
 
 
 @contextlib.contextmanager
-def serve(directory: Path, kind: type[Files] = Files) -> Iterator[str]:
-    handler = functools.partial(kind, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+def served(directory: Path, kind: type[Files] = Files) -> Iterator[str]:
+    with serve(directory, kind) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_a_signed_bundle_is_installed_into_the_other_slot_and_a_foreign_one_refused(
@@ -246,7 +247,7 @@ def test_a_bundle_from_a_url_is_fetched_within_its_limit(tmp_path: Path, rauc: R
     www.mkdir()
     shutil.copy(rauc.bundle("v2", os.urandom(64 * 1024)), www / "v2.raucb")
     shutil.copy(rauc.bundle("big", os.urandom(3 << 20)), www / "big.raucb")
-    with serve(www) as url:
+    with served(www) as url:
         big = update(conf, f"{url}/big.raucb")
         missing = update(conf, f"{url}/none.raucb")
         done = update(conf, f"{url}/v2.raucb")
@@ -282,7 +283,7 @@ def test_a_fetch_leaves_room_on_data(tmp_path: Path, rauc: Rauc) -> None:
     shutil.copy(rauc.bundle("big", os.urandom(24 << 20)), www / "big.raucb")
     shutil.copy(rauc.bundle("small", os.urandom(64 << 10)), www / "small.raucb")
     size = (www / "big.raucb").stat().st_size
-    with serve(www) as url, serve(www, NoLength) as unsized, small_fs(state, "48m"):
+    with served(www) as url, served(www, NoLength) as unsized, small_fs(state, "48m"):
         announced = update(conf, f"{url}/big.raucb")
         assert announced.returncode == 1 and announced.stderr.endswith(
             f"big.raucb: {size} bytes, and {state} has {shutil.disk_usage(state).free} free "
@@ -423,7 +424,7 @@ def test_an_update_asked_for_over_mqtt_is_signed_installed_and_reported(tmp_path
     shutil.copy(rauc.bundle("v2", os.urandom(64 * 1024)), www / "v2.raucb")
     shutil.copy(rauc.bundle("foreign", b"x", openssl_pair(tmp_path, "someone-else")), www / "foreign.raucb")
     marker = tmp_path / "rebooted"
-    with simulated_pump(tmp_path) as sim_port, start_broker(tmp_path / "mqtt") as broker, serve(www) as url:
+    with simulated_pump(tmp_path) as sim_port, start_broker(tmp_path / "mqtt") as broker, served(www) as url:
         cfg = config_dict(tmp_path, sim_port, broker.port)
         cfg["update"] = {"enabled": True, "reboot": f"touch {marker}"}
         cfg["commands"] = {"remote_update": True, "keys": {"ops": str(tmp_path / "ops.key")}}
@@ -494,14 +495,9 @@ class Hostile(http.server.BaseHTTPRequestHandler):
 
 def test_a_hostile_server_gets_no_bundle_installed(tmp_path: Path, rauc: Rauc) -> None:
     conf = edge_config(tmp_path)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with http_server(Hostile) as port:
+        url = f"http://127.0.0.1:{port}"
         redirected, short, garbled = (update(conf, f"{url}/{p}") for p in ("redirect", "short", "garbled"))
-    finally:
-        server.shutdown()
-        server.server_close()
     assert redirected.returncode == 1 and "redirected to a ftp:// URL, refused" in redirected.stderr, \
         redirected
     assert short.returncode == 1 and "10 bytes, 100000 announced" in short.stderr, short
@@ -539,6 +535,46 @@ def test_an_install_cut_short_is_on_record(tmp_path: Path, rauc: Rauc) -> None:
     write_state(tmp_path, cut)
     rauc.boot("B")
     assert Trial(cfg, tmp_path).on_trial and read_state(tmp_path)["state"] == "installing"
+
+
+def test_rauc_killed_mid_install_switches_nothing_and_edge_says_so(tmp_path: Path, rauc: Rauc) -> None:
+    """RAUC's service killed (-9) while it writes the slot: `edge update` ends with one line and exit 1,
+    the record is the one before, the primary slot and the slot booted are untouched, and the slot half
+    written is not started; once RAUC runs again, an install goes through."""
+    conf = edge_config(tmp_path)
+    mid, stop_hook = tmp_path / "mid", tmp_path / "stop-hook"
+    hook = f"""#!/bin/sh
+[ "$1" = slot-install ] || exit 0
+head -c 65536 "$RAUC_IMAGE_NAME" > "$RAUC_SLOT_DEVICE"
+touch {mid}
+i=0
+while [ ! -e {stop_hook} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+"""
+    cut = rauc.bundle("cut", os.urandom(512 << 10), install_hook=hook)
+    installing = subprocess.Popen([sys.executable, "-m", "edge", "update", str(cut), str(conf)], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not mid.exists():  # the hook is writing the slot
+            assert installing.poll() is None and time.monotonic() < deadline, installing.communicate()
+            time.sleep(0.05)
+        assert rauc.service is not None
+        rauc.service.kill()
+        rauc.service.wait(10)
+        rauc.service = None
+        out, err = installing.communicate(timeout=60)
+    finally:
+        stop_hook.touch()
+        installing.kill()
+        installing.wait()
+    assert installing.returncode == 1 and err.count("\n") == 1 and "Traceback" not in err, (out, err)
+    assert err.startswith("edge: update: rauc install refused or failed"), err
+    assert not (tmp_path / "state" / "update.json").exists()
+    assert rauc.primary() == "A" and rauc.state("B") == "bad", rauc.primary()  # B is not started
+    rauc.boot("A")  # RAUC again (systemd restarts it): the next install goes through
+    done = update(conf, str(rauc.bundle("whole", os.urandom(64 << 10))))
+    assert done.returncode == 0 and "installed into rootfs.1" in done.stdout, done
+    assert rauc.primary() == "B"
 
 
 PI = ROOT / "image" / "overlay" / "usr" / "lib" / "edge"
