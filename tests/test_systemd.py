@@ -79,6 +79,14 @@ def manager() -> Iterator[Manager]:
     assert r.returncode == 0, r.stderr
     env = dict(kv.split("=", 1) for kv in shlex.split(r.stdout.strip().removeprefix("export ")))
     try:
+        # The sandbox gives its manager an empty /run/systemd, and a manager run as root mounts the
+        # "inaccessible" nodes from there over what the unit hides (ProtectKernelModules=: /usr/lib/modules,
+        # on every machine with kernel modules): without them, 226/NAMESPACE. The manager made the same
+        # nodes in its runtime directory; they are copied in, inside its own mount namespace.
+        made = f"{env['XDG_RUNTIME_DIR']}/systemd/inaccessible"
+        copy = 'mkdir -p /run/systemd/inaccessible && cp -a "$0"/. /run/systemd/inaccessible/'
+        subprocess.run(["nsenter", "-m", "-t", env["SYSTEMD_SANDBOX_PID"], "sh", "-c", copy, made],
+                       check=True, timeout=30)
         yield Manager(base, env)
     finally:
         subprocess.run([str(SANDBOX), "stop", str(base)], capture_output=True, timeout=60, check=False)
