@@ -232,7 +232,7 @@ def set_faults(control_path: Path | str, faults: dict[str, Any]) -> None:
         raise
 
 
-# -------------------------------------------------------------------------------------------- MQTT
+# -------------------------------------------------------------------------------------------- HTTP
 
 class Files(http.server.SimpleHTTPRequestHandler):
     """The files of a directory over HTTP, without a log line per request."""
@@ -257,6 +257,8 @@ def serve(directory: Path, kind: type[Files] = Files) -> contextlib.AbstractCont
     """The files of `directory` over HTTP on 127.0.0.1: the port."""
     return http_server(functools.partial(kind, directory=str(directory)))
 
+
+# -------------------------------------------------------------------------------------------- MQTT
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -666,17 +668,3 @@ STOPPED = re.compile(r"stopped: (\d+) readings polled, (\d+) stored, (\d+) deliv
 
 # 8N2: 11 bits per character like 8E1 (Modbus requires 2 stop bits without parity); ptys refuse parity.
 LINE = {"parity": "N", "stop_bits": 2}
-
-
-def in_mount_namespace(script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run a shell script in a private mount namespace (its mounts vanish with it); skip where that is not
-    allowed."""
-    import pytest  # noqa: PLC0415 (image/boot-test imports this module without pytest)
-
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare (util-linux) not installed")
-    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, text=True, check=False)
-    if probe.returncode != 0:
-        pytest.skip(f"no private mount namespace here: {probe.stderr.strip()}")
-    return subprocess.run(["unshare", "-m", "sh", "-ec", script], capture_output=True, text=True,
-                          timeout=timeout, check=False, cwd=ROOT)

@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from edge.store import inspect
-from tests.support import STOPPED, EdgeProcess, in_mount_namespace, start_sim, stop, wait_metric, write_map
+from tests.support import STOPPED, EdgeProcess, start_sim, stop, wait_metric, write_map
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,6 +26,18 @@ def conf(tmp: Path, state_dir: Path, *, port: int = 1, interval: str = "1s", tag
                     f'host = "127.0.0.1"\nport = {port}\ninterval = "{interval}"\n{tag}'
                     f'[store]\nmap_size = "16MiB"\n{extra}[metrics]\nport = 0\n[uplink]\nport = 1\n')
     return path
+
+
+def in_mount_namespace(script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a shell script in a private mount namespace (its mounts vanish with it); skip where that is not
+    allowed."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) not installed")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here: {probe.stderr.strip()}")
+    return subprocess.run(["unshare", "-m", "sh", "-ec", script], capture_output=True, text=True,
+                          timeout=timeout, check=False, cwd=ROOT)
 
 
 def test_a_state_dir_that_is_a_file_is_one_line_and_exit_2(tmp_path: Path) -> None:

@@ -83,11 +83,11 @@ def manager() -> Iterator[Manager]:
         # "inaccessible" nodes from there over what the unit hides (ProtectKernelModules=: /usr/lib/modules,
         # on every machine with kernel modules): without them, 226/NAMESPACE. The manager made the same
         # nodes in its runtime directory; they are copied in, inside its own mount namespace.
-        made = f"{env['XDG_RUNTIME_DIR']}/systemd/inaccessible"
+        m = Manager(base, env)
         copy = 'mkdir -p /run/systemd/inaccessible && cp -a "$0"/. /run/systemd/inaccessible/'
-        subprocess.run(["nsenter", "-m", "-t", env["SYSTEMD_SANDBOX_PID"], "sh", "-c", copy, made],
-                       check=True, timeout=30)
-        yield Manager(base, env)
+        r = in_manager(m, "sh", "-c", copy, f"{env['XDG_RUNTIME_DIR']}/systemd/inaccessible")
+        assert r.returncode == 0, r.stderr
+        yield m
     finally:
         subprocess.run([str(SANDBOX), "stop", str(base)], capture_output=True, timeout=60, check=False)
         shutil.rmtree(base, ignore_errors=True)
