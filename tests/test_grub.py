@@ -44,6 +44,8 @@ def blk(order: str, a_ok: str, a_try: str, b_ok: str, b_try: str) -> dict[str, s
 
 IMAGE_ENV = blk("A B", "1", "0", "0", "0")  # as image/build writes it
 CUT = b"# GRUB Environment Block\nORDER=B A\nA_OK=1\nA_TRY=0\nB_OK=1\n"  # a block cut short
+# a whole block with one bit flipped on the card: B_TRY=3 read as 7
+FLIPPED = (CUT + b"B_TRY=7\n").ljust(1024, b"#")
 
 
 @pytest.fixture(scope="module")
@@ -197,11 +199,12 @@ def test_with_no_slot_left_to_try_the_card_still_boots(card: Card, env: dict[str
     assert card.env() == {**env, **saved}
 
 
-@pytest.mark.parametrize("damage", [b"", b"\0" * 1024, b"# GRUB Environment Block\nORDER=B A\nB_"])
+@pytest.mark.parametrize("damage", [b"", b"\0" * 1024, b"# GRUB Environment Block\nORDER=B A\nB_", FLIPPED],
+                         ids=["empty", "zeroed", "cut short", "a bit flipped"])
 def test_a_damaged_environment_is_read_from_its_backup(card: Card, damage: bytes) -> None:
     """A power cut in a rewrite in place (RAUC's own grub backend, or anything else) leaves the file empty,
-    zeroed or cut short: GRUB reads the backup, counts the try there, and the next write by RAUC's backend
-    makes both whole again."""
+    zeroed or cut short, and a card that lies flips a bit: GRUB reads the backup, counts the try there,
+    and the next write by RAUC's backend makes both whole again."""
     env = blk("B A", "1", "0", "1", "0")
     card.set_env(env, names=("grubenv.bak",))
     card.put("grubenv", damage)
