@@ -51,16 +51,21 @@ def test_a_producer_thread_and_a_commit_thread_lose_nothing(tmp_path: Path, swit
     """add() in one thread, commit() in a loop in another: 400,000 readings."""
     n = 400_000
     store = Store(StoreConfig(path=tmp_path / "store", map_size=256 << 20), "a")
-    done = threading.Event()
+    done, committed = threading.Event(), threading.Event()
+    waited: list[bool] = []
 
     def produce() -> None:
-        for i in range(0, n, BATCH):
+        for k, i in enumerate(range(0, n, BATCH)):
             store.add(batch(i, min(BATCH, n - i)))
+            if k % 500 == 499:  # now and then a commit in the middle, however the threads are scheduled
+                committed.clear()
+                waited.append(committed.wait(30))
         done.set()
 
     def commit() -> None:
         while not done.is_set():
             store.commit()
+            committed.set()
 
     threads = [threading.Thread(target=produce), threading.Thread(target=commit)]
     for t in threads:
@@ -70,7 +75,8 @@ def test_a_producer_thread_and_a_commit_thread_lose_nothing(tmp_path: Path, swit
     store.commit()
     assert stored(store) == batch(0, n)  # each once, in order, every value intact
     assert store.counters.readings_appended == store.counters.backlog_readings == n
-    assert store.counters.commits > 10  # the commits really ran beside the producer
+    assert waited and all(waited)  # the commits really ran beside the producer
+    assert store.counters.commits > len(waited)
     store.close()
 
 
