@@ -136,13 +136,16 @@ bootname=B
             self.service.wait(10)
             self.service = None
 
+    def mounted(self) -> list[str]:
+        """What is mounted under RAUC's mount prefix now."""
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            return [p for line in f if (p := line.split()[4]).startswith(f"{self.root}/mnt/")]
+
     def close(self) -> None:
         self.halt()
         # RAUC killed mid-install leaves its bundle mounted (on a box, until the next boot): not past the
         # test, where it would outlive the bundle's file and trip every later mount namespace
-        with open("/proc/self/mountinfo", encoding="utf-8") as f:
-            left = [p for line in f if (p := line.split()[4]).startswith(f"{self.root}/mnt/")]
-        for point in sorted(left, reverse=True):
+        for point in sorted(self.mounted(), reverse=True):
             subprocess.run(["umount", "-l", point], check=False)
         self.dbus.terminate()
         self.dbus.wait(10)
@@ -577,8 +580,7 @@ while [ ! -e {stop_hook} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
     assert err.startswith("edge: update: rauc install refused or failed"), err
     assert not (tmp_path / "state" / "update.json").exists()
     assert rauc.primary() == "A" and rauc.state("B") == "bad", rauc.primary()  # B is not started
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:  # the bundle, left mounted by the RAUC killed
-        assert f"{rauc.root}/mnt/bundle" in f.read()
+    assert f"{rauc.root}/mnt/bundle" in rauc.mounted()  # the bundle, left mounted by the RAUC killed
     rauc.boot("A")  # RAUC again (systemd restarts it): the next install goes through
     done = update(conf, str(rauc.bundle("whole", os.urandom(64 << 10))))
     assert done.returncode == 0 and "installed into rootfs.1" in done.stdout, done
